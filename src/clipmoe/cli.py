@@ -1,0 +1,33 @@
+"""``clipmoe`` command line. Each subcommand lives in the module that does the work; that module
+defines ``add_arguments(parser)`` and ``run(args) -> int | None`` plus a one-line ``__doc__`` summary."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> module. Order is the order shown in --help (the pipeline's order).
+COMMAND_MODULES: dict[str, str] = {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="clipmoe", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    modules = {}
+    for name, module_name in COMMAND_MODULES.items():
+        module = importlib.import_module(module_name)
+        command_doc = getattr(module, f"CLI_{name.upper().replace('-', '_')}_HELP", None) or module.__doc__
+        p = sub.add_parser(name, help=command_doc.strip().splitlines()[0], description=command_doc)
+        getattr(module, f"add_{name.replace('-', '_')}_arguments")(p)
+        modules[name] = module
+    args = parser.parse_args(argv)
+    try:
+        return getattr(modules[args.command], f"run_{args.command.replace('-', '_')}")(args) or 0
+    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
+        print(f"clipmoe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Text tokenization and image preprocessing, read from a model folder (offline).
+
+``ImageTransform`` reproduces ``CLIPImageProcessor`` (resize the shortest side, bicubic, center crop, RGB,
+rescale, normalise) with PIL and numpy only, so it is fast and needs no torchvision; a test checks it
+against the HF processor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+_PIL_RESAMPLE = {0: Image.NEAREST, 1: Image.LANCZOS, 2: Image.BILINEAR, 3: Image.BICUBIC}
+
+
+@dataclass
+class ImageTransform:
+    """Image -> normalised ``[3, crop, crop]`` float tensor, as the model's ``preprocessor_config.json``."""
+
+    size: int = 224  # shortest edge after resize
+    crop_size: int = 224
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+    resample: int = 3  # PIL code; 3 = bicubic
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike) -> ImageTransform:
+        path = os.path.join(folder, "preprocessor_config.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{folder} has no preprocessor_config.json; cannot know the image preprocessing")
+        with open(path) as f:
+            cfg = json.load(f)
+        size = cfg.get("size", 224)
+        size = size.get("shortest_edge", size.get("height")) if isinstance(size, dict) else size
+        crop = cfg.get("crop_size", size)
+        crop = crop.get("height", crop.get("shortest_edge")) if isinstance(crop, dict) else crop
+        return cls(
+            int(size),
+            int(crop),
+            tuple(cfg.get("image_mean", OPENAI_MEAN)),
+            tuple(cfg.get("image_std", OPENAI_STD)),
+            int(cfg.get("resample", 3)),
+        )
+
+    def to_processor_config(self) -> dict:
+        return {
+            "image_processor_type": "CLIPImageProcessor",
+            "do_resize": True,
+            "size": {"shortest_edge": self.size},
+            "resample": self.resample,
+            "do_center_crop": True,
+            "crop_size": {"height": self.crop_size, "width": self.crop_size},
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": list(self.mean),
+            "image_std": list(self.std),
+            "do_convert_rgb": True,
+        }
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+            json.dump(self.to_processor_config(), f, indent=2)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = image.convert("RGB")
+        w, h = image.size
+        # Same rounding as HF's get_resize_output_image_size(default_to_square=False).
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = self.size, int(self.size * long / short)
+        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        if (new_w, new_h) != (w, h):
+            image = image.resize((new_w, new_h), resample=_PIL_RESAMPLE[self.resample])
+        arr = np.asarray(image, dtype=np.float32)
+        top = int(round((new_h - self.crop_size) / 2.0))
+        left = int(round((new_w - self.crop_size) / 2.0))
+        arr = _center_crop(arr, top, left, self.crop_size)
+        arr = (arr * (1 / 255) - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+    def __repr__(self) -> str:
+        return f"ImageTransform({asdict(self)})"
+
+
+def _center_crop(arr: np.ndarray, top: int, left: int, crop: int) -> np.ndarray:
+    h, w = arr.shape[:2]
+    if top >= 0 and left >= 0 and h >= crop and w >= crop:
+        return arr[top : top + crop, left : left + crop]
+    # Image smaller than the crop: pad with zeros around it, as HF's center_crop does.
+    out = np.zeros((max(h, crop), max(w, crop), arr.shape[2]), arr.dtype)
+    oy, ox = (out.shape[0] - h) // 2, (out.shape[1] - w) // 2
+    out[oy : oy + h, ox : ox + w] = arr
+    top, left = (out.shape[0] - crop) // 2, (out.shape[1] - crop) // 2
+    return out[top : top + crop, left : left + crop]
+
+
+class TextTokenizer:
+    """Wraps the folder's HF tokenizer: pads to the batch's longest text, truncates to the context."""
+
+    def __init__(self, hf_tokenizer, context_length: int) -> None:
+        self.hf = hf_tokenizer
+        self.context_length = context_length
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, context_length: int) -> TextTokenizer:
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(os.fspath(folder), local_files_only=True)
+        except Exception as e:
+            raise FileNotFoundError(f"cannot load a tokenizer from {folder}: {e}") from e
+        return cls(tok, context_length)
+
+    def __call__(self, texts: list[str] | str) -> dict[str, torch.Tensor]:
+        if isinstance(texts, str):
+            texts = [texts]
+        enc = self.hf(list(texts), padding=True, truncation=True, max_length=self.context_length, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        self.hf.save_pretrained(os.fspath(folder))
+
+
+def build_word_tokenizer(words: list[str], context_length: int):
+    """A small word-level tokenizer (HF ``tokenizers``) for domains with a closed vocabulary.
+
+    Ids: 0 ``<pad>``, 1 ``<unk>``, 2 ``<|startoftext|>``, 3 ``<|endoftext|>``, then ``words``. The EOS id
+    is deliberately not 2: HF CLIP treats ``eos_token_id == 2`` as a legacy config and pools by argmax.
+    """
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(words) - set(specials)))}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>",
+        special_tokens=[("<|startoftext|>", 2), ("<|endoftext|>", 3)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        model_max_length=context_length,
+    )

@@ -1,0 +1,233 @@
+"""Model surgery: find the FFNs of CLIP towers, and turn dense CLIPs into CLIP-MoEs (upcycling).
+
+Works on HF CLIP models (``mlp.fc1 / mlp.fc2``) and on OpenAI / open_clip module trees
+(``mlp.c_fc / mlp.c_proj``), so users can upcycle whatever CLIP object they hold.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .modeling import TOWERS, ClipMoeModel, MoESpec
+from .moe import MoEFeedForward
+
+LayerSelection = str | int | Sequence[int] | Mapping[str, "str | int | Sequence[int]"]
+
+# (pattern on the module path, tower). Order matters: the first match wins.
+_FFN_PATTERNS = [
+    (re.compile(r"^vision_model\.(?:vision_model\.)?encoder\.layers\.(\d+)\.mlp$"), "vision"),
+    (re.compile(r"^text_model\.(?:text_model\.)?encoder\.layers\.(\d+)\.mlp$"), "text"),
+    (re.compile(r"^visual\.transformer\.resblocks\.(\d+)\.mlp$"), "vision"),
+    (re.compile(r"^(?:text\.)?transformer\.resblocks\.(\d+)\.mlp$"), "text"),
+]
+_FFN_PARTS = (("fc1", "activation_fn", "fc2"), ("c_fc", "gelu", "c_proj"))
+
+
+@dataclass
+class FFN:
+    """One transformer block's feed-forward network, wherever it lives in the model."""
+
+    tower: str
+    block: int
+    path: str  # module path of the FFN, e.g. "vision_model.encoder.layers.3.mlp"
+    module: nn.Module
+
+    def parts(self) -> tuple[nn.Linear, nn.Module, nn.Linear]:
+        for up, act, down in _FFN_PARTS:
+            if hasattr(self.module, up) and hasattr(self.module, down):
+                return getattr(self.module, up), getattr(self.module, act), getattr(self.module, down)
+        raise TypeError(f"{self.path} is not a dense FFN (no fc1/fc2 or c_fc/c_proj)")
+
+
+def find_ffns(model: nn.Module) -> dict[str, list[FFN]]:
+    """Every block FFN of both towers, in block order: ``{"vision": [...], "text": [...]}``."""
+    if getattr(getattr(model, "config", None), "moe", None):
+        raise ValueError("the model is already a CLIP-MoE; upcycle a dense model")
+    found: dict[str, list[FFN]] = {t: [] for t in TOWERS}
+    for path, module in model.named_modules():
+        for pattern, tower in _FFN_PATTERNS:
+            match = pattern.match(path)
+            if match:
+                found[tower].append(FFN(tower, int(match.group(1)), path, module))
+                break
+    if not any(found.values()):
+        raise TypeError(f"no CLIP transformer FFNs found in {type(model).__name__}")
+    for ffns in found.values():
+        ffns.sort(key=lambda f: f.block)
+    return found
+
+
+def resolve_layers(layers: LayerSelection, num_blocks: Mapping[str, int]) -> dict[str, list[int]]:
+    """Turn a layer selection into block indices per tower.
+
+    ``"all"``; an int N (the last N blocks of each tower); a list of block indices (every tower); or a
+    mapping ``{"vision": ..., "text": ...}`` of any of those per tower (a missing tower gets none).
+    """
+    if isinstance(layers, Mapping):
+        unknown = set(layers) - set(TOWERS)
+        if unknown:
+            raise ValueError(f"unknown tower(s) in layers: {sorted(unknown)}; expected {TOWERS}")
+        return {t: _resolve_one(layers[t], t, num_blocks[t]) if t in layers else [] for t in num_blocks}
+    return {t: _resolve_one(layers, t, n) for t, n in num_blocks.items()}
+
+
+def _resolve_one(sel, tower: str, n: int) -> list[int]:
+    if sel == "all":
+        return list(range(n))
+    if isinstance(sel, bool) or not isinstance(sel, (int, Sequence)) or isinstance(sel, str):
+        raise ValueError(f"layers for the {tower} tower must be 'all', an int or a list of ints, got {sel!r}")
+    if isinstance(sel, int):
+        if not 0 <= sel <= n:
+            raise ValueError(f"cannot make the last {sel} blocks MoE: the {tower} tower has {n} blocks")
+        return list(range(n - sel, n))
+    out = sorted({int(i) for i in sel})
+    bad = [i for i in out if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"layers {bad} out of range for the {tower} tower (blocks 0..{n - 1})")
+    return out
+
+
+def _ffn_weights(ffn: FFN) -> tuple[torch.Tensor, ...]:
+    up, _, down = ffn.parts()
+    return up.weight, up.bias, down.weight, down.bias
+
+
+def _as_state_dict(expert: nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    return expert.state_dict() if isinstance(expert, nn.Module) else expert
+
+
+def _is_ffn_key(key: str) -> bool:
+    return ".mlp." in f".{key}"
+
+
+def check_same_base(base: nn.Module, expert: nn.Module | Mapping[str, torch.Tensor], name: str) -> None:
+    """Fail unless every non-FFN tensor of ``expert`` equals the base's (DMU experts differ only in FFNs)."""
+    ref = base.state_dict()
+    other = _as_state_dict(expert)
+    missing = sorted(set(ref) - set(other))
+    extra = sorted(set(other) - set(ref))
+    if missing or extra:
+        raise ValueError(f"{name} does not have the base's parameters: missing {missing[:5]}, unexpected {extra[:5]}")
+    for key, value in ref.items():
+        if _is_ffn_key(key):
+            continue
+        theirs = other[key]
+        if theirs.shape != value.shape:
+            raise ValueError(
+                f"{name} differs from the base at {key}: shape {tuple(theirs.shape)} vs {tuple(value.shape)}"
+            )
+        if not torch.equal(theirs.to(value.device, value.dtype), value):
+            diff = (theirs.to(value.device).float() - value.float()).abs().max().item()
+            raise ValueError(
+                f"{name} is not fine-tuned from this base: non-FFN tensor {key} differs (max |diff| = {diff:.3g}); "
+                "DMU experts may differ from the base only in FFN weights"
+            )
+
+
+def _assemble(
+    base: ClipMoeModel,
+    expert_ffns: Sequence[Mapping[str, Sequence[tuple[torch.Tensor, ...]]]],
+    top_k: int,
+    layers: LayerSelection,
+    expert_dropout: float,
+    dispatch: str,
+) -> ClipMoeModel:
+    num_experts = len(expert_ffns)
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k={top_k} must be between 1 and the number of experts ({num_experts})")
+    ffns = find_ffns(base)
+    chosen = resolve_layers(layers, {t: len(f) for t, f in ffns.items()})
+    model = copy.deepcopy(base)
+    model_ffns = find_ffns(model)
+    for tower, blocks in chosen.items():
+        for i in blocks:
+            target = model_ffns[tower][i]
+            _, act, _ = target.parts()
+            moe = MoEFeedForward.from_ffns(
+                [e[tower][i] for e in expert_ffns], copy.deepcopy(act), top_k, expert_dropout, dispatch
+            )
+            parent_path, _, attr = target.path.rpartition(".")
+            setattr(model.get_submodule(parent_path), attr, moe)
+    spec = MoESpec(num_experts, top_k, chosen, expert_dropout, dispatch)
+    model.config.moe = spec.to_dict()
+    for attr in ("tokenizer", "image_processor"):
+        if hasattr(base, attr):
+            setattr(model, attr, getattr(base, attr))
+    return model
+
+
+def upcycle(
+    base: ClipMoeModel,
+    experts: Sequence[nn.Module | Mapping[str, torch.Tensor]],
+    top_k: int = 2,
+    layers: LayerSelection = "all",
+    expert_dropout: float = 0.0,
+    dispatch: str = "auto",
+) -> ClipMoeModel:
+    """Diversified multiplet upcycling: expert e of every chosen block is the FFN of ``experts[e]``.
+
+    ``experts`` are models (or state dicts) fine-tuned from ``base`` in which only FFNs changed (the MCL
+    stages; DMU passes the base itself as expert 0). Attention, norms, embeddings and projections come
+    from ``base``. Routers start from nn.Linear's default init, as in the paper.
+    """
+    if len(experts) < 1:
+        raise ValueError("upcycle needs at least one expert")
+    ffns = find_ffns(base)
+    expert_ffns = []
+    for n, expert in enumerate(experts):
+        check_same_base(base, expert, f"expert {n}")
+        sd = _as_state_dict(expert)
+        expert_ffns.append(
+            {
+                tower: [tuple(sd[f"{f.path}.{p}"] for p in _param_names(f)) for f in tower_ffns]
+                for tower, tower_ffns in ffns.items()
+            }
+        )
+    return _assemble(base, expert_ffns, top_k, layers, expert_dropout, dispatch)
+
+
+def _param_names(ffn: FFN) -> tuple[str, str, str, str]:
+    up, _, down = ffn.parts()
+    names = {id(m): n for n, m in ffn.module.named_children()}
+    return (f"{names[id(up)]}.weight", f"{names[id(up)]}.bias", f"{names[id(down)]}.weight", f"{names[id(down)]}.bias")
+
+
+def sparse_upcycle(
+    base: ClipMoeModel,
+    num_experts: int,
+    top_k: int = 2,
+    layers: LayerSelection = "all",
+    noise: float = 0.0,
+    expert_dropout: float = 0.0,
+    dispatch: str = "auto",
+    seed: int = 0,
+) -> ClipMoeModel:
+    """Sparse upcycling (the CLIP-UP / paper "Upcycling" baseline): every expert a copy of the base FFN.
+
+    ``noise`` > 0 multiplies each copy's weights by ``1 + noise * N(0, 1)`` to break the symmetry.
+    """
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    gen = torch.Generator().manual_seed(seed)
+    ffns = find_ffns(base)
+    expert_ffns = []
+    for _ in range(num_experts):
+        copies = {}
+        for tower, tower_ffns in ffns.items():
+            copies[tower] = []
+            for f in tower_ffns:
+                ws = []
+                for w in _ffn_weights(f):
+                    w = w.detach().clone()
+                    if noise > 0:
+                        w = w * (1 + noise * torch.randn(w.shape, generator=gen).to(w))
+                    ws.append(w)
+                copies[tower].append(tuple(ws))
+        expert_ffns.append(copies)
+    return _assemble(base, expert_ffns, top_k, layers, expert_dropout, dispatch)

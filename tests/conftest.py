@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny real HF CLIP models written to disk, with tokenizer and preprocessor files."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+
+from clipmoe.modeling import ClipMoeModel
+from clipmoe.processing import ImageTransform, TextTokenizer, build_word_tokenizer
+
+WORDS = "a photo of red green blue cube sphere cone small large left right on the".split()
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+
+def make_tiny_clip(seed: int = 0, hidden_act: str = "quick_gelu", layers: int = 2) -> ClipMoeModel:
+    """A random tiny CLIP (32-wide, 2 blocks per tower, 32 px images, 16-token context)."""
+    torch.manual_seed(seed)
+    tokenizer = build_word_tokenizer(WORDS, context_length=16)
+    text = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        projection_dim=16,
+        hidden_act=hidden_act,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        projection_dim=16,
+        hidden_act=hidden_act,
+    )
+    model = ClipMoeModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16))
+    model.tokenizer = TextTokenizer(tokenizer, 16)
+    model.image_processor = ImageTransform(size=32, crop_size=32)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_clip() -> ClipMoeModel:
+    return make_tiny_clip()
+
+
+@pytest.fixture
+def tiny_clip_dir(tmp_path, tiny_clip) -> str:
+    path = tmp_path / "tiny-clip"
+    tiny_clip.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def batch(tiny_clip):
+    torch.manual_seed(1)
+    pixels = torch.randn(3, 3, 32, 32)
+    text = tiny_clip.tokenizer(["a photo of a red cube", "blue sphere on the left", "a small green cone"])
+    return pixels, text
