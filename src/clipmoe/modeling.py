@@ -7,6 +7,7 @@ copied next to an exported model and loaded with ``trust_remote_code`` without c
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -120,9 +121,9 @@ class _MoEHooks:
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         # Non-reentrant so that side outputs (router logits) stay differentiable through the recompute.
         if enable:
-            self.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
-            self.gradient_checkpointing_disable()
+            self.activation_checkpointing_disable()
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable, total, and active-per-token parameters (top_k of E experts counted)."""
@@ -135,14 +136,19 @@ class _MoEHooks:
         return {"trainable": trainable, "total": total, "active": total - inactive}
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """Write the HF folder (config with its ``moe`` section, safetensors, tokenizer, preprocessor)
-        into a temporary sibling folder, then rename it into place: nothing is left half-written."""
+        """Write the HF folder (config with its ``moe`` section, safetensors, tokenizer, preprocessor) into a
+        temporary sibling folder, then rename it into place: nothing is left half-written.
+
+        The folder also carries this file and ``moe.py`` plus an ``auto_map`` in config.json, so every saved
+        CLIP-MoE is HF-native: ``AutoModel.from_pretrained(folder, trust_remote_code=True)`` rebuilds it
+        with transformers alone, without clipmoe installed."""
         target = os.path.abspath(os.fspath(save_directory))
         parent = os.path.dirname(target)
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
         try:
             super().save_pretrained(tmp, safe_serialization=True, **kwargs)
+            write_remote_code(tmp, "ClipMoeVisionModel" if isinstance(self, CLIPVisionModel) else "ClipMoeModel")
             for extra in (getattr(self, "tokenizer", None), getattr(self, "image_processor", None)):
                 if extra is not None:
                     extra.save_pretrained(tmp)
@@ -156,6 +162,25 @@ class _MoEHooks:
         finally:
             if os.path.exists(tmp):
                 shutil.rmtree(tmp)
+
+
+def write_remote_code(folder: str, class_name: str) -> None:
+    """Copy this file and ``moe.py`` into ``folder`` and point config.json's ``auto_map`` at ``class_name``.
+
+    The copies are taken from wherever this module was imported from, so a model that was itself loaded
+    as remote code saves the same code again. Only ``AutoModel`` is mapped: it is the entry point LLaVA-style
+    loaders and feature extractors use, and mapping more classes would promise behaviour nobody tests.
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+    shutil.copyfile(os.path.join(here, "modeling.py"), os.path.join(folder, "modeling.py"))
+    shutil.copyfile(os.path.join(here, "moe.py"), os.path.join(folder, "moe.py"))
+    config_path = os.path.join(folder, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["auto_map"] = {"AutoModel": f"modeling.{class_name}"}
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 class ClipMoeModel(_MoEHooks, CLIPModel):

@@ -1,0 +1,355 @@
+"""One contrastive training loop for every phase: pretraining, MCL stages, router training, baselines.
+
+What differs between phases is only configuration (which parameters train, fixed or learned temperature,
+balance-loss weight, how batches are drawn). The loop is resumable: every ``checkpoint_every`` steps it
+writes the trainable parameters, optimizer, scheduler, batch position and RNG states; rerunning the same
+call continues from there, and an interrupted run loses at most one checkpoint interval.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .distributed import DistEnv
+from .loss import ClipLoss
+from .moe import load_balancing_loss, router_z_loss
+from .samplers import GlobalBatchSampler
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one training phase (defaults: the paper's MCL recipe)."""
+
+    steps: int = 0  # optimizer steps; 0 = derive from epochs
+    epochs: float = 1.0
+    batch_size: int = 64  # global, all ranks together
+    lr: float = 1e-5
+    weight_decay: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 200
+    grad_clip: float = 0.0  # 0 = off
+    grad_accum: int = 1  # micro-batches per optimizer step (each its own contrastive batch)
+    precision: str = "fp32"  # fp32 | bf16 (autocast; routers stay fp32)
+    grad_checkpointing: bool = False
+    label_smoothing: float = 0.1
+    logit_scale: float | None = 100.0  # fixed scale; None = learn the model's logit_scale
+    balance_weight: float = 0.0  # x (image balance + text_balance_factor x text balance)
+    text_balance_factor: float = 0.5
+    balance_mask_padding: bool = True  # False reproduces the official code (padding counted)
+    z_loss_weight: float = 0.0
+    trainable: str = "all"  # all | ffn | router | router+experts
+    last_n_blocks: int | None = None  # with trainable=ffn: only the last N blocks of each tower
+    small_clusters: str = "shrink"
+    min_batch: int = 8
+    checkpoint_every: int = 50
+    log_every: int = 10
+    num_workers: int = 0
+    seed: int = 0
+    parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per block, for towers that do not fit one device)
+    extra: dict = field(default_factory=dict)  # free-form, recorded in metrics
+
+    def __post_init__(self) -> None:
+        checks = {
+            "precision": self.precision in ("fp32", "bf16"),
+            "parallel": self.parallel in ("ddp", "fsdp"),
+            "batch_size": self.batch_size > 0,
+            "grad_accum": self.grad_accum >= 1,
+            "lr": self.lr > 0,
+            "steps": self.steps >= 0,
+            "epochs": self.epochs > 0,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid training settings: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+
+
+class _ContrastiveForward(nn.Module):
+    """Both encoders in one forward, so DDP/FSDP see (and synchronise) a single module call."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values, input_ids, attention_mask):
+        return self.model.encode_image(pixel_values), self.model.encode_text(input_ids, attention_mask)
+
+
+def cosine_schedule(warmup: int, total: int):
+    """Linear warmup for ``warmup`` steps, then cosine to zero (the official code's schedule)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def balance_loss(model, attention_mask: torch.Tensor, cfg: TrainConfig) -> torch.Tensor | None:
+    """Image balance + ``text_balance_factor`` x text balance, all MoE layers of a tower flattened together."""
+    terms = []
+    for tower, factor in (("vision", 1.0), ("text", cfg.text_balance_factor)):
+        logits = model.router_logits(tower)
+        if not logits:
+            continue
+        mask = None
+        if tower == "text" and cfg.balance_mask_padding:
+            mask = attention_mask.reshape(-1).bool().repeat(len(logits))
+        stacked = torch.cat(logits)
+        top_k = model.moe_layers(tower)[0].top_k
+        term = load_balancing_loss(stacked, top_k, mask)
+        if cfg.z_loss_weight:
+            term = term + cfg.z_loss_weight / max(cfg.balance_weight, 1e-12) * router_z_loss(stacked, mask)
+        terms.append(factor * term)
+    return sum(terms) if terms else None
+
+
+def train(
+    model: nn.Module,
+    dataset: Dataset,
+    collate,
+    cfg: TrainConfig,
+    out_dir: str,
+    env: DistEnv | None = None,
+    labels: np.ndarray | None = None,
+    desc: str = "train",
+) -> dict:
+    """Train ``model`` in place with the contrastive loss; resumable from ``out_dir``. Returns run stats."""
+    env = env or DistEnv()
+    os.makedirs(out_dir, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model.set_trainable(cfg.trainable, cfg.last_n_blocks)
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    model.to(env.device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"nothing to train: trainable={cfg.trainable!r} selects no parameters")
+
+    sampler = GlobalBatchSampler(
+        len(dataset),
+        cfg.batch_size,
+        labels,
+        world_size=env.world_size,
+        rank=env.rank,
+        seed=cfg.seed,
+        small_clusters=cfg.small_clusters,
+        min_batch=cfg.min_batch,
+    )
+    per_epoch = len(sampler)
+    micro_total = cfg.steps * cfg.grad_accum if cfg.steps else max(1, math.ceil(cfg.epochs * per_epoch))
+    total_steps = math.ceil(micro_total / cfg.grad_accum)
+
+    forward = _wrap_parallel(_ContrastiveForward(model), cfg, env)
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=cfg.betas,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(cfg.warmup_steps, total_steps))
+    loss_fn = ClipLoss(cfg.label_smoothing)
+
+    step = 0
+    ckpt_path = os.path.join(out_dir, CHECKPOINT)
+    if os.path.exists(ckpt_path):
+        step = _load_checkpoint(ckpt_path, model, optimizer, scheduler, cfg)
+    metrics_file = open(os.path.join(out_dir, METRICS), "a") if env.is_main else None  # noqa: SIM115
+
+    bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not env.is_main, unit="step", dynamic_ncols=True)
+    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    skipped: list[str] = []
+    samples_seen, t0 = 0, time.perf_counter()
+    micro = step * cfg.grad_accum
+    batches = _batch_stream(dataset, sampler, collate, micro, cfg.num_workers)
+    try:
+        while step < total_steps:
+            optimizer.zero_grad(set_to_none=True)
+            logged: dict[str, float] = {}
+            for accum in range(cfg.grad_accum):
+                batch = next(batches)
+                skipped.extend(batch.get("skipped", []))
+                sync = accum == cfg.grad_accum - 1
+                with _no_sync(forward, sync), autocast:
+                    img, txt = forward(
+                        batch["pixel_values"].to(env.device),
+                        batch["input_ids"].to(env.device),
+                        batch["attention_mask"].to(env.device),
+                    )
+                    scale = cfg.logit_scale if cfg.logit_scale is not None else model.logit_scale.exp()
+                    valid = batch.get("valid")
+                    clip = loss_fn(img, txt, scale, None if valid is None else valid.to(env.device))
+                    loss = clip
+                    if cfg.balance_weight:
+                        bal = balance_loss(model, batch["attention_mask"].to(env.device), cfg)
+                        if bal is not None:
+                            loss = loss + cfg.balance_weight * bal
+                            logged["balance"] = logged.get("balance", 0.0) + bal.item() / cfg.grad_accum
+                    (loss / cfg.grad_accum).backward()
+                logged["clip"] = logged.get("clip", 0.0) + clip.item() / cfg.grad_accum
+                logged["loss"] = logged.get("loss", 0.0) + loss.item() / cfg.grad_accum
+                samples_seen += len(batch["input_ids"]) * env.world_size
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            if cfg.logit_scale is None:
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0, math.log(100))  # open_clip's cap on the learned temperature
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if metrics_file and (step % cfg.log_every == 0 or step == total_steps):
+                rate = samples_seen / max(time.perf_counter() - t0, 1e-9)
+                record = {
+                    "phase": desc,
+                    "step": step,
+                    "lr": scheduler.get_last_lr()[0],
+                    "samples_per_s": rate,
+                    **logged,
+                }
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            if step % cfg.checkpoint_every == 0 and step < total_steps:
+                _save_checkpoint(ckpt_path, model, optimizer, scheduler, step, cfg, env)
+    finally:
+        bar.close()
+        if metrics_file:
+            metrics_file.close()
+    model.eval()
+    model.set_grad_checkpointing(False)
+    return {
+        "steps": total_steps,
+        "batches_per_epoch": per_epoch,
+        "plan": asdict(sampler.stats()),
+        "skipped_samples": skipped,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _batch_stream(dataset, sampler: GlobalBatchSampler, collate, start_micro: int, num_workers: int):
+    """Endless micro-batches, epoch after epoch, starting at global micro-batch ``start_micro``."""
+    per_epoch = len(sampler)
+    epoch, pos = divmod(start_micro, per_epoch)
+    while True:
+        loader = DataLoader(
+            dataset,
+            batch_sampler=list(sampler.local_batches(epoch, pos)),
+            collate_fn=collate,
+            num_workers=num_workers,
+            persistent_workers=False,
+        )
+        yield from loader
+        epoch, pos = epoch + 1, 0
+
+
+class _no_sync:
+    """DDP's no_sync for all but the last micro-batch of an accumulation step."""
+
+    def __init__(self, module, sync: bool) -> None:
+        self.ctx = module.no_sync() if (not sync and hasattr(module, "no_sync")) else None
+
+    def __enter__(self):
+        return self.ctx.__enter__() if self.ctx else None
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc) if self.ctx else False
+
+
+def _wrap_parallel(module: nn.Module, cfg: TrainConfig, env: DistEnv) -> nn.Module:
+    if not env.enabled:
+        return module
+    if cfg.parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        from .modeling import tower_layers
+
+        for blocks in tower_layers(module.model).values():
+            for block in blocks:
+                fully_shard(block)
+        fully_shard(module)
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [env.device.index] if env.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids)
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(path, model, optimizer, scheduler, step, cfg, env: DistEnv) -> None:
+    if not env.is_main:
+        return
+    state = {
+        "step": step,
+        "config": json.dumps(asdict(cfg), sort_keys=True, default=str),
+        "trainable": _trainable_state(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng_torch": torch.get_rng_state(),
+        "rng_numpy": json.dumps(_np_state_to_json(np.random.get_state())),
+        "rng_python": json.dumps(_py_state_to_json(random.getstate())),
+    }
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+
+
+def _load_checkpoint(path, model, optimizer, scheduler, cfg: TrainConfig) -> int:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved_cfg = json.loads(state["config"])
+    now_cfg = json.loads(json.dumps(asdict(cfg), sort_keys=True, default=str))
+    changed = sorted(k for k in set(saved_cfg) | set(now_cfg) if saved_cfg.get(k) != now_cfg.get(k))
+    if changed:
+        raise ValueError(
+            f"{path} was written with different training settings ({', '.join(changed)}); "
+            "delete it to restart this phase"
+        )
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(state["trainable"]) != expected:
+        raise ValueError(f"{path} holds other trainable parameters than this model/phase")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in state["trainable"]:
+                p.copy_(state["trainable"][n])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_torch"])
+    np.random.set_state(_np_state_from_json(json.loads(state["rng_numpy"])))
+    random.setstate(_py_state_from_json(json.loads(state["rng_python"])))
+    return int(state["step"])
+
+
+# RNG states travel as JSON strings so the checkpoint loads with weights_only=True.
+def _np_state_to_json(s):
+    return [s[0], s[1].tolist(), s[2], s[3], s[4]]
+
+
+def _np_state_from_json(s):
+    return (s[0], np.array(s[1], dtype=np.uint32), s[2], s[3], s[4])
+
+
+def _py_state_to_json(s):
+    return [s[0], list(s[1]), s[2]]
+
+
+def _py_state_from_json(s):
+    return (s[0], tuple(s[1]), s[2])
