@@ -170,7 +170,7 @@ def train(
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
     if os.path.exists(ckpt_path):
         step = _load_checkpoint(ckpt_path, model, optimizer, scheduler, cfg)
-    metrics_file = open(os.path.join(out_dir, METRICS), "a") if env.is_main else None  # noqa: SIM115
+    metrics_file = open(os.path.join(out_dir, METRICS), "a") if env.is_main else None
 
     bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not env.is_main, unit="step", dynamic_ncols=True)
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
