@@ -8,7 +8,25 @@ import importlib
 import sys
 
 # subcommand -> module. Order is the order shown in --help (the pipeline's order).
-COMMAND_MODULES: dict[str, str] = {}
+COMMAND_MODULES: dict[str, str] = {
+    "demo": "clipmoe.demo",
+    "run": "clipmoe.pipeline",
+    "prepare": "clipmoe.pipeline",
+    "embed": "clipmoe.pipeline",
+    "cluster": "clipmoe.pipeline",
+    "mcl": "clipmoe.pipeline",
+    "build": "clipmoe.pipeline",
+    "route": "clipmoe.pipeline",
+    "baselines": "clipmoe.pipeline",
+    "report": "clipmoe.pipeline",
+    "world": "clipmoe.data.world",
+    "pretrain": "clipmoe.pretrain",
+    "eval": "clipmoe.eval.cli",
+    "export": "clipmoe.export",
+    "index": "clipmoe.search",
+    "search": "clipmoe.search",
+    "convert": "clipmoe.convert",
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,6 +70,10 @@ class ImageTransform:
             json.dump(self.to_processor_config(), f, indent=2)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            # HF composites transparency onto white before dropping alpha; do the same.
+            rgba = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
         image = image.convert("RGB")
         w, h = image.size
         # Same rounding as HF's get_resize_output_image_size(default_to_square=False).
@@ -79,8 +83,8 @@ class ImageTransform:
         if (new_w, new_h) != (w, h):
             image = image.resize((new_w, new_h), resample=_PIL_RESAMPLE[self.resample])
         arr = np.asarray(image, dtype=np.float32)
-        top = int(round((new_h - self.crop_size) / 2.0))
-        left = int(round((new_w - self.crop_size) / 2.0))
+        top = (new_h - self.crop_size) // 2
+        left = (new_w - self.crop_size) // 2
         arr = _center_crop(arr, top, left, self.crop_size)
         arr = (arr * (1 / 255) - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
@@ -95,7 +99,7 @@ def _center_crop(arr: np.ndarray, top: int, left: int, crop: int) -> np.ndarray:
         return arr[top : top + crop, left : left + crop]
     # Image smaller than the crop: pad with zeros around it, as HF's center_crop does.
     out = np.zeros((max(h, crop), max(w, crop), arr.shape[2]), arr.dtype)
-    oy, ox = (out.shape[0] - h) // 2, (out.shape[1] - w) // 2
+    oy, ox = -(-(out.shape[0] - h) // 2), -(-(out.shape[1] - w) // 2)  # ceil, as HF pads
     out[oy : oy + h, ox : ox + w] = arr
     top, left = (out.shape[0] - crop) // 2, (out.shape[1] - crop) // 2
     return out[top : top + crop, left : left + crop]

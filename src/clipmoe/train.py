@@ -21,8 +21,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .distributed import DistEnv
-from .loss import ClipLoss
+from .distributed import DistEnv, barrier
+from .loss import ClipLoss, global_router_losses
 from .moe import load_balancing_loss, router_z_loss
 from .samplers import GlobalBatchSampler
 
@@ -61,6 +61,9 @@ class TrainConfig:
     seed: int = 0
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per block, for towers that do not fit one device)
     extra: dict = field(default_factory=dict)  # free-form, recorded in metrics
+    # Router losses on routing statistics summed over all ranks (= the single-process value on the global
+    # batch); False computes them per rank, as the official code does.
+    global_balance: bool = True
 
     def __post_init__(self) -> None:
         checks = {
@@ -101,7 +104,11 @@ def cosine_schedule(warmup: int, total: int):
 
 
 def balance_loss(model, attention_mask: torch.Tensor, cfg: TrainConfig) -> torch.Tensor | None:
-    """Image balance + ``text_balance_factor`` x text balance, all MoE layers of a tower flattened together."""
+    """Image balance + ``text_balance_factor`` x text balance, all MoE layers of a tower flattened together.
+
+    With ``cfg.global_balance`` the statistics are summed over ranks first (one small all-reduce per tower),
+    so the value and its gradient do not depend on how the global batch is split across ranks.
+    """
     terms = []
     for tower, factor in (("vision", 1.0), ("text", cfg.text_balance_factor)):
         logits = model.router_logits(tower)
@@ -112,9 +119,13 @@ def balance_loss(model, attention_mask: torch.Tensor, cfg: TrainConfig) -> torch
             mask = attention_mask.reshape(-1).bool().repeat(len(logits))
         stacked = torch.cat(logits)
         top_k = model.moe_layers(tower)[0].top_k
-        term = load_balancing_loss(stacked, top_k, mask)
+        if cfg.global_balance:
+            term, z_loss = global_router_losses(stacked, top_k, mask)
+        else:
+            term = load_balancing_loss(stacked, top_k, mask)
+            z_loss = router_z_loss(stacked, mask) if cfg.z_loss_weight else None
         if cfg.z_loss_weight:
-            term = term + cfg.z_loss_weight / max(cfg.balance_weight, 1e-12) * router_z_loss(stacked, mask)
+            term = term + cfg.z_loss_weight / max(cfg.balance_weight, 1e-12) * z_loss
         terms.append(factor * term)
     return sum(terms) if terms else None
 
@@ -184,7 +195,10 @@ def train(
             logged: dict[str, float] = {}
             for accum in range(cfg.grad_accum):
                 batch = next(batches)
-                skipped.extend(batch.get("skipped", []))
+                if batch.get("skipped"):
+                    skipped.extend(batch["skipped"])
+                    if hasattr(dataset, "record_skipped"):
+                        dataset.record_skipped(batch)
                 sync = accum == cfg.grad_accum - 1
                 with _no_sync(forward, sync), autocast:
                     img, txt = forward(
@@ -234,6 +248,10 @@ def train(
             metrics_file.close()
     model.eval()
     model.set_grad_checkpointing(False)
+    if hasattr(dataset, "end_pass") and env.is_main:
+        summary = dataset.end_pass(os.path.join(out_dir, 'skipped.log'))
+        if len(dataset.skips):
+            print(f"{desc}: {summary}")
     return {
         "steps": total_steps,
         "batches_per_epoch": per_epoch,
@@ -273,17 +291,28 @@ class _no_sync:
 
 
 def _wrap_parallel(module: nn.Module, cfg: TrainConfig, env: DistEnv) -> nn.Module:
+    """DDP, or FSDP2 with one shard group per transformer block plus one for the rest (embeddings,
+    projections, final norms). Either way all ranks must hold the same weights before the first step:
+    DDP broadcasts rank 0's, FSDP2 shards whatever each rank holds, so every rank builds the same model."""
     if not env.enabled:
         return module
     if cfg.parallel == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         from .modeling import tower_layers
 
+        mesh = init_device_mesh(env.device.type, (env.world_size,))
+        # fully_shard cannot shard 0-dim parameters (CLIP's logit_scale): keep them replicated and average
+        # their gradients over ranks ourselves, as DDP would.
+        scalars = {p for p in module.parameters() if p.ndim == 0}
+        for p in scalars:
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(_average_grad_over_ranks)
         for blocks in tower_layers(module.model).values():
             for block in blocks:
-                fully_shard(block)
-        fully_shard(module)
+                fully_shard(block, mesh=mesh)
+        fully_shard(module, mesh=mesh, ignored_params=scalars)
         return module
     from torch.nn.parallel import DistributedDataParallel
 
@@ -291,29 +320,67 @@ def _wrap_parallel(module: nn.Module, cfg: TrainConfig, env: DistEnv) -> nn.Modu
     return DistributedDataParallel(module, device_ids=ids)
 
 
-def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+def _average_grad_over_ranks(p: torch.Tensor) -> None:
+    # Runs after every micro-batch's accumulation; averaging the running sum each time still yields the
+    # average of the sums, since all ranks hold the same average after the previous micro-batch.
+    import torch.distributed as dist
+
+    dist.all_reduce(p.grad)
+    p.grad /= dist.get_world_size()
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter, gathered from all ranks if FSDP2 sharded it (a collective)."""
+    from torch.distributed.tensor import DTensor
+
+    return p.full_tensor() if isinstance(p, DTensor) else p
+
+
+def _trainable_state(model: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Full CPU copies of the trainable parameters. Every rank must call it (FSDP2 gathers shards); ranks
+    with ``keep=False`` drop each gathered tensor at once, so they never hold more than one."""
+    state = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            full = _full(p.detach())
+            if keep:
+                state[n] = full.cpu().clone()
+    return state
 
 
 def _save_checkpoint(path, model, optimizer, scheduler, step, cfg, env: DistEnv) -> None:
-    if not env.is_main:
-        return
-    state = {
-        "step": step,
-        "config": json.dumps(asdict(cfg), sort_keys=True, default=str),
-        "trainable": _trainable_state(model),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng_torch": torch.get_rng_state(),
-        "rng_numpy": json.dumps(_np_state_to_json(np.random.get_state())),
-        "rng_python": json.dumps(_py_state_to_json(random.getstate())),
-    }
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+    """Called on every rank: the gathering is collective; rank 0 writes; the closing barrier makes every rank
+    see the new file before going on (a rank that stopped right after could otherwise resume from the old
+    one)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    trainable = _trainable_state(model, keep=env.is_main)
+    # Keyed by parameter name and unsharded, so a checkpoint resumes under any world size and either wrapper.
+    optim_state = get_optimizer_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if env.is_main:
+        state = {
+            "step": step,
+            "config": json.dumps(asdict(cfg), sort_keys=True, default=str),
+            "trainable": trainable,
+            "optimizer": optim_state,
+            "scheduler": scheduler.state_dict(),
+            "rng_torch": torch.get_rng_state(),
+            "rng_numpy": json.dumps(_np_state_to_json(np.random.get_state())),
+            "rng_python": json.dumps(_py_state_to_json(random.getstate())),
+        }
+        tmp = f"{path}.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+    barrier(env)
 
 
 def _load_checkpoint(path, model, optimizer, scheduler, cfg: TrainConfig) -> int:
+    """Every rank reads the whole file and keeps its own shard of each parameter and optimizer state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
     state = torch.load(path, map_location="cpu", weights_only=True)
     saved_cfg = json.loads(state["config"])
     now_cfg = json.loads(json.dumps(asdict(cfg), sort_keys=True, default=str))
@@ -329,8 +396,15 @@ def _load_checkpoint(path, model, optimizer, scheduler, cfg: TrainConfig) -> int
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n in state["trainable"]:
-                p.copy_(state["trainable"][n])
-    optimizer.load_state_dict(state["optimizer"])
+                full = state["trainable"][n].to(p.device)
+                if isinstance(p, DTensor):  # every rank holds the full tensor: cut its shard, no communication
+                    full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+                p.copy_(full)
+    # strict=False: a trainable parameter that never received a gradient (e.g. logit_scale under a fixed
+    # scale) has no optimizer state, at save time as now.
+    set_optimizer_state_dict(
+        model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True, strict=False)
+    )
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng_torch"])
     np.random.set_state(_np_state_from_json(json.loads(state["rng_numpy"])))

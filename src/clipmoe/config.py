@@ -1,0 +1,253 @@
+"""The pipeline's configuration: YAML (or JSON) -> typed dataclasses, validated before any work starts.
+
+Unknown keys, wrong types, missing paths and impossible values are collected and reported together in one
+``ConfigError``, so a user fixes the file once instead of once per run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .train import TrainConfig
+
+# Paper recipe (README of the official code + paper v3): MCL lr 1e-5 wd 0.2; router lr 1e-6 wd 0.01.
+MCL_DEFAULTS: dict[str, Any] = {"trainable": "ffn", "lr": 1e-5, "weight_decay": 0.2}
+ROUTE_DEFAULTS: dict[str, Any] = {"trainable": "router", "lr": 1e-6, "weight_decay": 0.01, "balance_weight": 0.01}
+
+
+class ConfigError(ValueError):
+    """One or more problems with a configuration file, all listed."""
+
+
+@dataclass
+class DataConfig:
+    train: str  # dataset path (img2dataset folder, tar shards, csv/tsv, jsonl, ShareGPT4V json)
+    format: str = "auto"
+    caption: str = "txt"  # "txt" or "json:KEY"
+    root: str | None = None  # image root for csv/jsonl/sharegpt4v
+    eval: str | None = None  # a folder of evaluation sets (the generated world's eval/ layout)
+    max_skipped_fraction: float = 0.01
+    num_workers: int = 0
+
+
+@dataclass
+class PrepareConfig:
+    stretch_text_positions: bool = False  # Long-CLIP: keep positions 0-19, interpolate the rest 4x
+    keep_positions: int = 20
+    stretch_factor: int = 4
+
+
+@dataclass
+class EmbedConfig:
+    batch_size: int = 256
+    chunk_size: int = 4096
+
+
+@dataclass
+class ClusterConfig:
+    image_clusters: int = 3
+    text_clusters: int = 3
+    niter: int = 25
+
+
+@dataclass
+class MoEConfig:
+    experts: int = 4  # N experts = the base FFN + N-1 MCL stages
+    top_k: int = 2
+    layers: Any = "all"  # "all" | N (last N blocks per tower) | [block ids] | {vision: ..., text: ...}
+    expert_dropout: float = 0.1  # inside experts while training routers (official code)
+    dispatch: str = "auto"
+
+
+@dataclass
+class BaselineConfig:
+    dense: bool = True  # full fine-tuning, same data and steps as all MCL stages + routing
+    upcycle: bool = True  # sparse upcycling (copies of the base FFN) + the same router training
+    upcycle_trainable: str = "router+experts"  # with identical experts, routers alone cannot change outputs
+    upcycle_noise: float = 0.01
+    soup: bool = True  # average of the MCL FFNs as one dense model
+    stages: bool = True  # evaluate each MCL stage model alone
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 256
+    throughput_batch: int = 32
+
+
+@dataclass
+class PipelineConfig:
+    base_model: str  # HF CLIP folder, checkpoint file, or "builtin:tiny-clip"
+    data: DataConfig
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"  # fp32 | bf16 (embedding and training autocast)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    mcl: TrainConfig = field(default_factory=lambda: TrainConfig(**MCL_DEFAULTS))
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    route: TrainConfig = field(default_factory=lambda: TrainConfig(**ROUTE_DEFAULTS))
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def stages(self) -> int:
+        return self.moe.experts - 1
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+
+_SECTION_DEFAULTS = {"mcl": MCL_DEFAULTS, "route": ROUTE_DEFAULTS}
+
+
+def load_config(path: str | os.PathLike, check_paths: bool = True) -> PipelineConfig:
+    """Read and validate a pipeline config file; every problem is reported in one ``ConfigError``."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"no config file at {path}")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    return config_from_dict(raw, source=path, check_paths=check_paths)
+
+
+def config_from_dict(raw: Any, source: str = "config", check_paths: bool = True) -> PipelineConfig:
+    errors: list[str] = []
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    cfg = _build(PipelineConfig, raw, "", errors)
+    if cfg is not None:
+        errors += _semantic_errors(cfg, check_paths)
+    if errors:
+        raise ConfigError(f"{source} has {len(errors)} problem(s):\n  - " + "\n  - ".join(errors))
+    return cfg
+
+
+def _build(cls, raw: Any, where: str, errors: list[str]):
+    if not isinstance(raw, dict):
+        errors.append(f"{where or 'top level'}: expected a mapping, got {raw!r}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            errors.append(f"{where}{key}: unknown key (known: {', '.join(sorted(fields))})")
+    values = dict(_SECTION_DEFAULTS.get(where.rstrip("."), {})) if cls is TrainConfig else {}
+    for name, f in fields.items():
+        key = f"{where}{name}"
+        if name not in raw:
+            no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if no_default:
+                errors.append(f"{key}: required")
+            continue
+        value = raw[name]
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            value = _build(hint, value, key + ".", errors)
+        elif not _type_ok(value, hint):
+            errors.append(f"{key}: expected {_type_name(hint)}, got {value!r}")
+            continue
+        elif hint in (float, float | None) and isinstance(value, int):
+            value = float(value)
+        elif typing.get_origin(hint) is tuple:
+            value = tuple(value)
+        values[name] = value
+    if any(e.startswith(where) for e in errors):
+        return None
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        errors.append(f"{where.rstrip('.') or 'config'}: {e}")
+        return None
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        return (
+            isinstance(value, (list, tuple))
+            and len(value) == len(args)
+            and all(_type_ok(v, a) for v, a in zip(value, args))
+        )
+    if origin is dict:
+        return isinstance(value, dict)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _semantic_errors(cfg: PipelineConfig, check_paths: bool) -> list[str]:
+    errors = []
+    if cfg.moe.experts < 1:
+        errors.append(f"moe.experts: must be >= 1, got {cfg.moe.experts}")
+    if not 1 <= cfg.moe.top_k <= max(cfg.moe.experts, 1):
+        errors.append(f"moe.top_k: {cfg.moe.top_k} is impossible with {cfg.moe.experts} experts")
+    if cfg.cluster.image_clusters < 1 or cfg.cluster.text_clusters < 1:
+        errors.append("cluster: image_clusters and text_clusters must be >= 1")
+    if cfg.precision not in ("fp32", "bf16"):
+        errors.append(f"precision: must be fp32 or bf16, got {cfg.precision!r}")
+    if cfg.mcl.trainable != "ffn":
+        errors.append(f"mcl.trainable: MCL stages train FFNs only, got {cfg.mcl.trainable!r}")
+    if not isinstance(cfg.moe.layers, (str, int, list, dict)) or (
+        isinstance(cfg.moe.layers, str) and cfg.moe.layers != "all"
+    ):
+        errors.append(f"moe.layers: expected 'all', an int, a list or a per-tower mapping, got {cfg.moe.layers!r}")
+    if check_paths:
+        if not cfg.base_model.startswith("builtin:") and not os.path.exists(cfg.base_model):
+            errors.append(f"base_model: no such file or folder: {cfg.base_model}")
+        for key in ("train", "root", "eval"):
+            p = getattr(cfg.data, key)
+            if p is not None and not _path_exists(p):
+                errors.append(f"data.{key}: no such file or folder: {p}")
+    return errors
+
+
+def _path_exists(p: str) -> bool:
+    if any(ch in p for ch in "*{"):  # shard patterns are checked by the reader
+        return True
+    return os.path.exists(p)
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def diff_configs(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain config dicts."""
+    keys = sorted(set(old) | set(new))
+    out = []
+    for k in keys:
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += diff_configs(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out

@@ -1,0 +1,559 @@
+"""Image-caption readers: one map-style dataset over img2dataset folders, webdataset tars, CSV/TSV, JSONL and
+ShareGPT4V JSON.
+
+Every format is indexed once, up front, into a list of ``Record`` (key, caption, where the image bytes are).
+That gives random access by index (the MCL sampler draws a batch from one cluster; the embedding pass writes
+features back by index) and lets cheap problems (no image, no or empty caption) be found before any
+training starts. Tar members are indexed by their byte offset, so a webdataset shard is read with one
+``seek`` + ``read`` per sample, never extracted.
+
+Bad samples are skipped, counted and named in a ``SkipLog``:
+
+* at indexing time (main process): missing image, missing/empty/unreadable caption, malformed record;
+* at load time: an image that cannot be fully decoded yields ``Sample.image = None`` and ``Sample.error``.
+  Loading may happen in a DataLoader worker, whose memory is thrown away, so ``__getitem__`` never writes to
+  the log. Instead ``ClipCollator`` keeps the sample as an invalid row (``valid=False``) and lists it in
+  ``batch["skipped"]``; the main process then calls ``dataset.record_skipped(batch)``. The log de-duplicates
+  by dataset index, so a second epoch over the same corrupt file does not count it twice.
+
+The run fails (``DataError``) only when the skipped fraction exceeds ``max_skipped_fraction`` (1% by default):
+checked right after indexing and again by ``dataset.end_pass()``.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+import re
+import tarfile
+import tempfile
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # preference order when a key has several
+FORMATS = ("files", "webdataset", "csv", "jsonl", "sharegpt4v")
+# Open tar handles kept per process; bounded so thousands of shards never exhaust file descriptors.
+_MAX_OPEN_SHARDS = 16
+
+
+class DataError(ValueError):
+    """The data cannot be used as given (too many bad samples, no samples, unreadable index file)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """Where one sample lives. ``offset < 0``: ``path`` is an image file; else ``size`` bytes at ``offset``
+    inside the tar ``path``."""
+
+    key: str
+    caption: str
+    path: str
+    offset: int = -1
+    size: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One loaded sample. ``image`` is fully decoded (in the file's own mode), or None when it could not be
+    decoded (``error`` says why)."""
+
+    index: int
+    key: str
+    image: Image.Image | None
+    caption: str
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SkipEntry:
+    key: str
+    path: str
+    reason: str  # "<category>: <detail>"; the summary counts by category
+
+    @property
+    def category(self) -> str:
+        return self.reason.partition(":")[0]
+
+
+class SkipLog:
+    """Counts and names skipped samples; fails the run above ``max_fraction`` of all samples."""
+
+    def __init__(self, max_fraction: float = 0.01) -> None:
+        if not 0.0 <= max_fraction <= 1.0:
+            raise ValueError(f"max_skipped_fraction must be in [0, 1], got {max_fraction}")
+        self.max_fraction = max_fraction
+        self.entries: list[SkipEntry] = []
+        self._seen_indices: set[int] = set()
+
+    def add(self, key: str, path: str, reason: str, index: int | None = None) -> None:
+        """Record one skipped sample. ``index`` (a dataset index) de-duplicates load-time skips across passes."""
+        if index is not None:
+            if index in self._seen_indices:
+                return
+            self._seen_indices.add(index)
+        self.entries.append(SkipEntry(key, path, reason))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def counts(self) -> Counter[str]:
+        return Counter(e.category for e in self.entries)
+
+    def summary(self, total: int | None = None) -> str:
+        """One line for the end of a pass, e.g. ``skipped 3 of 1000 samples (0.30%): unreadable image 2, ...``."""
+        n = len(self.entries)
+        of = f" of {total} samples ({n / total:.2%}, limit {self.max_fraction:.2%})" if total else " samples"
+        detail = ", ".join(f"{cat} {c}" for cat, c in sorted(self.counts().items()))
+        return f"skipped {n}{of}" + (f": {detail}" if detail else "")
+
+    def check(self, total: int) -> None:
+        """Raise ``DataError`` naming the first skipped samples when more than ``max_fraction`` of ``total``."""
+        if total <= 0 or len(self.entries) / total <= self.max_fraction:
+            return
+        examples = "; ".join(f"{e.key} ({e.path}): {e.reason}" for e in self.entries[:5])
+        raise DataError(f"{self.summary(total)}. First skipped: {examples}")
+
+    def write(self, path: str | os.PathLike) -> None:
+        """Write ``key<TAB>path<TAB>reason`` lines atomically (temp file, then rename)."""
+        path = os.fspath(path)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".skips-")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write("key\tpath\treason\n")
+                for e in self.entries:
+                    f.write("\t".join(_one_line(x) for x in (e.key, e.path, e.reason)) + "\n")
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\t", " ").replace("\n", " ")
+
+
+class ImageTextDataset(torch.utils.data.Dataset):
+    """Map-style image-caption dataset over an index of ``Record``; ``__getitem__`` decodes the image fully."""
+
+    def __init__(self, records: list[Record], skips: SkipLog, source: str = "") -> None:
+        self.records = records
+        self.skips = skips
+        self.source = source
+        # Samples the source offered, including those skipped while indexing: the denominator of the
+        # skipped fraction.
+        self.total = len(records) + len(skips)
+        self._shards: OrderedDict[str, io.BufferedReader] = OrderedDict()
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Sample:
+        index = int(index)  # samplers may hand numpy or tensor integers; Sample.index is a plain int
+        if not -len(self.records) <= index < len(self.records):
+            raise IndexError(f"index {index} out of range for {len(self.records)} samples")
+        index %= len(self.records)
+        rec = self.records[index]
+        try:
+            data = self._read_bytes(rec)
+            image = Image.open(io.BytesIO(data))
+            # load() decodes every pixel, so a truncated file fails here rather than later in the transform.
+            # The mode is left as decoded: colour conversion (and how transparency is flattened) belongs to
+            # the model's image transform, so there is one rule for it.
+            image.load()
+        except Exception as e:  # PIL raises many types (OSError, SyntaxError, struct.error...) for bad bytes
+            return Sample(index, rec.key, None, rec.caption, f"unreadable image: {type(e).__name__}: {e}")
+        return Sample(index, rec.key, image, rec.caption)
+
+    def _read_bytes(self, rec: Record) -> bytes:
+        if rec.offset < 0:
+            with open(rec.path, "rb") as f:
+                return f.read()
+        f = self._shard(rec.path)
+        f.seek(rec.offset)
+        data = f.read(rec.size)
+        if len(data) != rec.size:
+            raise OSError(f"tar ended after {len(data)} of {rec.size} bytes")
+        return data
+
+    def _shard(self, path: str) -> io.BufferedReader:
+        # A forked DataLoader worker inherits the parent's handles, whose shared file position would race
+        # with the parent's; each process opens its own.
+        if self._pid != os.getpid():
+            self._shards, self._pid = OrderedDict(), os.getpid()
+        f = self._shards.get(path)
+        if f is None:
+            f = open(path, "rb")  # kept open across reads; closed when evicted
+            self._shards[path] = f
+            if len(self._shards) > _MAX_OPEN_SHARDS:
+                self._shards.popitem(last=False)[1].close()
+        self._shards.move_to_end(path)
+        return f
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_shards"] = OrderedDict()  # file handles cannot be pickled (spawned workers)
+        return state
+
+    def iter_shard(
+        self, rank: int = 0, world_size: int = 1, worker_id: int = 0, num_workers: int = 1
+    ) -> Iterator[Sample]:
+        """Stream this part's samples in index order.
+
+        The index range is cut into ``world_size * num_workers`` contiguous parts, so each reader walks its
+        tars sequentially (no seeking back and forth) and the parts together cover every index exactly once.
+        """
+        parts = world_size * num_workers
+        if not (0 <= rank < world_size and 0 <= worker_id < num_workers):
+            raise ValueError(
+                f"need 0 <= rank < world_size and 0 <= worker_id < num_workers, got {rank, world_size, worker_id, num_workers}"
+            )
+        part = rank * num_workers + worker_id
+        n = len(self.records)
+        for i in range(n * part // parts, n * (part + 1) // parts):
+            yield self[i]
+
+    def streaming(self, rank: int = 0, world_size: int = 1) -> StreamingShard:
+        """An ``IterableDataset`` over this rank's part; DataLoader workers split it further."""
+        return StreamingShard(self, rank, world_size)
+
+    def record_skipped(self, batch: dict) -> int:
+        """Log the invalid rows of a collated batch (main process); returns how many there were."""
+        invalid = (~batch["valid"]).nonzero().flatten().tolist()
+        for row, reason in zip(invalid, batch["skipped"], strict=True):
+            index = int(batch["index"][row])
+            rec = self.records[index]
+            self.skips.add(rec.key, rec.path, reason.removeprefix(f"{rec.key}: "), index=index)
+        return len(invalid)
+
+    def end_pass(self, log_path: str | os.PathLike | None = None) -> str:
+        """Finish a pass: write the skip log if asked, fail above the threshold, return the summary line."""
+        if log_path is not None:
+            self.skips.write(log_path)
+        self.skips.check(self.total)
+        return self.skips.summary(self.total)
+
+
+class StreamingShard(torch.utils.data.IterableDataset):
+    """Index-order streaming of one rank's part of an ``ImageTextDataset``, split across DataLoader workers."""
+
+    def __init__(self, dataset: ImageTextDataset, rank: int = 0, world_size: int = 1) -> None:
+        self.dataset, self.rank, self.world_size = dataset, rank, world_size
+
+    def __iter__(self) -> Iterator[Sample]:
+        info = torch.utils.data.get_worker_info()
+        worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.dataset.iter_shard(self.rank, self.world_size, worker_id, num_workers)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Indexing
+
+
+def open_dataset(
+    source: str | os.PathLike,
+    format: str = "auto",
+    *,
+    caption: str = "txt",
+    image_key: str | None = None,
+    caption_key: str | None = None,
+    root: str | os.PathLike | None = None,
+    separator: str = "\t",
+    max_skipped_fraction: float = 0.01,
+) -> ImageTextDataset:
+    """Index an image-caption source and return a map-style dataset.
+
+    Args:
+        source: an img2dataset "files" folder; a webdataset ``.tar``, a folder of them, or a brace/glob
+            pattern (``shards/{00000..00009}.tar``; several joined by ``::``); a ``.csv``/``.tsv``; a
+            ``.jsonl``; a ShareGPT4V ``.json`` array.
+        format: ``auto`` (by extension / folder content) or one of ``files``, ``webdataset``, ``csv``,
+            ``jsonl``, ``sharegpt4v``.
+        caption: for ``files``/``webdataset``: ``txt`` reads the ``.txt``; ``json:KEY`` reads KEY from the
+            sample's ``.json`` metadata.
+        image_key, caption_key: column / field names. Defaults: CSV ``filepath``/``title`` (open_clip's),
+            JSONL ``image``/``caption``, ShareGPT4V ``image`` (the caption is ``conversations[1].value``).
+        root: folder that relative image paths are resolved against (default: the index file's folder).
+        separator: CSV field separator; tab by default, as open_clip.
+        max_skipped_fraction: fail with ``DataError`` when more samples than this are skipped.
+    """
+    source = os.fspath(source)
+    fmt = _detect_format(source) if format == "auto" else format
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown data format {format!r}; expected 'auto' or one of {', '.join(FORMATS)}")
+    if fmt in ("files", "webdataset"):
+        if caption != "txt" and not caption.startswith("json:"):
+            raise ValueError(f"caption must be 'txt' or 'json:KEY', got {caption!r}")
+    elif caption != "txt":
+        raise ValueError(f"caption={caption!r} applies to files/webdataset layouts; for {fmt} use caption_key")
+    skips = SkipLog(max_skipped_fraction)
+    if fmt == "files":
+        records = _index_files(source, caption, skips)
+    elif fmt == "webdataset":
+        records = _index_tars(source, caption, skips)
+    else:
+        index_file = Path(source)
+        if not index_file.is_file():
+            raise FileNotFoundError(f"{fmt} index file {source} does not exist")
+        base = Path(root) if root is not None else index_file.parent
+        if fmt == "csv":
+            rows = _csv_rows(index_file, image_key or "filepath", caption_key or "title", separator)
+        elif fmt == "jsonl":
+            rows = _jsonl_rows(index_file, image_key or "image", caption_key or "caption")
+        else:
+            rows = _sharegpt_rows(index_file, image_key or "image")
+        records = _index_rows(rows, base, skips)
+    dataset = ImageTextDataset(records, skips, source)
+    if not records:
+        raise DataError(f"no usable samples in {source} ({fmt})" + (f"; {skips.summary()}" if len(skips) else ""))
+    skips.check(dataset.total)
+    return dataset
+
+
+def _detect_format(source: str) -> str:
+    lower = source.lower()
+    if "::" in source or any(c in source for c in "*?[{"):
+        return "webdataset"
+    if os.path.isdir(source):
+        has_tar = any(name.lower().endswith(".tar") for name in os.listdir(source))
+        return "webdataset" if has_tar else "files"
+    for ext, fmt in (
+        (".tar", "webdataset"),
+        (".csv", "csv"),
+        (".tsv", "csv"),
+        (".jsonl", "jsonl"),
+        (".json", "sharegpt4v"),
+    ):
+        if lower.endswith(ext):
+            return fmt
+    if not os.path.exists(source):
+        raise FileNotFoundError(f"data source {source} does not exist")
+    raise ValueError(f"cannot tell the format of {source}; pass format= (one of {', '.join(FORMATS)})")
+
+
+def _caption_from(members: dict[str, bytes | None], caption: str, key: str) -> tuple[str | None, str | None]:
+    """(caption, None) or (None, skip reason) from a sample's ``txt`` / ``json`` member contents."""
+    if caption == "txt":
+        raw = members.get("txt")
+        if raw is None:
+            return None, f"missing caption: no {key}.txt"
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return None, f"unreadable caption: {key}.txt is not UTF-8 ({e})"
+    else:
+        field = caption.removeprefix("json:")
+        raw = members.get("json")
+        if raw is None:
+            return None, f"missing caption: no {key}.json"
+        try:
+            meta = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            return None, f"unreadable caption: {key}.json is not valid JSON ({e})"
+        text = meta.get(field) if isinstance(meta, dict) else None
+        if not isinstance(text, str):
+            return None, f"missing caption: {key}.json has no string field {field!r}"
+    text = text.strip()
+    if not text:
+        return None, "empty caption"
+    return text, None
+
+
+def _index_files(folder: str, caption: str, skips: SkipLog) -> list[Record]:
+    """img2dataset ``files`` layout: group every folder's files by key (file name without extension).
+
+    Grouping by key, not sorting separate image and caption lists, is what keeps a key with an image but no
+    caption from shifting every later pair onto the wrong image.
+    """
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"data folder {folder} does not exist")
+    caption_ext = "txt" if caption == "txt" else "json"
+    records: list[Record] = []
+    dirs = sorted(d for d, _, _ in os.walk(folder))
+    for d in tqdm(dirs, desc=f"indexing {folder}", unit="dir", disable=None, leave=False):
+        groups: dict[str, dict[str, str]] = {}
+        for entry in os.scandir(d):
+            stem, ext = os.path.splitext(entry.name)
+            ext = ext[1:].lower()
+            # *_stats.json and *.parquet sit beside img2dataset shards and describe them, not a sample.
+            if entry.is_file() and (ext in IMAGE_EXTENSIONS or ext in ("txt", "json")) and not stem.endswith("_stats"):
+                groups.setdefault(stem, {})[ext] = entry.path
+        for stem in sorted(groups):
+            files = groups[stem]
+            key = os.path.relpath(os.path.join(d, stem), folder).replace(os.sep, "/")
+            image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
+            if image is None:
+                if caption_ext in files or "txt" in files:  # a lone .json is metadata, not a sample
+                    skips.add(key, os.path.join(d, stem), "missing image: no image file for this key")
+                continue
+            members = {}
+            if caption_ext in files:
+                with open(files[caption_ext], "rb") as f:
+                    members[caption_ext] = f.read()
+            text, reason = _caption_from(members, caption, stem)
+            if reason:
+                skips.add(key, image, reason)
+            else:
+                records.append(Record(key, text, image))
+    return records
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    """``a{0..2}b{x,y}`` -> ``a0bx a0by a1bx ...``; zero-padded ranges keep their width, as webdataset."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end() :]
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = rng.groups()
+        width = len(lo) if lo.startswith("0") else 0
+        choices = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        choices = body.split(",")
+    return [out for c in choices for out in _expand_braces(head + c + tail)]
+
+
+def _tar_paths(source: str) -> list[str]:
+    paths: list[str] = []
+    for part in source.split("::"):
+        if os.path.isdir(part):
+            paths += sorted(os.path.join(part, n) for n in os.listdir(part) if n.lower().endswith(".tar"))
+            continue
+        for expanded in _expand_braces(part):
+            matches = sorted(glob.glob(expanded)) if any(c in expanded for c in "*?[") else [expanded]
+            missing = [p for p in matches if not os.path.isfile(p)]
+            if missing or not matches:
+                raise FileNotFoundError(f"webdataset shard {missing[0] if missing else expanded} does not exist")
+            paths += matches
+    paths = list(dict.fromkeys(paths))  # a shard named twice would double its samples
+    if not paths:
+        raise FileNotFoundError(f"no .tar shards found in {source}")
+    return paths
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    """webdataset's convention: the key is the path up to the first dot of the file name."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def _index_tars(source: str, caption: str, skips: SkipLog) -> list[Record]:
+    """webdataset shards: one pass over each tar's headers, reading only the small caption members."""
+    caption_ext = "txt" if caption == "txt" else "json"
+    records: list[Record] = []
+    for path in tqdm(_tar_paths(source), desc="indexing shards", unit="tar", disable=None, leave=False):
+        groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+        try:
+            # "r:" (no compression): random access by offset needs the raw tar, not a gzip stream.
+            with tarfile.open(path, "r:") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, ext = _split_member(member.name)
+                    if ext in IMAGE_EXTENSIONS or ext in ("txt", "json"):
+                        groups.setdefault(key, {})[ext] = member
+                contents = {
+                    key: {caption_ext: tar.extractfile(m[caption_ext]).read()} if caption_ext in m else {}
+                    for key, m in groups.items()
+                }
+        except tarfile.TarError as e:
+            raise DataError(f"{path} is not a readable uncompressed tar: {e}") from e
+        for key, members in groups.items():
+            image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
+            name = f"{os.path.basename(path)}/{key}"
+            if image is None:
+                if caption_ext in members or "txt" in members:
+                    skips.add(name, path, "missing image: no image member for this key")
+                continue
+            text, reason = _caption_from(contents[key], caption, key)
+            if reason:
+                skips.add(name, path, reason)
+            else:
+                records.append(Record(name, text, path, image.offset_data, image.size))
+    return records
+
+
+# A row of a CSV/JSONL/ShareGPT4V index: (key, image path or None, caption or None, problem or None).
+Row = tuple[str, str | None, str | None, str | None]
+
+
+def _index_rows(rows: Iterator[Row], base: Path, skips: SkipLog) -> list[Record]:
+    records: list[Record] = []
+    for key, image, text, problem in tqdm(rows, desc="indexing", unit=" rows", disable=None, leave=False):
+        path = os.fspath(base / image) if image else ""
+        if problem:
+            skips.add(key, path, problem)
+        elif not image:
+            skips.add(key, path, "missing image: no image path")
+        elif not os.path.isfile(path):
+            skips.add(key, path, "missing image: file does not exist")
+        elif text is None:
+            skips.add(key, path, "missing caption")
+        elif not text.strip():
+            skips.add(key, path, "empty caption")
+        else:
+            records.append(Record(key, text.strip(), path))
+    return records
+
+
+def _csv_rows(path: Path, image_key: str, caption_key: str, separator: str) -> Iterator[Row]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter=separator)
+        columns = reader.fieldnames or []
+        missing = [c for c in (image_key, caption_key) if c not in columns]
+        if missing:
+            raise DataError(
+                f"{path} has no column {missing[0]!r} (columns: {columns}); set image_key/caption_key, "
+                f"or separator (now {separator!r})"
+            )
+        for row in reader:
+            # DictReader fills absent trailing cells with None; a short row simply lacks that field.
+            yield f"{path.name}:{reader.line_num}", row[image_key], row[caption_key], None
+
+
+def _jsonl_rows(path: Path, image_key: str, caption_key: str) -> Iterator[Row]:
+    with open(path, encoding="utf-8") as f:
+        for line_num, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            key = f"{path.name}:{line_num}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield key, None, None, f"bad record: invalid JSON ({e})"
+                continue
+            if not isinstance(obj, dict):
+                yield key, None, None, "bad record: not a JSON object"
+                continue
+            image, text = obj.get(image_key), obj.get(caption_key)
+            yield key, image if isinstance(image, str) else None, text if isinstance(text, str) else None, None
+
+
+def _sharegpt_rows(path: Path, image_key: str) -> Iterator[Row]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, list):
+        raise DataError(f"{path} must hold a JSON array of ShareGPT4V records, found {type(data).__name__}")
+    for i, rec in enumerate(data):
+        key = str(rec.get("id", i)) if isinstance(rec, dict) else str(i)
+        try:
+            text = rec["conversations"][1]["value"]
+        except (KeyError, IndexError, TypeError):
+            yield key, None, None, "missing caption: no conversations[1].value"
+            continue
+        image = rec.get(image_key)
+        yield key, image if isinstance(image, str) else None, text if isinstance(text, str) else None, None

@@ -1,0 +1,114 @@
+"""Embed a whole training set (L2-normalised image and text features) into an on-disk feature store.
+
+The store is three memory-mapped files written by sample index (``image.f32``, ``text.f32``, ``valid.u8``),
+so it works for datasets larger than RAM, and ranks write disjoint rows of the same files: rank r embeds
+chunks r, r + W, r + 2W, ... A chunk is marked done only after its rows are flushed, so rerunning after a
+kill re-embeds at most the chunks that were in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .distributed import DistEnv, barrier
+
+DONE = "DONE"
+
+
+class FeatureStore:
+    """Row-addressed features of one dataset: ``image[N, D]``, ``text[N, D]`` and ``valid[N]``."""
+
+    def __init__(self, folder: str, num_samples: int, dim: int, mode: str = "r") -> None:
+        self.folder, self.num_samples, self.dim = folder, num_samples, dim
+        shape = (num_samples, dim)
+        self.image = np.memmap(os.path.join(folder, "image.f32"), np.float32, mode, shape=shape)
+        self.text = np.memmap(os.path.join(folder, "text.f32"), np.float32, mode, shape=shape)
+        self.valid = np.memmap(os.path.join(folder, "valid.u8"), np.uint8, mode, shape=(num_samples,))
+
+    @classmethod
+    def open(cls, folder: str) -> FeatureStore:
+        if not os.path.exists(os.path.join(folder, DONE)):
+            raise FileNotFoundError(f"{folder} holds no finished feature store")
+        with open(os.path.join(folder, "meta.json")) as f:
+            meta = json.load(f)
+        return cls(folder, meta["num_samples"], meta["dim"], "r")
+
+    @property
+    def done(self) -> bool:
+        return os.path.exists(os.path.join(self.folder, DONE))
+
+
+def embed_dataset(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    collate,
+    folder: str,
+    env: DistEnv | None = None,
+    batch_size: int = 256,
+    chunk_size: int = 2048,
+    num_workers: int = 0,
+    precision: str = "fp32",
+    desc: str = "embed",
+) -> FeatureStore:
+    """Embed every sample of ``dataset`` into ``folder`` (resumable, sharded over ranks)."""
+    env = env or DistEnv()
+    n, dim = len(dataset), model.config.projection_dim
+    if os.path.exists(os.path.join(folder, DONE)):
+        return FeatureStore.open(folder)
+    os.makedirs(os.path.join(folder, "chunks"), exist_ok=True)
+    if env.is_main:
+        with open(os.path.join(folder, "meta.json"), "w") as f:
+            json.dump({"num_samples": n, "dim": dim}, f)
+        FeatureStore(folder, n, dim, "w+" if not os.path.exists(os.path.join(folder, "image.f32")) else "r+")
+    barrier(env)
+    store = FeatureStore(folder, n, dim, "r+")
+    chunks = range(env.rank, (n + chunk_size - 1) // chunk_size, env.world_size)
+    todo = [c for c in chunks if not os.path.exists(_marker(folder, c))]
+    model.to(env.device).eval()
+    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    bar = tqdm(
+        total=sum(min(chunk_size, n - c * chunk_size) for c in todo),
+        desc=desc,
+        unit="sample",
+        disable=not env.is_main,
+        dynamic_ncols=True,
+    )
+    with torch.no_grad(), autocast:
+        for c in todo:
+            rows = list(range(c * chunk_size, min(n, (c + 1) * chunk_size)))
+            batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+            loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=num_workers)
+            for batch in loader:
+                idx = batch["index"].numpy()
+                img = model.encode_image(batch["pixel_values"].to(env.device))
+                txt = model.encode_text(batch["input_ids"].to(env.device), batch["attention_mask"].to(env.device))
+                valid = batch["valid"].numpy()
+                if batch.get("skipped") and hasattr(dataset, "record_skipped"):
+                    dataset.record_skipped(batch)
+                store.image[idx] = torch.nn.functional.normalize(img.float(), dim=-1).cpu().numpy()
+                store.text[idx] = torch.nn.functional.normalize(txt.float(), dim=-1).cpu().numpy()
+                store.valid[idx] = valid.astype(np.uint8)
+                bar.update(len(idx))
+            for arr in (store.image, store.text, store.valid):
+                arr.flush()
+            open(_marker(folder, c), "w").close()
+    bar.close()
+    if hasattr(dataset, "end_pass") and env.is_main:
+        summary = dataset.end_pass(os.path.join(folder, "skipped.log"))
+        if len(dataset.skips):
+            print(f"{desc}: {summary}")
+    barrier(env)
+    if env.is_main:
+        open(os.path.join(folder, DONE), "w").close()
+    barrier(env)
+    return FeatureStore.open(folder)
+
+
+def _marker(folder: str, chunk: int) -> str:
+    return os.path.join(folder, "chunks", f"{chunk:06d}.ok")

@@ -1,0 +1,150 @@
+"""``clipmoe pretrain CONFIG``: train a CLIP from scratch (for small domains, and the shipped tiny base).
+
+Contrastive loss with a learnable temperature, AdamW, warmup + cosine, checkpoints, resumable: the same
+training loop as every other phase, with every parameter trainable. The output is an ordinary HF CLIP
+folder (config, safetensors, tokenizer, preprocessor config) that ``clipmoe.load`` and transformers open.
+
+Config (YAML)::
+
+    out: runs/tiny-clip                 # model folder written at the end
+    data: {train: world/train, caption: "json:short"}
+    tokenizer: {vocabulary: words.txt}  # a word list (one per line; "world" = the generated world's words)
+                                        # or {folder: an HF tokenizer folder}
+    model:
+      image_size: 32
+      patch_size: 4
+      vision: {width: 128, layers: 4}   # heads = width // 64 unless given
+      text: {width: 128, layers: 4, context_length: 32}
+      projection_dim: 128
+      hidden_act: quick_gelu
+    train: {epochs: 10, batch_size: 128, lr: 5.0e-4, weight_decay: 0.2, warmup_steps: 100}
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import replace
+
+import torch
+import yaml
+from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+
+from .config import ConfigError, DataConfig, _build
+from .distributed import init_distributed
+from .modeling import ClipMoeModel
+from .processing import ImageTransform, TextTokenizer, build_word_tokenizer
+from .train import TrainConfig, train
+
+PRETRAIN_DEFAULTS = {"logit_scale": None, "label_smoothing": 0.0, "lr": 5e-4, "weight_decay": 0.2}
+_MODEL_KEYS = {"image_size", "patch_size", "vision", "text", "projection_dim", "hidden_act"}
+
+
+def build_clip(model_cfg: dict, tokenizer) -> ClipMoeModel:
+    """A randomly initialised HF CLIP from a compact size description (heads by the 64-dim rule)."""
+    unknown = set(model_cfg) - _MODEL_KEYS
+    if unknown:
+        raise ConfigError(f"model: unknown keys {sorted(unknown)} (known: {sorted(_MODEL_KEYS)})")
+    v, t = model_cfg.get("vision", {}), model_cfg.get("text", {})
+    act = model_cfg.get("hidden_act", "quick_gelu")
+    vw, tw = v.get("width", 128), t.get("width", 128)
+    context = t.get("context_length", 32)
+    text = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=tw,
+        intermediate_size=4 * tw,
+        num_hidden_layers=t.get("layers", 4),
+        num_attention_heads=t.get("heads", max(1, tw // 64)),
+        max_position_embeddings=context,
+        hidden_act=act,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=vw,
+        intermediate_size=4 * vw,
+        num_hidden_layers=v.get("layers", 4),
+        num_attention_heads=v.get("heads", max(1, vw // 64)),
+        image_size=model_cfg.get("image_size", 32),
+        patch_size=model_cfg.get("patch_size", 4),
+        hidden_act=act,
+    )
+    proj = model_cfg.get("projection_dim", 128)
+    model = ClipMoeModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=proj))
+    model.tokenizer = TextTokenizer(tokenizer, context)
+    size = model_cfg.get("image_size", 32)
+    model.image_processor = ImageTransform(size=size, crop_size=size)
+    return model
+
+
+def load_tokenizer(spec: dict, context_length: int):
+    if "folder" in spec:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(spec["folder"], local_files_only=True)
+    if "vocabulary" in spec:
+        if spec["vocabulary"] == "world":  # the generated world's closed vocabulary
+            from .data.world import world_vocabulary
+
+            words = world_vocabulary()
+        else:
+            with open(spec["vocabulary"]) as f:
+                words = [w.strip() for w in f if w.strip()]
+        return build_word_tokenizer(words, context_length)
+    raise ConfigError("tokenizer: give {vocabulary: WORDS_FILE} or {folder: TOKENIZER_DIR}")
+
+
+def pretrain(config_path: str) -> str:
+    with open(config_path) as f:
+        raw = yaml.safe_load(f) or {}
+    unknown = set(raw) - {"out", "data", "tokenizer", "model", "train", "seed"}
+    if unknown:
+        raise ConfigError(f"{config_path}: unknown keys {sorted(unknown)}")
+    errors: list[str] = []
+    data = _build(DataConfig, raw.get("data", {}), "data.", errors)
+    tcfg = _build(TrainConfig, {**PRETRAIN_DEFAULTS, **raw.get("train", {})}, "train.", errors)
+    if errors or "out" not in raw:
+        errors += [] if "out" in raw else ["out: required"]
+        raise ConfigError(f"{config_path} has problems:\n  - " + "\n  - ".join(errors))
+    out = raw["out"]
+    if os.path.exists(out):
+        print(f"{out} exists: pretraining already finished")
+        return out
+    env = init_distributed()
+    seed = int(raw.get("seed", 0))
+    torch.manual_seed(seed)
+    model_cfg = raw.get("model", {})
+    tokenizer = load_tokenizer(raw.get("tokenizer", {}), model_cfg.get("text", {}).get("context_length", 32))
+    model = build_clip(model_cfg, tokenizer)
+
+    from .data.collate import ClipCollator
+    from .data.readers import open_dataset
+
+    dataset = open_dataset(
+        data.train, data.format, caption=data.caption, root=data.root, max_skipped_fraction=data.max_skipped_fraction
+    )
+    train(
+        model,
+        dataset,
+        ClipCollator(model.tokenizer, model.image_processor),
+        replace(tcfg, seed=seed),
+        out + ".train",
+        env,
+        desc="pretrain",
+    )
+    if env.is_main:
+        model.save_pretrained(out)
+        print(f"wrote {out} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)")
+    return out
+
+
+def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="pretraining YAML (see `clipmoe pretrain --help` and docs/pretraining.md)")
+
+
+def run_pretrain(args: argparse.Namespace) -> None:
+    pretrain(args.config)
+
+
+CLI_PRETRAIN_HELP = "Train a CLIP from scratch on image-caption data (resumable).\n\n" + (__doc__ or "")

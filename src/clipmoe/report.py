@@ -1,0 +1,297 @@
+"""Evaluate the run's models and write the markdown report with its plots.
+
+The table follows the paper's: rows are the base model, each MCL stage alone, dense fine-tuning, sparse
+upcycling, the expert soup and the DMU CLIP-MoE; columns are retrieval R@1/R@5 in both directions on short
+and detailed captions, zero-shot classification per attribute, MMVP-style pairs and attribute probes, plus
+trainable/total/active parameters and measured encode throughput.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from .assets import resolve_model_path
+from .config import PipelineConfig
+from .modeling import ClipMoeModel
+
+_PLOT_STYLE = {"dpi": 100}
+
+
+def measure_throughput(model: ClipMoeModel, batch: int = 32, repeats: int = 5) -> dict[str, float]:
+    """Images/s and texts/s of ``encode_image`` / ``encode_text`` (median of ``repeats`` timed calls)."""
+    model.eval()
+    crop = model.image_processor.crop_size
+    device = next(model.parameters()).device
+    pixels = torch.randn(batch, 3, crop, crop, device=device)
+    ids = torch.full((batch, model.config.text_config.max_position_embeddings), model.config.text_config.pad_token_id)
+    ids[:, 0] = model.config.text_config.bos_token_id
+    ids[:, 1:9] = torch.randint(4, model.config.text_config.vocab_size, (batch, 8))
+    ids[:, 9] = model.config.text_config.eos_token_id
+    mask = torch.zeros_like(ids)
+    mask[:, :10] = 1
+    out = {}
+    with torch.no_grad():
+        for name, fn in (
+            ("images_per_s", lambda: model.encode_image(pixels)),
+            ("texts_per_s", lambda: model.encode_text(ids.to(device), mask.to(device))),
+        ):
+            fn()  # warm-up
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            out[name] = batch / statistics.median(times)
+    return out
+
+
+def evaluate_row(model: ClipMoeModel, cfg: PipelineConfig, name: str) -> dict:
+    """Everything the report shows about one model: eval metrics, parameter counts, throughput, routing."""
+    result: dict = {"name": name, "parameters": model.parameter_counts()}
+    result["throughput"] = measure_throughput(model, cfg.eval.throughput_batch)
+    if cfg.data.eval:
+        from .eval import evaluate_suite
+
+        result["metrics"] = evaluate_suite(model, cfg.data.eval, batch_size=cfg.eval.batch_size)
+    return result
+
+
+def phase_parameters(cfg: PipelineConfig) -> dict[str, dict[str, int]]:
+    """Trainable / total / active parameters of each phase, from the base model's config (no weights read)."""
+    from transformers import CLIPConfig
+
+    from .surgery import find_ffns, resolve_layers
+
+    folder = resolve_model_path(cfg.base_model)
+    config = CLIPConfig.from_pretrained(folder, local_files_only=True)
+    with torch.device("meta"):
+        base = ClipMoeModel(config)
+    total = sum(p.numel() for p in base.parameters())
+    ffns = find_ffns(base)
+    chosen = resolve_layers(cfg.moe.layers, {t: len(f) for t, f in ffns.items()})
+    ffn_all = sum(p.numel() for fs in ffns.values() for f in fs for p in f.module.parameters())
+    moe_ffn = sum(p.numel() for t, ids in chosen.items() for i in ids for p in ffns[t][i].module.parameters())
+    routers = sum(ffns[t][i].parts()[0].in_features * cfg.moe.experts for t, ids in chosen.items() for i in ids)
+    e, k = cfg.moe.experts, cfg.moe.top_k
+    moe_total = total + (e - 1) * moe_ffn + routers
+    moe_active = total + (k - 1) * moe_ffn + routers
+    return {
+        "MCL stage": {"trainable": ffn_all, "total": total, "active": total},
+        "router training": {"trainable": routers, "total": moe_total, "active": moe_active},
+        "dense fine-tune": {"trainable": total, "total": total, "active": total},
+        "sparse upcycling": {"trainable": routers + e * moe_ffn, "total": moe_total, "active": moe_active},
+    }
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def _columns(results: dict[str, dict]) -> list[str]:
+    """Metric keys shown in the main table, in a fixed, readable order."""
+    keys = sorted({k for r in results.values() for k, v in r.get("metrics", {}).items() if isinstance(v, (int, float))})
+
+    def pick(pred):
+        return [k for k in keys if pred(k)]
+
+    cols = pick(lambda k: "retrieval" in k and (k.endswith("@1") or k.endswith("@5")))
+    cols += pick(lambda k: k.startswith("cls_") and k.endswith("/acc1"))
+    cols += pick(lambda k: k.startswith("mmvp") and k.endswith("/mean"))
+    cols += pick(lambda k: k.startswith("probes") and k.count("/") == 1)
+    return cols
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.1f}" if isinstance(v, float) else str(v)
+
+
+def _short(col: str) -> str:
+    return (
+        col.replace("retrieval_", "")
+        .replace("image_retrieval_recall", "T→I R")
+        .replace("text_retrieval_recall", "I→T R")
+        .replace("/acc1", "")
+        .replace("cls_", "cls ")
+    )
+
+
+def write_report(pipe, results: dict[str, dict], path: str) -> None:
+    """report.md with the comparison table, a verdict on the paper's claim, and plots under plots/."""
+    run_dir = os.path.dirname(path)
+    plots = os.path.join(run_dir, "plots")
+    os.makedirs(plots, exist_ok=True)
+    cols = _columns(results)
+    lines = ["# CLIP-MoE (DMU) run report", ""]
+    lines += [
+        f"Run directory: `{run_dir}`  ",
+        f"Base model: `{pipe.cfg.base_model}`; {pipe.cfg.moe.experts} experts, "
+        f"top-{pipe.cfg.moe.top_k}; training data: `{pipe.cfg.data.train}` (caption: {pipe.cfg.data.caption})  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        "",
+    ]
+    lines += [
+        "## Results",
+        "",
+        "Scores are percentages on held-out evaluation sets (T→I = text-to-image retrieval, I→T = image-to-text).",
+        "",
+    ]
+    lines.append("| model | " + " | ".join(_short(c) for c in cols) + " |")
+    lines.append("|---" * (len(cols) + 1) + "|")
+    for name, r in results.items():
+        m = r.get("metrics", {})
+        lines.append(f"| {name} | " + " | ".join(_fmt(m.get(c)) for c in cols) + " |")
+    lines += [
+        "",
+        "## Cost",
+        "",
+        "| model | trainable params | total params | active params | images/s | texts/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    trainable = _trainable_by_row(pipe)
+    for name, r in results.items():
+        p, t = r["parameters"], r["throughput"]
+        lines.append(
+            f"| {name} | {trainable.get(name, '-'):,} | {p['total']:,} | {p['active']:,} | "
+            f"{t['images_per_s']:.0f} | {t['texts_per_s']:.0f} |"
+            if isinstance(trainable.get(name), int)
+            else f"| {name} | - | {p['total']:,} | {p['active']:,} | {t['images_per_s']:.0f} | {t['texts_per_s']:.0f} |"
+        )
+    lines += ["", "## Does this run agree with the paper?", "", *verdict(results, cols), ""]
+    lines += _timings(pipe)
+    lines += ["## Plots", ""]
+    for title, png in _plots(pipe, results, plots):
+        lines.append(f"- {title}: ![{title}](plots/{png})")
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def _mean_of(metrics: dict, pred) -> float | None:
+    vals = [v for k, v in metrics.items() if pred(k) and isinstance(v, (int, float)) and not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def summary_scores(results: dict[str, dict]) -> dict[str, dict[str, float | None]]:
+    """Per row: mean retrieval R@1 (both directions, all sets), mean zero-shot top-1, MMVP mean."""
+    out = {}
+    for name, r in results.items():
+        m = r.get("metrics", {})
+        out[name] = {
+            "retrieval R@1": _mean_of(m, lambda k: "retrieval" in k and k.endswith("@1")),
+            "zero-shot top-1": _mean_of(m, lambda k: k.startswith("cls_") and k.endswith("/acc1")),
+            "MMVP": _mean_of(m, lambda k: k.startswith("mmvp") and k.endswith("/mean")),
+        }
+    return out
+
+
+def verdict(results: dict[str, dict], cols: list[str]) -> list[str]:
+    """Plain statements: does DMU beat dense fine-tuning and sparse upcycling on retrieval, and keep
+    zero-shot classification near the base? (The paper's claim.)"""
+    s = summary_scores(results)
+    dmu = s.get("DMU CLIP-MoE", {})
+    if dmu.get("retrieval R@1") is None:
+        return ["No evaluation sets were configured (`data.eval`), so no comparison can be made."]
+    lines = []
+    for other in ("dense fine-tune", "sparse upcycling", "expert soup", "base"):
+        if other in s and s[other]["retrieval R@1"] is not None:
+            d = dmu["retrieval R@1"] - s[other]["retrieval R@1"]
+            word = "beats" if d > 0 else "does not beat"
+            lines.append(
+                f"- Retrieval (mean R@1 over all retrieval columns): DMU CLIP-MoE {dmu['retrieval R@1']:.1f} "
+                f"{word} {other} {s[other]['retrieval R@1']:.1f} ({d:+.1f})."
+            )
+    base = s.get("base", {})
+    if dmu.get("zero-shot top-1") is not None and base.get("zero-shot top-1") is not None:
+        d = dmu["zero-shot top-1"] - base["zero-shot top-1"]
+        lines.append(
+            f"- Zero-shot classification (mean top-1 over attributes): DMU {dmu['zero-shot top-1']:.1f} vs base "
+            f"{base['zero-shot top-1']:.1f} ({d:+.1f}); the paper's claim is that DMU stays near the base."
+        )
+    for other in ("dense fine-tune", "sparse upcycling"):
+        if other in s and s[other].get("zero-shot top-1") is not None and dmu.get("zero-shot top-1") is not None:
+            d = dmu["zero-shot top-1"] - s[other]["zero-shot top-1"]
+            lines.append(f"- Zero-shot vs {other}: {d:+.1f} points.")
+    if dmu.get("MMVP") is not None and base.get("MMVP") is not None:
+        lines.append(f"- MMVP-style pairs: DMU {dmu['MMVP']:.1f} vs base {base['MMVP']:.1f}.")
+    return lines
+
+
+def _trainable_by_row(pipe) -> dict[str, int]:
+    try:
+        phases = phase_parameters(pipe.cfg)
+    except (OSError, ValueError):
+        return {}
+    out = {
+        "base": 0,
+        "expert soup": 0,
+        "dense fine-tune": phases["dense fine-tune"]["trainable"],
+        "sparse upcycling": phases["sparse upcycling"]["trainable"],
+    }
+    out["DMU CLIP-MoE"] = phases["MCL stage"]["trainable"] * pipe.cfg.stages + phases["router training"]["trainable"]
+    for s in range(1, pipe.cfg.moe.experts):
+        out[f"MCL stage {s}"] = phases["MCL stage"]["trainable"]
+    return out
+
+
+def _timings(pipe) -> list[str]:
+    path = pipe.path("timings.json")
+    if not os.path.exists(path):
+        return []
+    timings = json.load(open(path))
+    lines = ["## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
+    return [*lines, f"| total | {sum(timings.values()):.1f} |", ""]
+
+
+def _plots(pipe, results: dict[str, dict], folder: str) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    # Training curves of every phase.
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for label, sub in [(f"MCL stage {s}", f"stage{s}/train") for s in range(1, pipe.cfg.moe.experts)] + [
+        ("routing", "moe/train"),
+        ("dense fine-tune", "baselines/dense/train"),
+        ("sparse upcycling", "baselines/upcycle/train"),
+    ]:
+        path = pipe.path(sub, "metrics.jsonl")
+        if os.path.exists(path):
+            recs = [json.loads(line) for line in open(path)]
+            ax.plot([r["step"] for r in recs], [r["clip"] for r in recs], label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("contrastive loss")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "training_curves.png"), **_PLOT_STYLE)
+    plt.close(fig)
+    made.append(("training curves", "training_curves.png"))
+    # Routing of the MoE rows.
+    from .eval import plot_routing
+
+    for name, r in results.items():
+        routing = r.get("metrics", {}).get("routing")
+        if routing:
+            png = "routing_" + "".join(c if c.isalnum() else "_" for c in name.lower()) + ".png"
+            plot_routing(routing, os.path.join(folder, png))
+            made.append((f"expert load and routing, {name}", png))
+    # Cluster sizes of each stage.
+    for s in range(pipe.cfg.moe.experts - 1):
+        png = pipe.path(f"stage{s}", "cluster", "cluster_sizes.png")
+        if os.path.exists(png):
+            dst = f"cluster_sizes_stage{s}.png"
+            with open(png, "rb") as src, open(os.path.join(folder, dst), "wb") as out:
+                out.write(src.read())
+            made.append((f"cluster sizes after stage {s}", dst))
+    return made

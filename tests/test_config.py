@@ -1,0 +1,93 @@
+import glob
+
+import pytest
+import torch
+
+from clipmoe.config import ConfigError, config_from_dict, diff_configs, load_config
+from clipmoe.prepare import stretch_text_positions, stretched_positions
+from conftest import make_tiny_clip
+
+
+def test_shipped_configs_validate():
+    paths = glob.glob("configs/*.yaml") + glob.glob("src/clipmoe/configs/*.yaml")
+    assert len(paths) >= 2
+    for path in paths:
+        cfg = load_config(path, check_paths=False)
+        assert cfg.moe.top_k <= cfg.moe.experts
+
+
+def test_paper_recipe_defaults():
+    cfg = config_from_dict({"base_model": "x", "data": {"train": "y"}}, check_paths=False)
+    assert (cfg.mcl.lr, cfg.mcl.weight_decay, cfg.mcl.trainable) == (1e-5, 0.2, "ffn")
+    assert (cfg.route.lr, cfg.route.weight_decay, cfg.route.trainable, cfg.route.balance_weight) == (
+        1e-6,
+        0.01,
+        "router",
+        0.01,
+    )
+    assert (cfg.moe.experts, cfg.moe.top_k, cfg.cluster.image_clusters, cfg.cluster.text_clusters) == (4, 2, 3, 3)
+    assert cfg.mcl.label_smoothing == 0.1 and cfg.mcl.logit_scale == 100.0 and cfg.mcl.warmup_steps == 200
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    raw = {
+        "base_model": str(tmp_path / "missing-model"),
+        "data": {"train": str(tmp_path / "missing-data"), "colour": 1},
+        "moe": {"experts": 2, "top_k": 3},
+        "mcl": {"lr": "fast"},
+        "typo": True,
+    }
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(raw)
+    msg = str(e.value)
+    for needle in ["typo: unknown key", "data.colour: unknown key", "mcl.lr: expected float, got 'fast'"]:
+        assert needle in msg
+    raw = {
+        "base_model": str(tmp_path / "missing-model"),
+        "data": {"train": str(tmp_path / "missing-data")},
+        "moe": {"experts": 2, "top_k": 3},
+    }
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(raw)
+    msg = str(e.value)
+    assert "moe.top_k: 3 is impossible with 2 experts" in msg
+    assert "base_model: no such file" in msg and "data.train: no such file" in msg
+
+
+def test_invalid_yaml_and_missing_required(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("base_model: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    p.write_text("data: {train: x}")
+    with pytest.raises(ConfigError, match="base_model: required"):
+        load_config(p, check_paths=False)
+
+
+def test_diff_configs():
+    assert diff_configs({"a": 1, "b": {"c": 2, "d": 3}}, {"a": 1, "b": {"c": 5, "d": 3}, "e": 0}) == ["b.c", "e"]
+
+
+def test_long_clip_stretch_matches_the_official_rule():
+    pe = torch.randn(77, 8)
+    new = stretched_positions(pe)
+    assert new.shape == (248, 8)
+    torch.testing.assert_close(new[:20], pe[:20])
+    for i in range(20, 76):
+        for j, t in enumerate((0, 0.25, 0.5, 0.75)):
+            torch.testing.assert_close(new[20 + 4 * (i - 20) + j], (1 - t) * pe[i] + t * pe[i + 1])
+    for j in range(4):
+        torch.testing.assert_close(new[244 + j], pe[76] + j * (pe[76] - pe[75]) / 4)
+
+
+def test_stretch_model_keeps_short_text_features():
+    model = make_tiny_clip()
+    text = model.tokenizer(["a red cube"])  # 5 tokens: positions < keep are unchanged
+    with torch.no_grad():
+        before = model.encode_text(**text)
+        stretch_text_positions(model, keep=8, factor=4)
+        after = model.encode_text(**text)
+    assert model.config.text_config.max_position_embeddings == 8 + 8 * 4
+    torch.testing.assert_close(before, after)
+    long_text = model.tokenizer(["a red cube " * 20])
+    assert long_text["input_ids"].shape[1] == 40  # the tokenizer truncates at the new context
