@@ -207,6 +207,10 @@ class ClipMoeVisionModel(_MoEHooks, CLIPVisionModel):
     """Vision tower only, with the ``CLIPVisionModel`` call contract (LLaVA-style drop-in)."""
 
     config_class = CLIPVisionConfig
+    # transformers 5 saves a vision tower with unprefixed keys (``encoder.*``), while 4.x (LLaVA pins 4.37)
+    # nests the tower under ``.vision_model``. With this prefix 4.x strips nothing and loads the unprefixed
+    # keys into that submodule, so one folder serves both; 5.x has no such submodule and ignores it.
+    base_model_prefix = "vision_model"
 
     def __init__(self, config: CLIPVisionConfig) -> None:
         super().__init__(config)

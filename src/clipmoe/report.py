@@ -93,18 +93,39 @@ def phase_parameters(cfg: PipelineConfig) -> dict[str, dict[str, int]]:
 # ------------------------------------------------------------------------------------------ report
 
 
-def _columns(results: dict[str, dict]) -> list[str]:
-    """Metric keys shown in the main table, in a fixed, readable order."""
-    keys = sorted({k for r in results.values() for k, v in r.get("metrics", {}).items() if isinstance(v, (int, float))})
+_TABLES = [
+    (
+        "Zero-shot retrieval (R@k, %; T→I = text-to-image, I→T = image-to-text)",
+        lambda k: k.startswith("retrieval_") and ("R@1" in k or "R@5" in k) and not k.endswith("R@10"),
+    ),
+    ("Zero-shot classification per attribute (top-1, %)", lambda k: k.startswith("cls_") and k.endswith("/top1")),
+    (
+        "MMVP-style pairs per attribute (%; a pair counts when both statements pick their image)",
+        lambda k: k.startswith("mmvp/pattern/") or k == "mmvp/mean",
+    ),
+    (
+        "Attribute probes (%; pair = MMVP rule, swap = caption with one attribute swapped)",
+        lambda k: k in ("probes/pair_mean", "probes/swap_mean") or k.startswith(("probes/pair/", "probes/swap/")),
+    ),
+]
 
-    def pick(pred):
-        return [k for k in keys if pred(k)]
 
-    cols = pick(lambda k: "retrieval" in k and (k.endswith("@1") or k.endswith("@5")))
-    cols += pick(lambda k: k.startswith("cls_") and k.endswith("/acc1"))
-    cols += pick(lambda k: k.startswith("mmvp") and k.endswith("/mean"))
-    cols += pick(lambda k: k.startswith("probes") and k.count("/") == 1)
-    return cols
+def _table(results: dict[str, dict], pred) -> list[str]:
+    keys = sorted(
+        {
+            k
+            for r in results.values()
+            for k, v in r.get("metrics", {}).items()
+            if isinstance(v, (int, float)) and pred(k)
+        }
+    )
+    if not keys:
+        return []
+    lines = ["| model | " + " | ".join(_short(c) for c in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, r in results.items():
+        m = r.get("metrics", {})
+        lines.append(f"| {name} | " + " | ".join(_fmt(m.get(c)) for c in keys) + " |")
+    return lines
 
 
 def _fmt(v) -> str:
@@ -114,13 +135,20 @@ def _fmt(v) -> str:
 
 
 def _short(col: str) -> str:
-    return (
-        col.replace("retrieval_", "")
-        .replace("image_retrieval_recall", "T→I R")
-        .replace("text_retrieval_recall", "I→T R")
-        .replace("/acc1", "")
-        .replace("cls_", "cls ")
-    )
+    for old, new in (
+        ("retrieval_", ""),
+        ("/image_to_text_", " I→T "),
+        ("/text_to_image_", " T→I "),
+        ("cls_", ""),
+        ("/top1", ""),
+        ("mmvp/pattern/", ""),
+        ("mmvp/mean", "mean"),
+        ("probes/", ""),
+        ("_mean", " mean"),
+        ("/", " "),
+    ):
+        col = col.replace(old, new)
+    return col
 
 
 def write_report(pipe, results: dict[str, dict], path: str) -> None:
@@ -128,7 +156,6 @@ def write_report(pipe, results: dict[str, dict], path: str) -> None:
     run_dir = os.path.dirname(path)
     plots = os.path.join(run_dir, "plots")
     os.makedirs(plots, exist_ok=True)
-    cols = _columns(results)
     lines = ["# CLIP-MoE (DMU) run report", ""]
     lines += [
         f"Run directory: `{run_dir}`  ",
@@ -138,20 +165,15 @@ def write_report(pipe, results: dict[str, dict], path: str) -> None:
         f"{torch.get_num_threads()} threads",
         "",
     ]
+    lines += ["## Results", "", "All scores are percentages on held-out evaluation sets.", ""]
+    for title, pred in _TABLES:
+        table = _table(results, pred)
+        if table:
+            lines += [f"### {title}", "", *table, ""]
     lines += [
-        "## Results",
-        "",
-        "Scores are percentages on held-out evaluation sets (T→I = text-to-image retrieval, I→T = image-to-text).",
-        "",
-    ]
-    lines.append("| model | " + " | ".join(_short(c) for c in cols) + " |")
-    lines.append("|---" * (len(cols) + 1) + "|")
-    for name, r in results.items():
-        m = r.get("metrics", {})
-        lines.append(f"| {name} | " + " | ".join(_fmt(m.get(c)) for c in cols) + " |")
-    lines += [
-        "",
         "## Cost",
+        "",
+        "Trainable parameters summed over every phase that produced the model; active = parameters used per token.",
         "",
         "| model | trainable params | total params | active params | images/s | texts/s |",
         "|---|---|---|---|---|---|",
@@ -159,13 +181,12 @@ def write_report(pipe, results: dict[str, dict], path: str) -> None:
     trainable = _trainable_by_row(pipe)
     for name, r in results.items():
         p, t = r["parameters"], r["throughput"]
+        n = trainable.get(name)
         lines.append(
-            f"| {name} | {trainable.get(name, '-'):,} | {p['total']:,} | {p['active']:,} | "
+            f"| {name} | {f'{n:,}' if n is not None else '-'} | {p['total']:,} | {p['active']:,} | "
             f"{t['images_per_s']:.0f} | {t['texts_per_s']:.0f} |"
-            if isinstance(trainable.get(name), int)
-            else f"| {name} | - | {p['total']:,} | {p['active']:,} | {t['images_per_s']:.0f} | {t['texts_per_s']:.0f} |"
         )
-    lines += ["", "## Does this run agree with the paper?", "", *verdict(results, cols), ""]
+    lines += ["", "## Does this run agree with the paper?", "", *verdict(results), ""]
     lines += _timings(pipe)
     lines += ["## Plots", ""]
     for title, png in _plots(pipe, results, plots):
@@ -186,14 +207,14 @@ def summary_scores(results: dict[str, dict]) -> dict[str, dict[str, float | None
     for name, r in results.items():
         m = r.get("metrics", {})
         out[name] = {
-            "retrieval R@1": _mean_of(m, lambda k: "retrieval" in k and k.endswith("@1")),
-            "zero-shot top-1": _mean_of(m, lambda k: k.startswith("cls_") and k.endswith("/acc1")),
+            "retrieval R@1": _mean_of(m, lambda k: k.startswith("retrieval_") and k.endswith("R@1")),
+            "zero-shot top-1": _mean_of(m, lambda k: k.startswith("cls_") and k.endswith("/top1")),
             "MMVP": _mean_of(m, lambda k: k.startswith("mmvp") and k.endswith("/mean")),
         }
     return out
 
 
-def verdict(results: dict[str, dict], cols: list[str]) -> list[str]:
+def verdict(results: dict[str, dict]) -> list[str]:
     """Plain statements: does DMU beat dense fine-tuning and sparse upcycling on retrieval, and keep
     zero-shot classification near the base? (The paper's claim.)"""
     s = summary_scores(results)

@@ -1,0 +1,91 @@
+"""Write a CLIP-MoE for use outside clipmoe: the full model, or its vision tower alone (LLaVA-style encoders).
+
+Every folder ``save_pretrained`` writes already carries its modeling code and an ``auto_map``, so
+``AutoModel.from_pretrained(folder, trust_remote_code=True)`` rebuilds it with transformers alone. This
+module adds the vision-tower-only variant, a ``CLIPVisionModel``-style folder (config of model_type
+``clip_vision_model`` plus ``preprocessor_config.json``), and the ``clipmoe export`` command that turns any
+model clipmoe can open (a folder, or a checkpoint file) into such a folder.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import CLIPVisionConfig
+
+from .modeling import ClipMoeModel, ClipMoeVisionModel, MoESpec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def vision_tower(model: ClipMoeModel) -> ClipMoeVisionModel:
+    """The vision tower of a full (dense or MoE) CLIP as a standalone ``ClipMoeVisionModel``.
+
+    The tower gets copies of the weights, with each tensor's dtype and device kept (so half-precision
+    experts stay half and routers stay fp32), the vision config, and the ``moe`` section restricted to
+    the vision tower. Its forward is the full model's ``vision_model`` forward, layer for layer.
+    """
+    config = CLIPVisionConfig.from_dict(model.config.vision_config.to_dict())
+    spec = model.moe_spec
+    if spec is not None and spec.layers.get("vision"):
+        vision_spec = MoESpec(
+            spec.num_experts, spec.top_k, {"vision": spec.layers["vision"]}, spec.expert_dropout, spec.dispatch
+        )
+        config.moe = vision_spec.to_dict()
+    tower = ClipMoeVisionModel(config)
+    state = {k: v.detach().clone() for k, v in model.vision_model.state_dict().items()}
+    tower.load_state_dict(state, strict=True, assign=True)
+    if getattr(model, "image_processor", None) is not None:
+        tower.image_processor = model.image_processor
+    return tower.eval()
+
+
+def export_vision_tower(model: ClipMoeModel, directory: str | os.PathLike) -> ClipMoeVisionModel:
+    """Write the vision tower of ``model`` as a ``CLIPVisionModel``-style HF folder and return the tower.
+
+    The folder holds config.json (model_type ``clip_vision_model``, the vision ``moe`` section and an
+    ``auto_map``), model.safetensors with unprefixed keys (``embeddings.*``, ``encoder.*``, as transformers
+    5's ``CLIPVisionModel.save_pretrained`` writes them), ``modeling.py``/``moe.py`` and
+    ``preprocessor_config.json`` (``CLIPImageProcessor``). The write is atomic.
+    """
+    if getattr(model, "image_processor", None) is None:
+        raise ValueError(
+            "the model has no image_processor (its folder had no preprocessor_config.json); a vision-tower folder "
+            "must carry one so that CLIPImageProcessor.from_pretrained(folder) works"
+        )
+    tower = vision_tower(model)
+    tower.save_pretrained(directory)
+    return tower
+
+
+def add_export_arguments(parser) -> None:
+    parser.add_argument("model", help="model folder or checkpoint file (anything clipmoe.load opens)")
+    parser.add_argument("out", help="folder to write (replaced atomically if it exists)")
+    parser.add_argument(
+        "--vision-tower",
+        action="store_true",
+        help="write only the vision tower, as a CLIPVisionModel-style folder (LLaVA-style encoders)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="store the weights in this dtype (routers stay float32); default: keep the model's",
+    )
+
+
+def run_export(args) -> int:
+    from .checkpoint import load
+
+    model = load(args.model, dtype=DTYPES[args.dtype] if args.dtype else None)
+    if args.vision_tower:
+        export_vision_tower(model, args.out)
+        what = "vision tower"
+    else:
+        model.save_pretrained(args.out)
+        what = "model"
+    moe = len(model.moe_layers("vision" if args.vision_tower else None))
+    print(f"wrote {what} ({moe} MoE layers) to {args.out}")
+    print(f"transformers alone loads it: AutoModel.from_pretrained({str(args.out)!r}, trust_remote_code=True)")
+    return 0

@@ -1,0 +1,200 @@
+"""HF-native export: saved folders load with stock transformers (no clipmoe), and the vision tower is a
+``CLIPVisionModel`` drop-in for LLaVA-style feature extraction."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import CLIPImageProcessor, CLIPVisionModel
+
+import clipmoe
+from clipmoe import cli, sparse_upcycle
+from clipmoe.export import export_vision_tower, vision_tower
+from clipmoe.modeling import ClipMoeVisionModel
+from conftest import make_tiny_clip
+
+# Runs with transformers alone: clipmoe imports are refused, as on a machine without it installed.
+STANDALONE = textwrap.dedent(
+    """
+    import sys
+
+    class NoClipmoe:
+        def find_spec(self, name, path=None, target=None):
+            if name == "clipmoe" or name.startswith("clipmoe."):
+                raise ImportError("clipmoe is not installed here")
+
+    sys.meta_path.insert(0, NoClipmoe())
+    try:
+        import clipmoe
+        sys.exit("clipmoe was importable")
+    except ImportError:
+        pass
+
+    import torch
+    from PIL import Image
+    from transformers import AutoModel, CLIPImageProcessor
+
+    full_dir, tower_dir, io_path = sys.argv[1:4]
+    inputs = torch.load(io_path + ".in")
+    full = AutoModel.from_pretrained(full_dir, trust_remote_code=True)
+    out = {"full_class": f"{type(full).__module__}.{type(full).__name__}"}
+    with torch.no_grad():
+        out["image"] = full.encode_image(inputs["pixels"])
+        out["text"] = full.encode_text(inputs["input_ids"], inputs["attention_mask"])
+
+    # LLaVA's CLIPVisionTower, with its one changed line (AutoModel + trust_remote_code instead of
+    # CLIPVisionModel.from_pretrained); select_layer=-2, select_feature="patch".
+    image_processor = CLIPImageProcessor.from_pretrained(tower_dir)
+    tower = AutoModel.from_pretrained(tower_dir, trust_remote_code=True)
+    tower.requires_grad_(False)
+    out["tower_class"] = f"{type(tower).__module__}.{type(tower).__name__}"
+    pil_images = [Image.fromarray(a.numpy()) for a in inputs["images"]]
+    images = image_processor(pil_images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        outs = tower(images.to(device=tower.device, dtype=tower.dtype), output_hidden_states=True)
+    out["patch_features"] = outs.hidden_states[-2][:, 1:].to(images.dtype)
+    out["pixel_values"] = images
+    torch.save(out, io_path + ".out")
+    """
+)
+
+
+def _moe(layers="all"):
+    moe = sparse_upcycle(make_tiny_clip(), 4, 2, noise=0.05, layers=layers)
+    torch.manual_seed(3)
+    for m in moe.moe_layers():
+        torch.nn.init.normal_(m.router.weight)  # spread tokens over experts so routing matters
+    return moe
+
+
+def _images(seed=0):
+    # Sizes whose center-crop margins are even: for odd margins ImageTransform's crop offset rounds like
+    # torchvision's and lands one pixel off HF's floor (a known difference, see test_readers.py).
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((48, 36), (36, 64))]
+
+
+def test_saved_folders_load_without_clipmoe(tmp_path):
+    moe = _moe()
+    full_dir, tower_dir = tmp_path / "full", tmp_path / "tower"
+    moe.save_pretrained(full_dir)  # every save is HF-native
+    export_vision_tower(moe, tower_dir)
+    ref = clipmoe.load(full_dir)
+    images = _images()
+    text = ref.tokenizer(["a photo of a red cube", "blue sphere on the left"])
+    pixels = torch.stack([ref.image_processor(im) for im in images])
+    arrays = [torch.from_numpy(np.array(im)) for im in images]
+    torch.save({"pixels": pixels, "images": arrays, **text}, tmp_path / "io.in")
+
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    script = tmp_path / "standalone.py"
+    script.write_text(STANDALONE)
+    run = subprocess.run(
+        [sys.executable, str(script), str(full_dir), str(tower_dir), str(tmp_path / "io")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = torch.load(tmp_path / "io.out")
+
+    # The classes came from the folders' own code, not from an installed clipmoe.
+    assert out["full_class"].startswith("transformers_modules.") and out["full_class"].endswith(".ClipMoeModel")
+    assert out["tower_class"].endswith(".ClipMoeVisionModel")
+    with torch.no_grad():
+        torch.testing.assert_close(out["image"], ref.encode_image(pixels), atol=1e-6, rtol=0)
+        torch.testing.assert_close(out["text"], ref.encode_text(**text), atol=1e-6, rtol=0)
+        # LLaVA's preprocessing and layer -2 patch selection equal our own full-model forward.
+        torch.testing.assert_close(out["pixel_values"], pixels, atol=1e-5, rtol=0)
+        ours = ref.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states
+    assert out["patch_features"].shape == (2, 16, 32)  # 32 px / 8 px patches = 4x4, CLS dropped, width 32
+    torch.testing.assert_close(out["patch_features"], ours[-2][:, 1:], atol=1e-6, rtol=0)
+
+
+def test_vision_tower_call_contract(tmp_path):
+    moe = _moe(layers={"vision": [1], "text": "all"})
+    export_vision_tower(moe, tmp_path / "tower")
+    tower = ClipMoeVisionModel.from_pretrained(tmp_path / "tower")
+    assert len(tower.moe_layers()) == 1
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        theirs = tower(pixels, output_hidden_states=True)
+        ours = moe.vision_model(pixel_values=pixels, output_hidden_states=True)
+    assert len(theirs.hidden_states) == moe.config.vision_config.num_hidden_layers + 1
+    for a, b in zip(theirs.hidden_states, ours.hidden_states):
+        assert a.shape == (3, 17, 32)
+        assert torch.equal(a, b)
+    assert torch.equal(theirs.last_hidden_state, ours.last_hidden_state)
+    assert torch.equal(theirs.pooler_output, ours.pooler_output)
+    # The pooled output projected is the full model's image feature.
+    assert torch.equal(moe.visual_projection(theirs.pooler_output), moe.encode_image(pixels))
+
+    config = json.loads((tmp_path / "tower" / "config.json").read_text())
+    assert config["model_type"] == "clip_vision_model"
+    assert config["moe"]["layers"] == {"vision": [1]}  # the text tower's MoE layers are not the tower's business
+    assert config["auto_map"] == {"AutoModel": "modeling.ClipMoeVisionModel"}
+    # LLaVA preprocesses with CLIPImageProcessor from the same folder; it must match our transform.
+    image = _images()[0]
+    hf = CLIPImageProcessor.from_pretrained(tmp_path / "tower")(image, return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(hf, moe.image_processor(image), atol=1e-5, rtol=0)
+
+
+def test_dense_vision_tower_matches_stock_clip_vision_model(tmp_path):
+    """A dense tower is written exactly as transformers writes a CLIPVisionModel, so even the unchanged
+    ``CLIPVisionModel.from_pretrained`` loads it (keys unprefixed, as transformers 5 saves them)."""
+    dense = make_tiny_clip()
+    export_vision_tower(dense, tmp_path / "ours")
+    stock = CLIPVisionModel(dense.config.vision_config)
+    stock.save_pretrained(tmp_path / "stock")
+    ours_keys = set(load_file(tmp_path / "ours" / "model.safetensors"))
+    assert ours_keys == set(load_file(tmp_path / "stock" / "model.safetensors"))
+    assert all(not k.startswith("vision_model.") for k in ours_keys)
+    loaded = CLIPVisionModel.from_pretrained(tmp_path / "ours")
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(pixels).pooler_output, dense.vision_model(pixel_values=pixels).pooler_output)
+
+
+def test_half_precision_tower_keeps_fp32_routers(tmp_path):
+    moe = _moe()
+    moe.save_pretrained(tmp_path / "full")
+    half = clipmoe.load(tmp_path / "full", dtype=torch.bfloat16)
+    tower = vision_tower(half)
+    assert {m.router.weight.dtype for m in tower.moe_layers()} == {torch.float32}
+    assert {m.w1.dtype for m in tower.moe_layers()} == {torch.bfloat16}
+    export_vision_tower(half, tmp_path / "tower")
+    saved = load_file(tmp_path / "tower" / "model.safetensors")
+    assert saved["encoder.layers.0.mlp.router.weight"].dtype == torch.float32
+    assert saved["encoder.layers.0.mlp.w1"].dtype == torch.bfloat16
+
+
+def test_export_command(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "COMMAND_MODULES", {"export": "clipmoe.export"})
+    moe = _moe()
+    moe.save_pretrained(tmp_path / "full")
+    assert cli.main(["export", str(tmp_path / "full"), str(tmp_path / "tower"), "--vision-tower"]) == 0
+    assert "wrote vision tower (2 MoE layers)" in capsys.readouterr().out
+    names = sorted(os.listdir(tmp_path / "tower"))
+    assert names == ["config.json", "model.safetensors", "modeling.py", "moe.py", "preprocessor_config.json"]
+    assert cli.main(["export", str(tmp_path / "full"), str(tmp_path / "copy")]) == 0
+    assert (tmp_path / "copy" / "modeling.py").read_text() == (tmp_path / "full" / "modeling.py").read_text()
+    assert cli.main(["export", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
+    assert "no model at" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_vision_tower_needs_preprocessing_config(tiny_clip, tmp_path):
+    del tiny_clip.image_processor
+    with pytest.raises(ValueError, match="no image_processor"):
+        export_vision_tower(tiny_clip, tmp_path / "tower")
+    assert not (tmp_path / "tower").exists()
