@@ -177,7 +177,7 @@ def test_kill_mid_stage_then_rerun_matches_uninterrupted(tmp_path, world, base_d
     assert not (tmp_path / "killed" / "stage1" / "model").exists()
     subprocess.run(cmd, env=env, check=True, timeout=300, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     subprocess.run(
-        cmd[:-1] + [str(tmp_path / "clean")],
+        [*cmd[:-1], str(tmp_path / "clean")],
         env=env,
         check=True,
         timeout=300,
@@ -192,3 +192,12 @@ def test_kill_mid_stage_then_rerun_matches_uninterrupted(tmp_path, world, base_d
         np.load(tmp_path / "killed/stage0/cluster/labels.npy") == np.load(tmp_path / "clean/stage0/cluster/labels.npy")
     ).all()
     assert FeatureStore.open(str(tmp_path / "killed/stage0/embed")).num_samples == 96
+
+
+def test_impossible_values_for_the_data_stop_before_any_work(tmp_path, world, base_dir):
+    cfg, run_dir = open_run(
+        write_config(tmp_path, world, base_dir, cluster={"image_clusters": 500}), str(tmp_path / "run")
+    )
+    with pytest.raises(ConfigError, match="cannot make 500 k-means clusters from 96 training samples"):
+        Pipeline(cfg, run_dir).run()
+    assert not os.path.exists(os.path.join(run_dir, "base"))

@@ -1,6 +1,7 @@
 """clipmoe: turn a pretrained CLIP into a sparse Mixture-of-Experts CLIP by Diversified Multiplet Upcycling."""
 
 from .checkpoint import CheckpointError, load
+from .convert import convert_file
 from .modeling import ClipMoeModel, ClipMoeVisionModel, MoESpec
 from .moe import MoEFeedForward, load_balancing_loss, router_z_loss
 from .surgery import find_ffns, sparse_upcycle, upcycle
@@ -13,6 +14,7 @@ __all__ = [
     "ClipMoeVisionModel",
     "MoEFeedForward",
     "MoESpec",
+    "convert_file",
     "find_ffns",
     "load",
     "load_balancing_loss",

@@ -333,7 +333,28 @@ class Pipeline:
         barrier(self.env)
         return path
 
+    def check_data(self) -> None:
+        """Config checks that need the dataset's size (indexing only, no decoding); all problems at once."""
+        n = len(self.dataset())
+        c, errors = self.cfg.cluster, []
+        for name, k in (("cluster.image_clusters", c.image_clusters), ("cluster.text_clusters", c.text_clusters)):
+            if k > n:
+                errors.append(f"{name}: cannot make {k} k-means clusters from {n} training samples")
+        for phase in ("mcl", "route"):
+            t = getattr(self.cfg, phase)
+            if t.batch_size % self.env.world_size:
+                errors.append(
+                    f"{phase}.batch_size: {t.batch_size} is not divisible by the world size {self.env.world_size}"
+                )
+            if min(t.batch_size, n) < t.min_batch:
+                errors.append(
+                    f"{phase}.batch_size: batches of {min(t.batch_size, n)} are below min_batch {t.min_batch}"
+                )
+        if errors:
+            raise ConfigError(f"{len(errors)} problem(s) with this config and data:\n  - " + "\n  - ".join(errors))
+
     def run(self) -> str:
+        self.check_data()
         self._timed("prepare", self.prepare)
         for s in range(1, self.cfg.moe.experts):
             self._timed(f"embed {s - 1}", lambda s=s: self.embed(s - 1))

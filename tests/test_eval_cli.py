@@ -1,0 +1,141 @@
+"""``evaluate_suite`` on a world-style eval/ folder, and ``clipmoe eval`` end to end (results and errors)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from PIL import Image
+
+import clipmoe
+from clipmoe.cli import main
+from clipmoe.eval import evaluate_retrieval, evaluate_suite, load_wds
+from conftest import make_tiny_clip
+from test_eval_data import noise_image, write_wds_classification, write_wds_retrieval
+from test_eval_mmvp import write_mmvp, write_probes
+
+COLORS = ["red", "green", "blue"]
+
+
+@pytest.fixture(scope="module")
+def eval_dir(tmp_path_factory):
+    """The generated world's eval/ layout: wds retrieval and classification, mmvp/, probes/."""
+    root = tmp_path_factory.mktemp("world") / "eval"
+    images = [noise_image(i) for i in range(12)]
+    write_wds_retrieval(root / "retrieval_short", images, [[f"a {COLORS[i % 3]} cube", "a photo"] for i in range(12)])
+    labels = [i % 3 for i in range(12)]
+    write_wds_classification(root / "cls_color", images, labels, COLORS, ["a {c} object", "a photo of {c}"])
+    write_mmvp(root / "mmvp", "MLLM_VLM Images")
+    write_probes(root / "probes")
+    (root / "notes").mkdir()  # anything else is ignored
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    dense = make_tiny_clip()
+    dense.save_pretrained(root / "dense")
+    clipmoe.sparse_upcycle(dense, num_experts=4, top_k=2, layers=1, noise=0.1).save_pretrained(root / "moe")
+    return {"dense": str(root / "dense"), "moe": str(root / "moe")}
+
+
+def test_suite_runs_everything_and_routing_for_moe(eval_dir, model_dirs):
+    results = evaluate_suite(clipmoe.load(model_dirs["moe"]), eval_dir, batch_size=5)
+    for key in (
+        "retrieval_short/image_to_text_R@10",
+        "cls_color/top1",
+        "mmvp/mean",
+        "probes/pair_mean",
+        "probes/swap/count",
+    ):
+        assert key in results
+    assert results["retrieval_short/num_texts"] == 24 and results["cls_color/num_classes"] == 3
+    assert not any(k.startswith("notes/") for k in results)
+    routing = results["routing"]
+    assert routing["image"]["layers"] == routing["text"]["layers"] == [1]  # layers=1: the last block
+    assert set(routing["image"]["groups"]) == {"color", "mmvp_pattern", "probe_attribute"}
+    assert routing["image"]["groups"]["color"]["tokens"] == [4 * 17] * 3
+    json.dumps(results, allow_nan=False)  # JSON-able as is
+
+    dense = evaluate_suite(clipmoe.load(model_dirs["dense"]), eval_dir, batch_size=5)
+    assert "routing" not in dense and set(dense) == set(results) - {"routing"}
+
+
+def test_cli_retrieval_writes_json_and_prints_a_table(eval_dir, model_dirs, tmp_path, capsys):
+    out = tmp_path / "res" / "retrieval.json"
+    data = str(eval_dir / "retrieval_short")
+    assert (
+        main(
+            ["eval", model_dirs["dense"], "--task", "retrieval", "--data", data, "--out", str(out), "--batch-size", "4"]
+        )
+        == 0
+    )
+    written = json.loads(out.read_text())
+    assert written == pytest.approx(evaluate_retrieval(clipmoe.load(model_dirs["dense"]), load_wds(data)))
+    table = capsys.readouterr().out
+    assert "text_to_image_R@5" in table and f"{written['text_to_image_R@5']:.2f}" in table
+
+
+def test_cli_suite_with_routing_plot(eval_dir, model_dirs, tmp_path, capsys):
+    out, png = tmp_path / "suite.json", tmp_path / "routing.png"
+    argv = [
+        "eval",
+        model_dirs["moe"],
+        "--task",
+        "suite",
+        "--data",
+        str(eval_dir),
+        "--out",
+        str(out),
+        "--plot",
+        str(png),
+    ]
+    assert main(argv) == 0
+    assert "routing" in json.loads(out.read_text())
+    with Image.open(png) as im:
+        assert im.format == "PNG"
+    assert "routing image block 1" in capsys.readouterr().out
+
+
+def test_cli_routing_on_a_classification_dataset_groups_by_class(eval_dir, model_dirs, tmp_path):
+    out = tmp_path / "routing.json"
+    argv = ["eval", model_dirs["moe"], "--task", "routing", "--data", str(eval_dir / "cls_color"), "--out", str(out)]
+    assert main(argv) == 0
+    routing = json.loads(out.read_text())
+    assert routing["image"]["groups"]["class"]["names"] == sorted(COLORS)
+    tokenizer = clipmoe.load(model_dirs["moe"]).tokenizer
+    prompt_tokens = [
+        int(tokenizer([f"a {c} object", f"a photo of {c}"])["attention_mask"].sum()) for c in sorted(COLORS)
+    ]
+    assert routing["text"]["groups"]["class"]["tokens"] == prompt_tokens
+
+
+def _error(argv, capsys) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_cli_bad_input_gives_one_clear_error(eval_dir, model_dirs, tmp_path, capsys):
+    model = model_dirs["dense"]
+    assert "no data at" in _error(["eval", model, "--task", "retrieval", "--data", str(tmp_path / "nope")], capsys)
+
+    folder = tmp_path / "imagefolder"
+    os.makedirs(folder / "cat")
+    os.makedirs(folder / "dog")
+    noise_image(0).save(folder / "cat" / "0.png")
+    assert "class 'dog' has no images" in _error(
+        ["eval", model, "--task", "classification", "--data", str(folder)], capsys
+    )
+
+    coco = tmp_path / "coco.json"
+    coco.write_text(json.dumps({"images": [{"id": 1, "file_name": "missing.jpg"}], "annotations": []}))
+    assert "missing.jpg" in _error(["eval", model, "--task", "retrieval", "--data", str(coco)], capsys)
+
+    empty = write_wds_retrieval(tmp_path / "empty", [], [], shards=1)
+    assert "the split is empty" in _error(["eval", model, "--task", "retrieval", "--data", empty], capsys)
+
+    wrong = ["eval", model, "--task", "classification", "--data", str(eval_dir / "retrieval_short")]
+    assert "is a retrieval dataset; use --task retrieval" in _error(wrong, capsys)
+    assert "no MoE layers" in _error(["eval", model, "--task", "routing", "--data", str(eval_dir)], capsys)
