@@ -43,8 +43,20 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800) -> DistEnv:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        # device_id binds NCCL to this rank's GPU up front (barriers then never guess the device).
+        dist.init_process_group(
+            backend, timeout=timedelta(seconds=timeout_s), device_id=dev if dev.type == "cuda" else None
+        )
     return DistEnv(rank, world, local_rank, dev)
+
+
+def shutdown_distributed(env: DistEnv) -> None:
+    """Leave the process group at the end of a run. The barrier comes first: tearing gloo down while another
+    rank is still finishing its last collective aborts that rank ("terminate called without an active
+    exception")."""
+    if env.enabled and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def barrier(env: DistEnv) -> None:
@@ -66,3 +78,24 @@ def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
         t = t.clone()
         dist.all_reduce(t)
     return t
+
+
+def full_state_dict(model: torch.nn.Module, env: DistEnv) -> dict[str, torch.Tensor] | None:
+    """For saving a model that ``parallel="fsdp"`` training left sharded: its whole state dict on the main
+    rank (CPU), ``None`` elsewhere, and ``None`` everywhere for a model that is not sharded (save it as is).
+
+    A collective when sharded: every rank must call it. FSDP2 cannot be undone, so after training save with
+    ``model.save_pretrained(path, state_dict=full_state_dict(model, env))`` on the main rank and load the
+    folder again for further use.
+    """
+    from torch.distributed.tensor import DTensor
+
+    state = model.state_dict()
+    if not any(isinstance(t, DTensor) for t in state.values()):
+        return None
+    full = {}
+    for name, t in state.items():
+        t = t.full_tensor() if isinstance(t, DTensor) else t
+        if env.is_main:  # other ranks drop each gathered tensor at once
+            full[name] = t.detach().cpu()
+    return full if env.is_main else None

@@ -3,6 +3,9 @@
 Under torch.distributed the features of all ranks are gathered **with gradients** (global negatives, as the
 paper and open_clip do); each rank computes the loss of its own rows against all columns. DDP averages the
 gradients over ranks, which gives exactly the gradient of the single-process loss on the global batch.
+
+The router losses (``global_router_losses``) likewise use statistics summed over all ranks, so they too
+equal the single-process value on the global batch (see docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -12,15 +15,97 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+# torch 2.13 renamed all_gather_into_tensor to all_gather_single (the old name warns); keep older torch working.
+_all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class _AllGather(torch.autograd.Function):
+    """Rows of all ranks concatenated. Backward: each rank's loss sends gradients to every rank's rows, so
+    the gradients are summed over ranks and each rank keeps the slice of its own rows."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        out = x.new_empty((dist.get_world_size() * x.shape[0], *x.shape[1:]))
+        _all_gather_into(out, x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        # An all-reduce then a slice, rather than a reduce-scatter, which gloo lacks in older torch; features
+        # are small next to the model's gradients, so the extra traffic does not matter.
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+class _AllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
 
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """All ranks' rows concatenated (differentiable), and the offset of this rank's rows."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _distributed():
         return x, 0
-    import torch.distributed.nn.functional as dist_fn
+    return _AllGather.apply(x), dist.get_rank() * x.shape[0]
 
-    parts = dist_fn.all_gather(x)
-    return torch.cat(parts, dim=0), dist.get_rank() * x.shape[0]
+
+def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over ranks, differentiable: the backward pass sums the incoming gradients over ranks.
+
+    Every rank then holds the same loss built on the sum, and DDP's gradient averaging divides the summed
+    gradient by the world size again, which leaves exactly the single-process gradient.
+    """
+    if not _distributed():
+        return x
+    return _AllReduce.apply(x)
+
+
+def global_router_losses(
+    router_logits: torch.Tensor, top_k: int, token_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(balance loss, z-loss) of one tower on the routing of **all ranks together**.
+
+    Same definitions as ``moe.load_balancing_loss`` and ``moe.router_z_loss`` (``E * sum_e f_e * P_e``
+    and the mean squared log-sum-exp), but the per-expert slot counts, probability sums, z sums and token
+    count are summed over ranks before the ratios are taken. A per-rank balance loss rewards balancing each
+    rank's shard, which is a different (and world-size-dependent) objective; this one equals the
+    single-process value on the global batch. All sums travel in one all-reduce per call.
+    """
+    num_experts = router_logits.shape[-1]
+    logits = router_logits.float()
+    probs = logits.softmax(dim=-1)
+    m = torch.ones_like(probs[:, 0]) if token_mask is None else token_mask.reshape(-1).to(probs.dtype)
+    chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, num_experts).to(probs.dtype)  # [N, k, E]
+    z = torch.logsumexp(logits, dim=-1).square()
+    sums = torch.cat(
+        [
+            (probs * m[:, None]).sum(dim=0),  # [E], differentiable
+            (z * m).sum()[None],  # [1], differentiable
+            (chosen * m[:, None, None]).sum(dim=0).reshape(-1),  # [k*E], counts: no gradient
+            m.sum()[None],  # [1]
+        ]
+    )
+    sums = all_reduce_with_grad(sums)
+    prob_sum, z_sum, chosen_sum, count = sums.split([num_experts, 1, top_k * num_experts, 1])
+    count = count.clamp_min(1.0)
+    fraction = (chosen_sum / count).reshape(top_k, num_experts)
+    balance = num_experts * (fraction * (prob_sum / count)[None]).sum()
+    return balance, (z_sum / count).squeeze(0)
 
 
 class ClipLoss(nn.Module):
@@ -50,29 +135,26 @@ class ClipLoss(nn.Module):
         labels = torch.arange(offset, offset + n, device=img.device)
         logits_i2t = logit_scale * img @ all_txt.T
         logits_t2i = logit_scale * txt @ all_img.T
-        if valid is not None:
-            all_valid, _ = gather_with_grad(valid.float())
-            col_mask = all_valid < 0.5
-            logits_i2t = logits_i2t.masked_fill(col_mask[None], float("-inf"))
-            logits_t2i = logits_t2i.masked_fill(col_mask[None], float("-inf"))
-            keep = valid.bool()
-            logits_i2t, logits_t2i, labels = logits_i2t[keep], logits_t2i[keep], labels[keep]
-            # Label smoothing spreads mass over every column, masked ones included (-inf -> nan);
-            # so smooth only over the valid columns by hand.
-            if self.label_smoothing > 0:
-                return 0.5 * (
-                    _smoothed_ce(logits_i2t, labels, self.label_smoothing, ~col_mask)
-                    + _smoothed_ce(logits_t2i, labels, self.label_smoothing, ~col_mask)
-                )
-        ce = F.cross_entropy
-        s = self.label_smoothing
-        return 0.5 * (ce(logits_i2t, labels, label_smoothing=s) + ce(logits_t2i, labels, label_smoothing=s))
+        if valid is None:
+            ce, s = F.cross_entropy, self.label_smoothing
+            return 0.5 * (ce(logits_i2t, labels, label_smoothing=s) + ce(logits_t2i, labels, label_smoothing=s))
+        all_valid, _ = gather_with_grad(valid.float())
+        col_ok = all_valid > 0.5
+        keep = valid.bool()
+        rows = _row_ce(logits_i2t[keep], labels[keep], self.label_smoothing, col_ok) + _row_ce(
+            logits_t2i[keep], labels[keep], self.label_smoothing, col_ok
+        )
+        # Mean over the valid rows of the *global* batch: each rank divides its sum by (global count / world
+        # size) and DDP's averaging divides by the world size again. A rank that skipped more samples then
+        # weighs its rows like any other, exactly as one process on the global batch would.
+        valid_per_rank = all_valid.sum().clamp_min(1.0) * n / all_valid.shape[0]
+        return 0.5 * rows.sum() / valid_per_rank
 
 
-def _smoothed_ce(logits: torch.Tensor, labels: torch.Tensor, eps: float, col_ok: torch.Tensor) -> torch.Tensor:
-    if logits.shape[0] == 0:
-        return logits.sum() * 0.0
-    logp = logits.log_softmax(dim=-1).masked_fill(~col_ok[None], 0.0)
+def _row_ce(logits: torch.Tensor, labels: torch.Tensor, eps: float, col_ok: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy over the valid columns only, label smoothing included. (F.cross_entropy's
+    smoothing spreads mass over every column, masked ones too, which turns -inf logits into nan.)"""
+    logp = logits.masked_fill(~col_ok[None], float("-inf")).log_softmax(dim=-1).masked_fill(~col_ok[None], 0.0)
     nll = -logp.gather(1, labels[:, None]).squeeze(1)
     smooth = -logp.sum(dim=-1) / col_ok.sum()
-    return ((1 - eps) * nll + eps * smooth).mean()
+    return (1 - eps) * nll + eps * smooth

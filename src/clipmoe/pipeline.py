@@ -34,7 +34,7 @@ from . import checkpoint
 from .assets import resolve_model_path
 from .cluster import cluster_features, write_cluster_outputs
 from .config import ConfigError, PipelineConfig, diff_configs, load_config
-from .distributed import DistEnv, barrier, init_distributed
+from .distributed import DistEnv, barrier, full_state_dict, init_distributed, shutdown_distributed
 from .embed import FeatureStore, embed_dataset
 from .modeling import ClipMoeModel
 from .surgery import find_ffns, sparse_upcycle, upcycle
@@ -75,8 +75,9 @@ class Pipeline:
         return checkpoint.load(path, device=self.env.device)
 
     def _save(self, model: ClipMoeModel, path: str) -> None:
+        state = full_state_dict(model, self.env)  # collective when FSDP left the model sharded; else None
         if self.env.is_main:
-            model.save_pretrained(path)
+            model.save_pretrained(path, **({"state_dict": state} if state is not None else {}))
         barrier(self.env)
 
     def _timed(self, name: str, fn):
@@ -494,6 +495,7 @@ def run_run(args) -> None:
     if pipe is not None:
         report = pipe.run()
         pipe.log(f"report: {report}")
+        shutdown_distributed(pipe.env)
 
 
 def print_plan(cfg: PipelineConfig, run_dir: str) -> None:
@@ -542,7 +544,9 @@ def _stage_command(name: str, needs_stage: bool, doc: str):
     def run(args) -> None:
         pipe = _open(args)
         fn = getattr(pipe, name)
-        print(fn(args.stage) if needs_stage else fn())
+        result = fn(args.stage) if needs_stage else fn()
+        pipe.log(result)
+        shutdown_distributed(pipe.env)
 
     return add, run, doc
 

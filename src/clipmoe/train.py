@@ -167,6 +167,7 @@ def train(
     total_steps = math.ceil(micro_total / cfg.grad_accum)
 
     forward = _wrap_parallel(_ContrastiveForward(model), cfg, env)
+    params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP2 swaps in DTensors
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW(

@@ -1,0 +1,293 @@
+"""Training scenarios that tests/test_distributed.py runs under torchrun and, as the reference, in one process.
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist_worker.py OUT_DIR [SCENARIO ...]
+
+Each scenario trains a tiny real HF CLIP or CLIP-MoE with ``clipmoe.train.train`` on a synthetic,
+cluster-labelled dataset and writes ``OUT_DIR/SCENARIO/rank{r}.pt``: the trainable weights before and after
+training, the gradients every optimizer step applied (DDP-averaged; unsharded under FSDP), the loss of the
+first global batch at the initial weights, the dataset indices this rank read, and the tokens each expert
+received on this rank. A scenario that raises writes ``rank{r}.error`` instead and ends the run (the ranks
+may no longer agree on which collective comes next).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from dataclasses import replace
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from clipmoe import sparse_upcycle
+from clipmoe.distributed import (
+    DistEnv,
+    all_reduce_sum,
+    barrier,
+    full_state_dict,
+    init_distributed,
+    shutdown_distributed,
+)
+from clipmoe.loss import ClipLoss
+from clipmoe.samplers import GlobalBatchSampler
+from clipmoe.train import TrainConfig, balance_loss, train
+from conftest import WORDS, make_tiny_clip
+
+N = 48  # samples
+LABELS = np.arange(N) % 3  # pseudo-label (cluster) of each sample: 3 clusters of 16
+
+
+class ClusterData(Dataset):
+    """Random 32 px images with captions of 2-6 words (so ranks pad their text differently from one process),
+    every seventh sample marked unreadable, and a log of the indices served. ``fail_at`` raises on the n-th
+    item, as a kill would interrupt training."""
+
+    def __init__(self, pixels: torch.Tensor | None = None, fail_at: int | None = None) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.pixels = torch.randn(N, 3, 32, 32, generator=g) if pixels is None else pixels
+        self.captions = [" ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(2 + i % 5)) for i in range(N)]
+        self.valid = [i % 7 != 3 for i in range(N)]
+        self.fail_at, self.seen = fail_at, []
+
+    def __len__(self) -> int:
+        return N
+
+    def item(self, i: int):
+        return self.pixels[i], self.captions[i], self.valid[i]
+
+    def __getitem__(self, i: int):
+        if self.fail_at is not None and len(self.seen) >= self.fail_at:
+            raise KeyboardInterrupt("simulated kill")
+        self.seen.append(int(i))
+        return self.item(i)
+
+
+def make_collate(model):
+    def collate(items):
+        return {
+            "pixel_values": torch.stack([p for p, _, _ in items]),
+            **model.tokenizer([c for _, c, _ in items]),
+            "valid": torch.tensor([v for _, _, v in items]),
+        }
+
+    return collate
+
+
+def config(**kw) -> TrainConfig:
+    # lr 1e-4: Adam moves every weight by about lr per step, far above the 1e-6 comparison tolerance.
+    base = dict(batch_size=8, lr=1e-4, warmup_steps=1, min_batch=4, checkpoint_every=100, log_every=1, seed=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def tiny_moe(layers="all"):
+    return sparse_upcycle(make_tiny_clip(), 4, 2, layers=layers, noise=0.01)
+
+
+# ------------------------------------------------------------------------------------------ measurements
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().clone()
+
+
+def trainable_weights(model) -> dict[str, torch.Tensor]:
+    return {n: _full(p) for n, p in model.named_parameters() if p.requires_grad}
+
+
+class GradRecorder(list):
+    """Before every optimizer step, records the gradients it applies as ``{name: grad}`` (under FSDP the
+    unsharding is collective, which is fine: all ranks step together)."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def __enter__(self) -> GradRecorder:
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        self.handle = register_optimizer_step_pre_hook(self.record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+    def record(self, optimizer, args, kwargs) -> None:
+        if all(group["lr"] == 0 for group in optimizer.param_groups):
+            return  # torch.distributed.checkpoint's lr-0 step that creates optimizer state before loading it
+        self.append({n: _full(p.grad) for n, p in self.model.named_parameters() if p.grad is not None})
+
+
+class ExpertTokens(dict):
+    """Per MoE layer, how many (token, slot) pairs each expert received on this rank over all forwards, and
+    the dtypes of the router logits seen (routers must stay fp32 under bf16 autocast)."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.dtypes: set[str] = set()
+        for name, module in model.named_modules():
+            if hasattr(module, "last_router_logits"):
+                self[name] = torch.zeros(module.num_experts, dtype=torch.long)
+                module.register_forward_hook(self._hook(name))
+
+    def _hook(self, name: str):
+        def hook(module, args, output) -> None:
+            logits = module.last_router_logits
+            self.dtypes.add(str(logits.dtype))
+            chosen = logits.topk(module.top_k, dim=-1).indices.reshape(-1)
+            self[name] += torch.bincount(chosen, minlength=module.num_experts)
+
+        return hook
+
+
+def first_batch_loss(model, data: ClusterData, cfg: TrainConfig, env: DistEnv, labels) -> dict[str, float]:
+    """The loss ``train`` optimises, on the first global batch at the current weights, as the mean over ranks
+    (what DDP's gradient averaging optimises): the contrastive loss, the balance loss as configured (global:
+    the same on every rank) and, for comparison, the balance loss computed per rank (the official code)."""
+    sampler = GlobalBatchSampler(
+        N, cfg.batch_size, labels, world_size=env.world_size, rank=env.rank, seed=cfg.seed, min_batch=cfg.min_batch
+    )
+    batch = make_collate(model)([data.item(i) for i in next(sampler.local_batches(0))])
+    with torch.no_grad():
+        img = model.encode_image(batch["pixel_values"])
+        txt = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        out = {"clip": ClipLoss(cfg.label_smoothing)(img, txt, cfg.logit_scale, batch["valid"])}
+        if cfg.balance_weight:
+            out["balance"] = balance_loss(model, batch["attention_mask"], cfg)
+            out["balance_per_rank"] = balance_loss(model, batch["attention_mask"], replace(cfg, global_balance=False))
+    return {k: (all_reduce_sum(v, env) / env.world_size).item() for k, v in out.items()}
+
+
+def run_training(model, data: ClusterData, cfg: TrainConfig, out_dir: str, env: DistEnv, labels=None) -> dict:
+    result = {"initial": trainable_weights(model), "loss": first_batch_loss(model, data, cfg, env, labels)}
+    tokens = ExpertTokens(model)
+    with GradRecorder(model) as grads:
+        train(model, data, make_collate(model), cfg, out_dir, env, labels)
+    return {
+        **result,
+        "weights": trainable_weights(model),
+        "grads": list(grads),
+        "seen": data.seen,
+        "expert_tokens": dict(tokens),
+        "router_dtypes": sorted(tokens.dtypes),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- scenarios
+def mcl(out_dir: str, env: DistEnv) -> dict:
+    """One epoch of an MCL stage: FFNs only, fixed logit scale 100, label smoothing 0.1, cluster batches."""
+    cfg = config(epochs=1, trainable="ffn", logit_scale=100.0, label_smoothing=0.1)
+    return run_training(make_tiny_clip(), ClusterData(), cfg, out_dir, env, LABELS)
+
+
+def router(out_dir: str, env: DistEnv) -> dict:
+    """Router training of a sparse-upcycled CLIP-MoE with the balance loss and a z-loss (global statistics)."""
+    cfg = config(steps=2, trainable="router", balance_weight=0.01, z_loss_weight=0.001)
+    return run_training(tiny_moe(), ClusterData(), cfg, out_dir, env)
+
+
+def accum_ckpt(out_dir: str, env: DistEnv) -> dict:
+    """Gradient checkpointing per block and 2 micro-batches per step (DDP's no_sync on the first), fp32."""
+    cfg = config(steps=2, trainable="router+experts", balance_weight=0.01, grad_checkpointing=True, grad_accum=2)
+    return run_training(tiny_moe(), ClusterData(), cfg, out_dir, env)
+
+
+def bf16(out_dir: str, env: DistEnv) -> dict:
+    """``accum_ckpt`` under bf16 autocast (routers computed in fp32)."""
+    cfg = config(
+        steps=2,
+        trainable="router+experts",
+        balance_weight=0.01,
+        grad_checkpointing=True,
+        grad_accum=2,
+        precision="bf16",
+    )
+    return run_training(tiny_moe(), ClusterData(), cfg, out_dir, env)
+
+
+def unused_expert(out_dir: str, env: DistEnv) -> dict:
+    """Rank 1 routes no token to expert 3 while rank 0 does, so only rank 0 has a gradient for it.
+
+    Rank 1's samples (known in advance: the batch plan is a pure function of the seed) get all-zero images,
+    whose tokens at the vision MoE layer are the same 17 vectors X for every image. Expert 3's router row is
+    set to the minimum-norm w with w.x = -20 for each of them, the other rows to zero: on rank 1 expert 3's
+    logit is always the lowest, while rank 0's random images score w.x > 0 on some tokens. Routers are
+    frozen (trainable="ffn"), so this holds for the whole run.
+    """
+    cfg = config(steps=2, trainable="ffn")
+    rank1 = GlobalBatchSampler(N, cfg.batch_size, world_size=2, rank=1, seed=cfg.seed, min_batch=cfg.min_batch)
+    pixels = ClusterData().pixels.clone()
+    for idx in list(rank1.local_batches(0))[: cfg.steps]:
+        pixels[idx] = 0.0
+    model = tiny_moe({"vision": [0]})
+    layer = model.moe_layers("vision")[0]
+    inputs = []
+    hook = layer.register_forward_pre_hook(lambda m, args: inputs.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        model.encode_image(torch.zeros(1, 3, 32, 32))
+        hook.remove()
+        layer.router.weight.zero_()
+        layer.router.weight[3] = -20.0 * torch.linalg.pinv(inputs[0]) @ torch.ones(len(inputs[0]))
+    return run_training(model, ClusterData(pixels), cfg, out_dir, env)
+
+
+def fsdp(out_dir: str, env: DistEnv) -> dict:
+    """FSDP2 (plain training in one process): every parameter trainable with a learned logit scale, gradient
+    clipping and checkpointing; killed during step 3 and resumed from the step-2 checkpoint."""
+    cfg = config(
+        steps=4,
+        trainable="all",
+        parallel="fsdp",
+        logit_scale=None,
+        grad_clip=1.0,
+        grad_checkpointing=True,
+        balance_weight=0.01,
+        checkpoint_every=2,
+    )
+    model = tiny_moe()
+    initial = trainable_weights(model)
+    grads = []
+    if env.enabled:
+        with GradRecorder(model) as grads:
+            try:
+                kill = ClusterData(fail_at=2 * cfg.batch_size // env.world_size)
+                train(model, kill, make_collate(model), cfg, out_dir, env)
+                raise AssertionError("the simulated kill did not happen")
+            except KeyboardInterrupt:
+                pass
+        model = tiny_moe()  # a fresh process starts from the base again and resumes from the checkpoint
+    with GradRecorder(model) as resumed:
+        train(model, ClusterData(), make_collate(model), cfg, out_dir, env)
+    saved = os.path.join(out_dir, "model")
+    state = full_state_dict(model, env)  # how a caller saves a model FSDP2 left sharded
+    if env.is_main:
+        model.save_pretrained(saved, state_dict=state)
+    barrier(env)
+    return {"initial": initial, "weights": trainable_weights(model), "grads": [*grads, *resumed], "saved": saved}
+
+
+SCENARIOS = {f.__name__: f for f in (mcl, router, accum_ckpt, bf16, unused_expert, fsdp)}
+
+
+def main(argv: list[str]) -> int:
+    torch.set_num_threads(1)  # the ranks share the machine's cores
+    out_dir, names = argv[0], argv[1:] or list(SCENARIOS)
+    env = init_distributed("cpu", timeout_s=120)  # a collective that waits longer fails instead of hanging
+    try:
+        for name in names:
+            os.makedirs(os.path.join(out_dir, name), exist_ok=True)
+            try:
+                result = SCENARIOS[name](os.path.join(out_dir, name, "train"), env)
+            except Exception:
+                with open(os.path.join(out_dir, name, f"rank{env.rank}.error"), "w") as f:
+                    f.write(traceback.format_exc())
+                return 1
+            torch.save(result, os.path.join(out_dir, name, f"rank{env.rank}.pt"))
+    finally:
+        shutdown_distributed(env)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
