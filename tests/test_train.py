@@ -151,3 +151,13 @@ def test_grad_checkpointing_gives_the_same_step(tmp_path):
         results.append(moe.state_dict())
     for k, v in results[0].items():
         torch.testing.assert_close(v, results[1][k], atol=1e-6, rtol=0, msg=k)
+
+
+def test_logit_scale_model_keeps_the_bases_temperature_fixed(tmp_path):
+    model = make_tiny_clip()
+    with torch.no_grad():
+        model.logit_scale.fill_(2.0)
+    train(model, Synthetic(), make_collate(model), cfg(steps=2, logit_scale="model"), str(tmp_path))
+    assert model.logit_scale.item() == 2.0
+    with pytest.raises(ValueError, match="logit_scale='base'"):
+        TrainConfig(logit_scale="base")

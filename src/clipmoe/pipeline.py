@@ -446,6 +446,7 @@ def open_run(config_path: str, run_dir: str | None = None, fork: str | None = No
 # What each stage's outputs depend on: a fork reuses a finished stage only if none of these changed.
 _STAGE_INPUTS = {
     "base": ["base_model", "prepare"],
+    "stage0": ["base_model", "prepare", "data", "seed", "precision", "embed", "cluster"],
     "stage": ["base_model", "prepare", "data", "seed", "precision", "embed", "cluster", "mcl"],
     "moe": ["base_model", "prepare", "data", "seed", "precision", "embed", "cluster", "mcl", "moe", "route"],
 }
@@ -460,7 +461,7 @@ def _fork(src: str, dst: str, cfg: PipelineConfig) -> None:
     os.makedirs(dst)
     reuse = []
     for name in sorted(os.listdir(src)):
-        kind = "stage" if name.startswith("stage") else name
+        kind = "stage" if name.startswith("stage") and name != "stage0" else name
         inputs = _STAGE_INPUTS.get(kind)
         if inputs is not None and not changed & set(inputs):
             shutil.copytree(os.path.join(src, name), os.path.join(dst, name), symlinks=True)

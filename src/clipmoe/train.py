@@ -46,7 +46,9 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast; routers stay fp32)
     grad_checkpointing: bool = False
     label_smoothing: float = 0.1
-    logit_scale: float | None = 100.0  # fixed scale; None = learn the model's logit_scale
+    # Fixed scale (the paper: 100, OpenAI CLIP's learned value); "model" = the model's own learned scale, kept
+    # fixed (for bases whose temperature is not 100); None = learn it.
+    logit_scale: float | str | None = 100.0
     balance_weight: float = 0.0  # x (image balance + text_balance_factor x text balance)
     text_balance_factor: float = 0.5
     balance_mask_padding: bool = True  # False reproduces the official code (padding counted)
@@ -74,6 +76,7 @@ class TrainConfig:
             "lr": self.lr > 0,
             "steps": self.steps >= 0,
             "epochs": self.epochs > 0,
+            "logit_scale": not isinstance(self.logit_scale, str) or self.logit_scale == "model",
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -178,6 +181,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(cfg.warmup_steps, total_steps))
     loss_fn = ClipLoss(cfg.label_smoothing)
 
+    fixed_scale = model.logit_scale.exp().item() if cfg.logit_scale == "model" else cfg.logit_scale
     step = 0
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
     if os.path.exists(ckpt_path):
@@ -207,7 +211,7 @@ def train(
                         batch["input_ids"].to(env.device),
                         batch["attention_mask"].to(env.device),
                     )
-                    scale = cfg.logit_scale if cfg.logit_scale is not None else model.logit_scale.exp()
+                    scale = fixed_scale if fixed_scale is not None else model.logit_scale.exp()
                     valid = batch.get("valid")
                     clip = loss_fn(img, txt, scale, None if valid is None else valid.to(env.device))
                     loss = clip
