@@ -250,7 +250,8 @@ class Pipeline:
             self.cfg.precision,
             steps=self.budget_steps(),
             trainable=b.upcycle_trainable,
-            lr=max(self.cfg.route.lr, self.cfg.mcl.lr),
+            lr=self.cfg.mcl.lr,  # experts learn at the MCL stages' rate, routers at the routing rate
+            router_lr=self.cfg.route.lr,
         )
         train(
             model,

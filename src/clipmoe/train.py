@@ -38,6 +38,7 @@ class TrainConfig:
     epochs: float = 1.0
     batch_size: int = 64  # global, all ranks together
     lr: float = 1e-5
+    router_lr: float | None = None  # a separate learning rate for routers (None: lr)
     weight_decay: float = 0.2
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 200
@@ -170,14 +171,9 @@ def train(
     total_steps = math.ceil(micro_total / cfg.grad_accum)
 
     forward = _wrap_parallel(_ContrastiveForward(model), cfg, env)
-    params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP2 swaps in DTensors
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=cfg.betas,
-    )
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # after wrapping: FSDP2 swaps in DTensors
+    params = [p for _, p in named]
+    optimizer = torch.optim.AdamW(_param_groups(named, cfg), lr=cfg.lr, betas=cfg.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(cfg.warmup_steps, total_steps))
     loss_fn = ClipLoss(cfg.label_smoothing)
 
@@ -254,7 +250,7 @@ def train(
     model.eval()
     model.set_grad_checkpointing(False)
     if hasattr(dataset, "end_pass") and env.is_main:
-        summary = dataset.end_pass(os.path.join(out_dir, 'skipped.log'))
+        summary = dataset.end_pass(os.path.join(out_dir, "skipped.log"))
         if len(dataset.skips):
             print(f"{desc}: {summary}")
     return {
@@ -264,6 +260,19 @@ def train(
         "skipped_samples": skipped,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _param_groups(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> list[dict]:
+    """Weight decay only on matrices (nanoGPT's rule; norms, biases and the temperature are exempt), and
+    routers at ``router_lr`` when set (new routers next to pretrained experts want a larger step)."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in named:
+        is_router = cfg.router_lr is not None and name.endswith("router.weight")
+        groups.setdefault((is_router, p.ndim >= 2), []).append(p)
+    return [
+        {"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": cfg.router_lr if router else cfg.lr}
+        for (router, decay), ps in sorted(groups.items())
+    ]
 
 
 def _batch_stream(dataset, sampler: GlobalBatchSampler, collate, start_micro: int, num_workers: int):

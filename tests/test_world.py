@@ -1,0 +1,417 @@
+"""The generated world: determinism, every sample's captions against its attributes and pixels, and the
+on-disk layouts (img2dataset, CLIP_benchmark webdataset, MMVP-VLM, probes) other modules read."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import os
+import re
+import tarfile
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipmoe.data import world as world_module
+from clipmoe.data.world import (
+    WorldConfig,
+    add_world_arguments,
+    generate_world,
+    heldout_combinations,
+    run_world,
+    world_vocabulary,
+)
+from clipmoe.data.world_language import ATTRIBUTE_BY_NAME, MMVP_PROMPT, SLOT_RE, words
+from clipmoe.data.world_probe import probe_world
+from clipmoe.data.world_render import BACKGROUND_RGB, OBJECT_RGB, QUADRANTS, SIZE_FRACTION, Layout, dot_rgb, render
+from clipmoe.processing import build_word_tokenizer
+
+CONFIG = WorldConfig.preset("test")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> tuple[str, dict]:
+    out = str(tmp_path_factory.mktemp("worlds") / "w")
+    return out, generate_world(out, CONFIG, verbose=False)
+
+
+def all_files(root: str) -> dict[str, bytes]:
+    found = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, root)] = f.read()
+    return found
+
+
+def parse(caption: str, manifest: dict) -> dict[str, set[str]]:
+    """Which values of which attributes a caption names, from the manifest's keywords alone."""
+    joined = f" {' '.join(words(caption))} "
+    found: dict[str, set[str]] = {}
+    for attr in manifest["attributes"]:
+        for value, phrases in attr["keywords"].items():
+            if any(f" {' '.join(words(p))} " in joined for p in phrases):
+                found.setdefault(attr["name"], set()).add(value)
+    return found
+
+
+def assert_describes(caption: str, attributes: dict, manifest: dict, names: list[str]) -> None:
+    """The caption names exactly ``attributes[name]`` for each of ``names`` and nothing of the others."""
+    assert parse(caption, manifest) == {n: {attributes[n]} for n in names}, caption
+
+
+def template_regex(template: str) -> re.Pattern:
+    """A caption rendered from ``template`` (slots -> any of their phrasings; a/an; capitalisation)."""
+    parts, last = [], 0
+    for m in SLOT_RE.finditer(template):
+        parts.append(re.escape(template[last : m.start()]))
+        options = {p for per_value in ATTRIBUTE_BY_NAME[m.group(1)].forms[m.group(2)].values() for p in per_value}
+        parts.append("(?:" + "|".join(re.escape(o) for o in sorted(options, key=len, reverse=True)) + ")")
+        last = m.end()
+    parts.append(re.escape(template[last:]))
+    pattern = re.sub(r"(?<![a-z])a(?=\\ )", "an?", "".join(parts))
+    return re.compile(pattern, re.IGNORECASE)
+
+
+def matching(caption: str, templates: list[str]) -> list[str]:
+    return [t for t in templates if template_regex(t).fullmatch(caption)]
+
+
+def read_tar(path: str) -> list[tuple[tarfile.TarInfo, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def samples(root: str) -> list[dict]:
+    with open(os.path.join(root, "test", "nshards.txt")) as f:
+        nshards = int(f.read())
+    assert sorted(os.listdir(os.path.join(root, "test"))) == sorted(
+        ["nshards.txt"] + [f"{i}.tar" for i in range(nshards)]
+    )
+    records: list[dict] = []
+    for shard in range(nshards):
+        for info, data in read_tar(os.path.join(root, "test", f"{shard}.tar")):
+            assert (info.mtime, info.uid, info.gid, info.mode, info.uname) == (0, 0, 0, 0o644, "")
+            key, ext = info.name.split(".", 1)
+            if not records or records[-1]["key"] != key:
+                records.append({"key": key})
+            records[-1][ext] = data
+    return records
+
+
+def test_same_seed_same_bytes_other_seed_other_world(world, tmp_path):
+    out, _ = world
+    again = str(tmp_path / "again")
+    generate_world(again, CONFIG, verbose=False)
+    reference = all_files(out)
+    assert all_files(again) == reference
+    generate_world(str(tmp_path / "seed1"), WorldConfig.preset("test", seed=1), verbose=False)
+    other = all_files(str(tmp_path / "seed1"))
+    assert other.keys() == reference.keys()  # same layout ...
+    changed = [k for k in reference if k != "world.json" and other[k] != reference[k]]
+    assert len(changed) > 0.9 * (len(reference) - 1)  # ... different content nearly everywhere
+
+
+def test_every_training_sample_matches_its_captions_and_split(world):
+    out, manifest = world
+    short_names = manifest["short_attributes"]
+    all_names = [a["name"] for a in manifest["attributes"]]
+    heldout = {tuple(c) for c in manifest["heldout"]["combinations"]}
+    for split, size in (("train", CONFIG.train_size), ("val", CONFIG.val_size)):
+        records = sorted(glob.glob(os.path.join(out, split, "*", "*.json")))
+        assert len(records) == size
+        for i, path in enumerate(records):
+            shard, key = divmod(i, CONFIG.shard_size)
+            assert path.endswith(os.path.join(f"{shard:05d}", f"{shard * 100 + key:07d}.json"))  # img2dataset keys
+            with open(path) as f:
+                record = json.load(f)
+            assert sorted(record) == ["attributes", "detailed", "key", "short"]
+            assert record["key"] == os.path.basename(path)[:-5]
+            with open(path[:-5] + ".txt") as f:
+                assert f.read() == record["detailed"]
+            attributes = record["attributes"]
+            assert {a["name"]: attributes[a["name"]] in a["values"] for a in manifest["attributes"]} == dict.fromkeys(
+                all_names, True
+            )
+            assert_describes(record["detailed"], attributes, manifest, all_names)
+            assert_describes(record["short"], attributes, manifest, short_names)
+            assert (attributes["color"], attributes["shape"]) not in heldout
+            assert len(matching(record["detailed"], manifest["templates"]["detailed_train"])) >= 1, record["detailed"]
+            assert not matching(record["detailed"], manifest["templates"]["detailed_eval"])
+            assert len(matching(record["short"], manifest["templates"]["short_train"])) >= 1, record["short"]
+            assert not matching(record["short"], manifest["templates"]["short_eval"])
+
+
+SIDE = {"circle": 1.0, "square": 0.85}  # side of the drawn shape / the size's extent (no sharp tips to blur)
+
+
+def near(pixels: np.ndarray, rgb, tolerance: int) -> np.ndarray:
+    return (np.abs(pixels.astype(int) - np.asarray(rgb)) <= tolerance).all(axis=-1)
+
+
+def test_pixels_show_the_attributes(world):
+    """Background is the most common colour, the object's colour sits only in its quadrant, dots are in
+    ``count`` other quadrants, and a solid or hollow circle or square spans its size."""
+    out, _ = world
+    tol, half = CONFIG.color_jitter + 2, CONFIG.image_size // 2
+    for path in sorted(glob.glob(os.path.join(out, "train", "*", "*.json"))):
+        with open(path) as f:
+            a = json.load(f)["attributes"]
+        with Image.open(path[:-5] + ".png") as image:
+            assert image.size == (CONFIG.image_size, CONFIG.image_size) and image.mode == "RGB"
+            pixels = np.asarray(image)
+        colours, counts = np.unique(pixels.reshape(-1, 3), axis=0, return_counts=True)
+        assert near(colours[counts.argmax()], BACKGROUND_RGB[a["background"]], CONFIG.color_jitter).all()
+        own = QUADRANTS.index(a["position"])
+        dotted = 0
+        for q in range(4):
+            quadrant = pixels[(q // 2) * half : (q // 2 + 1) * half, (q % 2) * half : (q % 2 + 1) * half]
+            object_pixels = near(quadrant, OBJECT_RGB[a["color"]], tol)
+            assert object_pixels.any() == (q == own), (path, q)
+            dotted += q != own and near(quadrant, dot_rgb(a["background"]), 8).any()
+            if q == own and a["texture"] in ("solid", "hollow") and a["shape"] in SIDE:
+                rows, cols = np.nonzero(object_pixels)
+                extent = max(np.ptp(rows), np.ptp(cols)) + 1
+                expected = SIDE[a["shape"]] * SIZE_FRACTION[a["size"]] * CONFIG.image_size
+                # Edge pixels are blends, so the fully coloured extent is up to 1.5 px short, never long.
+                assert -1.6 <= extent - expected <= 0.6, (path, extent, expected)
+        assert dotted == {"one": 1, "two": 2, "three": 3}[a["count"]], path
+
+
+def test_eval_sets_layout_and_consistency(world):
+    out, manifest = world
+    eval_dir = os.path.join(out, "eval")
+    with open(os.path.join(eval_dir, "attributes.jsonl")) as f:
+        truth = [json.loads(line) for line in f]
+    assert [t["key"] for t in truth] == [f"s{i:07d}" for i in range(CONFIG.eval_size)]
+    heldout = set(heldout_combinations())
+    assert all((t["attributes"]["color"], t["attributes"]["shape"]) in heldout for t in truth)
+    images = {}
+    for kind, names, templates in (
+        ("short", manifest["short_attributes"], manifest["templates"]["short_eval"]),
+        ("detailed", [a["name"] for a in manifest["attributes"]], manifest["templates"]["detailed_eval"]),
+    ):
+        root = os.path.join(eval_dir, f"retrieval_{kind}")
+        with open(os.path.join(root, "dataset_type.txt")) as f:
+            assert f.read().strip() == "retrieval"
+        records = samples(root)
+        assert [r["key"] for r in records] == [t["key"] for t in truth]
+        for record, t in zip(records, truth):
+            assert sorted(record) == ["key", "png", "txt"]
+            captions = record["txt"].decode().splitlines()
+            assert len(captions) == len(set(captions)) == CONFIG.captions_per_image
+            for caption in captions:
+                assert_describes(caption, t["attributes"], manifest, names)
+                assert len(matching(caption, templates)) >= 1, caption
+            images.setdefault(record["key"], record["png"])
+            assert record["png"] == images[record["key"]]  # one image per key across sets
+    for attr in manifest["attributes"]:
+        root = os.path.join(eval_dir, f"cls_{attr['name']}")
+        assert not os.path.exists(os.path.join(root, "dataset_type.txt"))  # absent means classification
+        with open(os.path.join(root, "classnames.txt")) as f:
+            assert f.read().splitlines() == attr["classnames"]
+        with open(os.path.join(root, "zeroshot_classification_templates.txt")) as f:
+            prompts = f.read().splitlines()
+        assert prompts and all("{c}" in p for p in prompts)
+        for record, t in zip(samples(root), truth, strict=True):
+            assert sorted(record) == ["cls", "key", "png"] and record["png"] == images[record["key"]]
+            assert attr["values"][int(record["cls"])] == t["attributes"][attr["name"]]
+
+
+def test_mmvp_pairs_differ_in_exactly_their_type(world):
+    out, manifest = world
+    root = os.path.join(out, "eval", "mmvp")
+    with open(os.path.join(root, "Questions.csv"), newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["Question ID", "Type", "Statement"]
+    rows = rows[1:]
+    names = [a["name"] for a in manifest["attributes"]]
+    assert [int(r[0]) for r in rows] == list(range(1, 2 * CONFIG.mmvp_pairs * len(names) + 1))
+    assert [r[1] for r in rows[::2]] == [n for n in names for _ in range(CONFIG.mmvp_pairs)]
+    for (q1, t1, s1), (q2, t2, s2) in zip(rows[0::2], rows[1::2]):
+        assert t1 == t2 and int(q1) % 2 == 1 and int(q2) == int(q1) + 1
+        p1, p2 = parse(s1, manifest), parse(s2, manifest)
+        assert set(p1) == set(p2) == set(names) and all(len(v) == 1 for v in [*p1.values(), *p2.values()])
+        assert {n for n in names if p1[n] != p2[n]} == {t1}, (s1, s2)
+        pixels = []
+        for q in (q1, q2):
+            with Image.open(os.path.join(root, "MMVP_VLM_Images", t1, f"{q}.jpg")) as image:
+                assert image.format == "JPEG"
+                pixels.append(np.asarray(image.convert("RGB"), dtype=int))
+        assert np.abs(pixels[0] - pixels[1]).max() > 40  # visibly different images
+
+
+def test_probes_pairs_and_swaps(world):
+    out, manifest = world
+    root = os.path.join(out, "eval", "probes")
+    with open(os.path.join(root, "probes.jsonl")) as f:
+        probes = [json.loads(line) for line in f]
+    names = [a["name"] for a in manifest["attributes"]]
+    for kind in ("pair", "swap"):
+        assert [p["attribute"] for p in probes if p["kind"] == kind] == [
+            n for n in names for _ in range(CONFIG.probe_pairs)
+        ]
+    pair_captions = {}
+    for p in probes:
+        if p["kind"] == "pair":
+            assert sorted(p) == ["attribute", "captions", "images", "kind"]
+            first, second = (parse(c, manifest) for c in p["captions"])
+            with (
+                Image.open(os.path.join(root, p["images"][0])) as a,
+                Image.open(os.path.join(root, p["images"][1])) as b,
+            ):
+                assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() > 40
+            pair_captions[p["images"][0]] = p["captions"][0]
+        else:
+            assert sorted(p) == ["attribute", "image", "kind", "negative", "positive"]
+            assert os.path.isfile(os.path.join(root, p["image"])) and pair_captions[p["image"]] == p["positive"]
+            first, second = parse(p["positive"], manifest), parse(p["negative"], manifest)
+        assert set(first) == set(second) == set(names)
+        assert {n for n in names if first[n] != second[n]} == {p["attribute"]}
+
+
+def test_vocabulary_tokenizes_every_caption_and_prompt(world):
+    out, manifest = world
+    tokenizer = build_word_tokenizer(world_vocabulary(CONFIG), context_length=64)
+    texts = []
+    for path in glob.glob(os.path.join(out, "train", "*", "*.json")):
+        with open(path) as f:
+            record = json.load(f)
+        texts += [record["short"], record["detailed"]]
+    for kind in ("short", "detailed"):
+        texts += [
+            c for r in samples(os.path.join(out, "eval", f"retrieval_{kind}")) for c in r["txt"].decode().splitlines()
+        ]
+    with open(os.path.join(out, "eval", "mmvp", "Questions.csv"), newline="") as f:
+        texts += [MMVP_PROMPT + row[2] for row in list(csv.reader(f))[1:]]
+    with open(os.path.join(out, "eval", "probes", "probes.jsonl")) as f:
+        for p in map(json.loads, f):
+            texts += p.get("captions", []) + [p[k] for k in ("positive", "negative") if k in p]
+    for attr in manifest["attributes"]:
+        texts += [
+            t.format(c=c) for t in manifest["templates"]["classification"][attr["name"]] for c in attr["classnames"]
+        ]
+    ids = tokenizer(texts)["input_ids"]
+    unknown = [t for t, row in zip(texts, ids) if tokenizer.unk_token_id in row]
+    assert not unknown
+    assert max(len(row) for row in ids) <= 40  # fits a small text context
+    # Held-out templates recombine words training uses; they add no word a model never saw.
+    template_words = {
+        k: {w for t in v for w in words(SLOT_RE.sub(" ", t))}
+        for k, v in manifest["templates"].items()
+        if k != "classification"
+    }
+    assert template_words["short_eval"] <= template_words["short_train"]
+    assert template_words["detailed_eval"] <= template_words["detailed_train"]
+
+
+def test_heldout_combinations_cover_every_value():
+    pairs = heldout_combinations()
+    colors = ATTRIBUTE_BY_NAME["color"].values
+    shapes = ATTRIBUTE_BY_NAME["shape"].values
+    assert len(set(pairs)) == len(pairs) == 2 * len(colors)
+    assert all(sum(c == color for c, _ in pairs) == 2 for color in colors)  # each colour keeps 4 seen shapes
+    assert {s for _, s in pairs} == set(shapes)
+
+
+def test_rerun_is_a_noop_and_a_different_config_is_an_error(world, tmp_path, capsys):
+    out, manifest = world
+    before = os.stat(os.path.join(out, "world.json")).st_mtime_ns
+    assert generate_world(out, CONFIG) == manifest
+    assert "nothing to do" in capsys.readouterr().err
+    assert os.stat(os.path.join(out, "world.json")).st_mtime_ns == before
+    with pytest.raises(ValueError, match="train_size: 48 there vs 49 asked"):
+        generate_world(out, WorldConfig.preset("test", train_size=49), verbose=False)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a generated world"):
+        generate_world(str(foreign), CONFIG, verbose=False)
+    assert os.listdir(foreign) == ["notes.txt"]
+
+
+def test_failure_leaves_nothing_behind(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(world_module, "_write_probes", fail)
+    with pytest.raises(OSError, match="disk full"):
+        generate_world(str(tmp_path / "w"), CONFIG, verbose=False)
+    assert os.listdir(tmp_path) == []  # neither the world nor its temporary folder
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"image_size": 16}, "image_size"),
+        ({"captions_per_image": 9}, "captions_per_image"),
+        ({"train_size": 0}, "train_size"),
+    ],
+)
+def test_bad_config_is_rejected(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        WorldConfig.preset("test", **overrides)
+
+
+def test_unknown_preset_is_rejected():
+    with pytest.raises(ValueError, match="unknown world preset 'huge'"):
+        WorldConfig.preset("huge")
+
+
+def test_cli_applies_preset_and_overrides(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_world_arguments(parser)
+    out = str(tmp_path / "cli")
+    args = parser.parse_args([out, "--preset", "test", "--seed", "3", "--train-size", "10", "--quiet"])
+    assert run_world(args) == 0
+    with open(os.path.join(out, "world.json")) as f:
+        manifest = json.load(f)
+    assert manifest["config"] == asdict(WorldConfig.preset("test", seed=3, train_size=10))
+    assert len(glob.glob(os.path.join(out, "train", "*", "*.png"))) == 10
+    assert "train 10" in capsys.readouterr().out
+
+
+def test_pixel_probe_reports_every_attribute(world):
+    out, manifest = world
+    results = probe_world(out, epochs=10)
+    assert list(results) == [a["name"] for a in manifest["attributes"]]
+    for attr in manifest["attributes"]:
+        r = results[attr["name"]]
+        assert r["chance"] == pytest.approx(1 / len(attr["values"]))
+        assert 0.0 <= r["linear"] <= 1.0 and 0.0 <= r["cnn"] <= 1.0
+    assert results["background"]["linear"] >= 0.75  # the easiest attribute is read even from 48 images
+
+
+@pytest.mark.parametrize("size", ["small", "medium", "large"])
+@pytest.mark.parametrize("shape", ["circle", "square"])
+@pytest.mark.parametrize("texture", ["solid", "hollow"])
+def test_render_draws_the_size_asked(size, shape, texture):
+    layout = Layout(
+        jitter=(0.3, -0.7),
+        dot_order=(0, 1, 2, 3),
+        dot_jitter=((0.0, 0.0),) * 4,
+        object_tint=(0, 0, 0),
+        background_tint=(0, 0, 0),
+        noise_seed=0,
+    )
+    attributes = {
+        "color": "red",
+        "background": "white",
+        "shape": shape,
+        "size": size,
+        "position": "lower right",
+        "texture": texture,
+        "count": "two",
+    }
+    pixels = np.asarray(render(attributes, layout, CONFIG.image_size))
+    rows, cols = np.nonzero(near(pixels, OBJECT_RGB["red"], 2))
+    assert rows.min() >= CONFIG.image_size // 2 and cols.min() >= CONFIG.image_size // 2  # lower right quadrant
+    extent = max(np.ptp(rows), np.ptp(cols)) + 1
+    assert -1.6 <= extent - SIDE[shape] * SIZE_FRACTION[size] * CONFIG.image_size <= 0.6
+    centre = pixels[rows.min() + (np.ptp(rows) // 2), cols.min() + (np.ptp(cols) // 2)]
+    assert near(centre, OBJECT_RGB["red"] if texture == "solid" else BACKGROUND_RGB["white"], 2)
