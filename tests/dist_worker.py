@@ -267,7 +267,29 @@ def fsdp(out_dir: str, env: DistEnv) -> dict:
     return {"initial": initial, "weights": trainable_weights(model), "grads": [*grads, *resumed], "saved": saved}
 
 
-SCENARIOS = {f.__name__: f for f in (mcl, router, accum_ckpt, bf16, unused_expert, fsdp)}
+def embed(out_dir: str, env: DistEnv) -> dict:
+    """Sharded embedding of a CLIP-MoE: chunks of 5 samples interleave over ranks into one on-disk store."""
+    from clipmoe.embed import embed_dataset
+
+    model = tiny_moe()
+    data = ClusterData()
+    base = make_collate(model)
+
+    def collate(items):  # the embedding pass needs each sample's index
+        idx = [i for i, _ in items]
+        return {"index": torch.tensor(idx), **base([data.item(i) for i in idx])}
+
+    indexed = [(i, None) for i in range(len(data))]
+    store = embed_dataset(model, indexed, collate, out_dir, env, batch_size=3, chunk_size=5)
+    return {
+        "image": torch.from_numpy(np.array(store.image)),
+        "text": torch.from_numpy(np.array(store.text)),
+        "valid": torch.from_numpy(np.array(store.valid)),
+        "chunks_by_me": sorted(os.listdir(os.path.join(out_dir, "chunks"))),
+    }
+
+
+SCENARIOS = {f.__name__: f for f in (mcl, router, accum_ckpt, bf16, unused_expert, fsdp, embed)}
 
 
 def main(argv: list[str]) -> int:

@@ -9,11 +9,32 @@ from conftest import make_tiny_clip
 
 
 def test_shipped_configs_validate():
-    paths = glob.glob("configs/*.yaml") + glob.glob("src/clipmoe/configs/*.yaml")
-    assert len(paths) >= 2
+    paths = glob.glob("configs/paper-*.yaml") + glob.glob("src/clipmoe/configs/*.yaml")
+    assert len(paths) >= 3
     for path in paths:
         cfg = load_config(path, check_paths=False)
         assert cfg.moe.top_k <= cfg.moe.experts
+    from clipmoe.pretrain import read_pretrain_config
+
+    cfg = read_pretrain_config("configs/pretrain-tiny-clip.yaml")
+    assert cfg.train.logit_scale is None and cfg.data.caption == "json:short"
+
+
+def test_bad_pretrain_config(tmp_path):
+    from clipmoe.pretrain import read_pretrain_config
+
+    p = tmp_path / "p.yaml"
+    p.write_text("data: {train: x, colour: 1}\nmodel: {depth: 3}\ntrain: {lr: fast}\n")
+    with pytest.raises(ConfigError) as e:
+        read_pretrain_config(str(p))
+    for needle in (
+        "out: required",
+        "data.colour: unknown key",
+        "model.depth: unknown key",
+        "train.lr: expected float",
+        "tokenizer: give",
+    ):
+        assert needle in str(e.value)
 
 
 def test_paper_recipe_defaults():

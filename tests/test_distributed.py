@@ -203,3 +203,13 @@ def test_global_router_losses_equal_the_moe_losses_in_one_process():
         balance, z = global_router_losses(logits, 2, m)
         torch.testing.assert_close(balance, load_balancing_loss(logits, 2, m))
         torch.testing.assert_close(z, router_z_loss(logits, m))
+
+
+def test_sharded_embedding_fills_one_store_like_one_process(runs):
+    ranks, ref = runs.ranks("embed"), runs.reference["embed"]
+    for r in ranks:  # both ranks see the finished store, every row written by one of them
+        for key in ("image", "text"):
+            torch.testing.assert_close(r[key], ref[key], atol=1e-5, rtol=0)
+        assert torch.equal(r["valid"], ref["valid"])
+    assert len(ranks[0]["chunks_by_me"]) == len(ref["chunks_by_me"])  # every chunk marked done
+    assert not bool(ref["valid"][3]) and bool(ref["valid"][0])  # unreadable rows are marked invalid

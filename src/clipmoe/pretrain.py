@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import yaml
@@ -95,48 +95,59 @@ def load_tokenizer(spec: dict, context_length: int):
     raise ConfigError("tokenizer: give {vocabulary: WORDS_FILE} or {folder: TOKENIZER_DIR}")
 
 
-def pretrain(config_path: str) -> str:
+@dataclass
+class PretrainConfig:
+    out: str
+    data: DataConfig
+    train: TrainConfig
+    model: dict
+    tokenizer: dict
+    seed: int = 0
+
+
+def read_pretrain_config(config_path: str) -> PretrainConfig:
+    """Read and validate a pretraining config; every problem is reported at once."""
     with open(config_path) as f:
         raw = yaml.safe_load(f) or {}
-    unknown = set(raw) - {"out", "data", "tokenizer", "model", "train", "seed"}
-    if unknown:
-        raise ConfigError(f"{config_path}: unknown keys {sorted(unknown)}")
-    errors: list[str] = []
+    errors: list[str] = [
+        f"{k}: unknown key" for k in sorted(set(raw) - {"out", "data", "tokenizer", "model", "train", "seed"})
+    ]
+    errors += [f"{k}: required" for k in ("out", "data") if k not in raw]
     data = _build(DataConfig, raw.get("data", {}), "data.", errors)
     tcfg = _build(TrainConfig, {**PRETRAIN_DEFAULTS, **raw.get("train", {})}, "train.", errors)
-    if errors or "out" not in raw:
-        errors += [] if "out" in raw else ["out: required"]
-        raise ConfigError(f"{config_path} has problems:\n  - " + "\n  - ".join(errors))
-    out = raw["out"]
-    if os.path.exists(out):
-        print(f"{out} exists: pretraining already finished")
-        return out
+    model = raw.get("model", {})
+    errors += [f"model.{k}: unknown key (known: {sorted(_MODEL_KEYS)})" for k in sorted(set(model) - _MODEL_KEYS)]
+    tok = raw.get("tokenizer", {})
+    if not ({"vocabulary", "folder"} & set(tok)):
+        errors.append("tokenizer: give {vocabulary: WORDS_FILE | world} or {folder: TOKENIZER_DIR}")
+    if errors:
+        raise ConfigError(f"{config_path} has {len(errors)} problem(s):\n  - " + "\n  - ".join(errors))
+    return PretrainConfig(raw["out"], data, tcfg, model, tok, int(raw.get("seed", 0)))
+
+
+def pretrain(config_path: str) -> str:
+    cfg = read_pretrain_config(config_path)
+    if os.path.exists(cfg.out):
+        print(f"{cfg.out} exists: pretraining already finished")
+        return cfg.out
     env = init_distributed()
-    seed = int(raw.get("seed", 0))
-    torch.manual_seed(seed)
-    model_cfg = raw.get("model", {})
-    tokenizer = load_tokenizer(raw.get("tokenizer", {}), model_cfg.get("text", {}).get("context_length", 32))
-    model = build_clip(model_cfg, tokenizer)
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.model.get("text", {}).get("context_length", 32))
+    model = build_clip(cfg.model, tokenizer)
 
     from .data.collate import ClipCollator
     from .data.readers import open_dataset
 
+    d = cfg.data
     dataset = open_dataset(
-        data.train, data.format, caption=data.caption, root=data.root, max_skipped_fraction=data.max_skipped_fraction
+        d.train, d.format, caption=d.caption, root=d.root, max_skipped_fraction=d.max_skipped_fraction
     )
-    train(
-        model,
-        dataset,
-        ClipCollator(model.tokenizer, model.image_processor),
-        replace(tcfg, seed=seed),
-        out + ".train",
-        env,
-        desc="pretrain",
-    )
+    collate = ClipCollator(model.tokenizer, model.image_processor)
+    train(model, dataset, collate, replace(cfg.train, seed=cfg.seed), cfg.out + ".train", env, desc="pretrain")
     if env.is_main:
-        model.save_pretrained(out)
-        print(f"wrote {out} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)")
-    return out
+        model.save_pretrained(cfg.out)
+        print(f"wrote {cfg.out} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)")
+    return cfg.out
 
 
 def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:

@@ -8,6 +8,7 @@ call continues from there, and an interrupted run loses at most one checkpoint i
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -93,6 +94,31 @@ class _ContrastiveForward(nn.Module):
 
     def forward(self, pixel_values, input_ids, attention_mask):
         return self.model.encode_image(pixel_values), self.model.encode_text(input_ids, attention_mask)
+
+
+class MetricsLog:
+    """Scalars per logged step: JSONL in the phase folder (always), and TensorBoard when it is installed."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.file = open(os.path.join(out_dir, METRICS), "a")
+        self.tb = None
+        if importlib.util.find_spec("tensorboard") is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tb.add_scalar(f"{record.get('phase', 'train')}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 def cosine_schedule(warmup: int, total: int):
@@ -182,7 +208,7 @@ def train(
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
     if os.path.exists(ckpt_path):
         step = _load_checkpoint(ckpt_path, model, optimizer, scheduler, cfg)
-    metrics_file = open(os.path.join(out_dir, METRICS), "a") if env.is_main else None
+    metrics = MetricsLog(out_dir) if env.is_main else None
 
     bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not env.is_main, unit="step", dynamic_ncols=True)
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
@@ -230,7 +256,7 @@ def train(
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if metrics_file and (step % cfg.log_every == 0 or step == total_steps):
+            if metrics and (step % cfg.log_every == 0 or step == total_steps):
                 rate = samples_seen / max(time.perf_counter() - t0, 1e-9)
                 record = {
                     "phase": desc,
@@ -239,14 +265,13 @@ def train(
                     "samples_per_s": rate,
                     **logged,
                 }
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+                metrics.write(record)
             if step % cfg.checkpoint_every == 0 and step < total_steps:
                 _save_checkpoint(ckpt_path, model, optimizer, scheduler, step, cfg, env)
     finally:
         bar.close()
-        if metrics_file:
-            metrics_file.close()
+        if metrics:
+            metrics.close()
     model.eval()
     model.set_grad_checkpointing(False)
     if hasattr(dataset, "end_pass") and env.is_main:
