@@ -104,3 +104,133 @@ def test_load_balancing_mask_ignores_padding():
 
 def test_router_z_loss():
     assert router_z_loss(torch.zeros(5, 4)).item() == pytest.approx(torch.log(torch.tensor(4.0)).item() ** 2)
+
+
+def _grads(layer: MoEFeedForward, fn, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    """Gradients of ``fn(layer, x)`` against ``g`` for x and every parameter (None where frozen)."""
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(x.requires_grad)
+    fn(layer, x).backward(g)
+    return {"x": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}
+
+
+@pytest.mark.parametrize(("top_k", "tokens", "chunk_bytes"), [(1, 21, None), (2, 21, None), (4, 21, None), (2, 300, 1)])
+def test_loop_gradients_match_reference(monkeypatch, top_k, tokens, chunk_bytes):
+    """The hand-written backward agrees with autograd through the official loop, for the input, every
+    expert weight and bias and the router; chunk_bytes=1 forces several 64-row chunks per expert."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr("clipmoe.moe.CPU_CHUNK_BYTES", chunk_bytes)
+    torch.manual_seed(0)
+    layer = MoEFeedForward(16, 32, 4, top_k, dispatch="loop")
+    with torch.no_grad():
+        layer.b1.normal_()
+        layer.b2.normal_()
+    x = torch.randn(tokens, 16, requires_grad=True)
+    g = torch.randn(tokens, 16)
+    ours = _grads(layer, lambda m, t: m(t), x, g)
+    ref = _grads(layer, reference_moe, x, g)
+    for name, grad in ref.items():
+        torch.testing.assert_close(ours[name], grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_gradcheck_in_float64_with_dropout():
+    """Finite differences through routing weights, experts and the dropout mask (re-seeded per call)."""
+    torch.manual_seed(0)
+    layer = MoEFeedForward(4, 8, 3, 2, expert_dropout=0.3, dispatch="loop").double().train()
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+
+    def run(x, w1, b1, w2, b2, router):
+        torch.manual_seed(1)
+        params = dict(zip(("w1", "b1", "w2", "b2", "router.weight"), (w1, b1, w2, b2, router)))
+        return torch.func.functional_call(layer, params, (x,))
+
+    inputs = (x, *(p.detach().clone().requires_grad_() for p in (layer.w1, layer.b1, layer.w2, layer.b2)))
+    router = layer.router.weight.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(run, (*inputs, router), eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+def test_dropout_acts_in_training_only_and_survives_checkpointing():
+    torch.manual_seed(0)
+    layer = MoEFeedForward(16, 32, 4, 2, expert_dropout=0.5, dispatch="loop")
+    x = torch.randn(30, 16, requires_grad=True)
+    eval_out = layer.eval()(x)
+    layer.train()
+    torch.manual_seed(5)
+    plain = layer(x)
+    assert not torch.allclose(plain, eval_out)
+    g = torch.randn_like(plain)
+    (gx_plain,) = torch.autograd.grad(plain, x, g)
+    torch.manual_seed(5)
+    ckpt = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+    (gx_ckpt,) = torch.autograd.grad(ckpt, x, g)  # the recompute must redraw the same mask
+    torch.testing.assert_close(ckpt, plain)
+    torch.testing.assert_close(gx_ckpt, gx_plain)
+
+
+def test_frozen_experts_cost_no_weight_gradients():
+    """Router-only training (set_trainable("router")): expert grads stay None, the router's is exact."""
+    torch.manual_seed(0)
+    layer = MoEFeedForward(16, 32, 4, 2, dispatch="loop")
+    for p in (layer.w1, layer.b1, layer.w2, layer.b2):
+        p.requires_grad_(False)
+    x = torch.randn(25, 16)  # frozen input too, as for the first block of a frozen tower
+    g = torch.randn(25, 16)
+    ours = _grads(layer, lambda m, t: m(t), x, g)
+    assert ours["x"] is None and all(ours[n] is None for n in ("w1", "b1", "w2", "b2"))
+    ref = _grads(layer, reference_moe, x, g)
+    torch.testing.assert_close(ours["router.weight"], ref["router.weight"], atol=1e-5, rtol=1e-5)
+
+
+def test_inference_and_training_forward_agree():
+    torch.manual_seed(0)
+    layer = MoEFeedForward(16, 32, 4, 2, dispatch="loop")
+    x = torch.randn(2, 40, 16)
+    with torch.no_grad():
+        inference = layer(x)
+    torch.testing.assert_close(layer(x.requires_grad_()), inference, atol=0, rtol=0)
+
+
+def test_autocast_bf16_on_cpu_computes_in_bf16_and_keeps_fp32_gradients():
+    torch.manual_seed(0)
+    layer = MoEFeedForward(16, 32, 4, 2, dispatch="loop")
+    x = torch.randn(40, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), layer(x), atol=5e-2, rtol=5e-2)
+    y.float().sum().backward()
+    assert layer.w1.grad.dtype == torch.float32 and layer.router.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no grouped_mm")
+def test_grouped_mm_matches_loop_in_bf16():
+    torch.manual_seed(0)
+    loop = MoEFeedForward(32, 64, 4, 2, dispatch="loop").bfloat16()
+    grouped = MoEFeedForward(32, 64, 4, 2, dispatch="grouped_mm").bfloat16()
+    grouped.load_state_dict(loop.state_dict())
+    x = torch.randn(60, 32, dtype=torch.bfloat16)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = loop(x1), grouped(x2)
+    assert y2.dtype == torch.bfloat16
+    torch.testing.assert_close(y2, y1, atol=3e-2, rtol=3e-2)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(x2.grad, x1.grad, atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(grouped.w1.grad, loop.w1.grad, atol=1e-1, rtol=3e-2)
+
+
+def test_grouped_mm_falls_back_to_the_loop(monkeypatch):
+    """Unaligned widths (6 fp32 = 24-byte rows) and a torch without the op both run the loop instead."""
+    torch.manual_seed(0)
+    loop = MoEFeedForward(6, 12, 4, 2, dispatch="loop")
+    grouped = MoEFeedForward(6, 12, 4, 2, dispatch="grouped_mm")
+    grouped.load_state_dict(loop.state_dict())
+    x = torch.randn(20, 6)
+    torch.testing.assert_close(grouped(x), loop(x), atol=0, rtol=0)
+    monkeypatch.delattr(torch, "_grouped_mm", raising=False)
+    aligned = MoEFeedForward(16, 32, 4, 2, dispatch="grouped_mm")
+    reference = MoEFeedForward(16, 32, 4, 2, dispatch="loop")
+    reference.load_state_dict(aligned.state_dict())
+    x = torch.randn(20, 16)
+    torch.testing.assert_close(aligned(x), reference(x), atol=0, rtol=0)

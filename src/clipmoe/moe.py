@@ -6,7 +6,8 @@ This file imports only torch so that it can be copied verbatim next to an export
 Routing follows the CLIP-MoE paper (Eq. 3) and Mixtral: a bias-free linear router, softmax over all
 experts in fp32, top-k, then the k weights renormalised to sum to one. Dispatch is dropless: tokens are
 sorted by expert, one host sync reads the per-expert counts, and each expert runs one matmul pair on a
-contiguous slice.
+contiguous slice (``_LoopExperts``, with a hand-written backward), or all experts run in one
+``torch._grouped_mm`` (CUDA + bf16). Measurements and profiles: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 DISPATCH_MODES = ("auto", "loop", "grouped_mm")
 
@@ -29,9 +31,9 @@ class MoEFeedForward(nn.Module):
     """Top-k routed experts that replace one transformer FFN (``fc1 -> act -> fc2``).
 
     Experts are stored stacked (``w1: [E, hidden, dim]``, ``w2: [E, dim, hidden]`` plus biases) because
-    (a) DDP then sees every expert as used even when one gets no tokens on a rank, (b) a grouped matmul
-    needs that layout, and (c) one ``unbind`` per forward avoids the full-size zero gradient that indexing
-    ``w1[e]`` in a loop would build for every expert.
+    (a) DDP then sees every expert as used even when one gets no tokens on a rank (it gets a zero
+    gradient, never None), (b) a grouped matmul needs that layout, and (c) the loop's backward writes each
+    expert's weight gradient straight into its slice of one ``[E, ...]`` gradient.
 
     The forward returns a plain tensor, like the MLP it replaces; the router logits of the last call are
     kept in ``last_router_logits`` (overwritten, never appended, so gradient checkpointing's recompute does
@@ -90,9 +92,10 @@ class MoEFeedForward(nn.Module):
         return layer
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Router logits [N, E] (fp32), renormalised top-k weights [N, k] and expert ids [N, k]."""
+        """Router logits [N, E] (fp32 or wider), renormalised top-k weights [N, k] and expert ids [N, k]."""
+        dtype = torch.promote_types(x.dtype, torch.float32)  # at least fp32 (fp64 stays fp64, for gradcheck)
         with torch.autocast(device_type=x.device.type, enabled=False):  # autocast would cast to bf16
-            logits = F.linear(x.float(), self.router.weight.float())
+            logits = F.linear(x.to(dtype), self.router.weight.to(dtype))
         probs = logits.softmax(dim=-1)
         weights, experts = probs.topk(self.top_k, dim=-1)
         return logits, weights / weights.sum(dim=-1, keepdim=True), experts
@@ -104,60 +107,208 @@ class MoEFeedForward(nn.Module):
         self.last_router_logits = logits
         if x.shape[0] == 0:
             return hidden_states.clone()
-
-        # Sort the N*k (token, slot) pairs by expert so each expert sees one contiguous slice.
-        flat_experts = experts.reshape(-1)
-        order = flat_experts.argsort(stable=True)
-        token_of_pair = order // self.top_k
-        x_sorted = x[token_of_pair]
-        counts = torch.bincount(flat_experts, minlength=self.num_experts)
-        y_sorted = self._experts(x_sorted, counts)
-
-        # Combine without index_add_ (non-deterministic on CUDA): un-permute, then sum over the k slots.
-        y_sorted = y_sorted * weights.reshape(-1)[order].unsqueeze(-1).to(y_sorted.dtype)
-        y = torch.empty_like(y_sorted)
-        y[order] = y_sorted
-        return y.view(-1, self.top_k, shape[-1]).sum(dim=1).view(shape)
-
-    def _experts(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        if self._use_grouped_mm(x_sorted):
-            return self._experts_grouped_mm(x_sorted, counts)
-        return self._experts_loop(x_sorted, counts)
+        order, inverse, counts = _sort_by_expert(experts, self.num_experts)
+        if self._use_grouped_mm(x):
+            y = self._forward_grouped_mm(x, weights, order, inverse, counts)
+        else:
+            y = self._forward_loop(x, weights, order, inverse, counts)
+        return y.view(*shape[:-1], y.shape[-1])
 
     def _use_grouped_mm(self, x: torch.Tensor) -> bool:
-        if self.dispatch == "loop" or not hasattr(torch, "_grouped_mm"):
-            return False
+        if self.dispatch == "loop" or not _grouped_mm_supported(self.w1):
+            return False  # an explicit "grouped_mm" falls back to the loop where the op cannot run
         if self.dispatch == "grouped_mm":
             return True
-        # auto: the fused kernel only pays off on CUDA in bf16 (on CPU a loop is faster; see BENCHMARKS.md)
+        # auto: the fused kernel only pays off on CUDA in bf16 (on CPU the loop is faster; docs/performance.md)
         return x.is_cuda and self.w1.dtype == torch.bfloat16
 
-    def _experts_loop(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        outputs = []
-        chunks = x_sorted.split(counts.tolist())  # the layer's one host sync
-        for xe, w1, b1, w2, b2 in zip(
-            chunks, self.w1.unbind(0), self.b1.unbind(0), self.w2.unbind(0), self.b2.unbind(0)
-        ):
-            if xe.shape[0] == 0:
-                continue
-            h = self.expert_dropout(self.act(F.linear(xe, w1, b1)))
-            outputs.append(F.linear(h, w2, b2))
-        return torch.cat(outputs, dim=0)
+    def _forward_loop(
+        self, x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor
+    ) -> torch.Tensor:
+        # Run in the dtype F.linear would use (autocast's, else the weights'), with autocast off inside so
+        # that the backward's recompute of the activation sees exactly what the forward saw. The casts sit
+        # outside the autograd.Function, so gradients reach fp32 master weights in their own dtype.
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else self.w1.dtype
+        dropout = self.expert_dropout.p if self.training else 0.0
+        params = [p.to(dtype) for p in (self.w1, self.b1, self.w2, self.b2)]
+        for_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, *params))
+        max_rows = x.shape[0] * self.top_k  # one chunk per expert, except on CPU (see CPU_CHUNK_BYTES)
+        if x.device.type == "cpu":
+            max_rows = max(64, CPU_CHUNK_BYTES // (self.w1.shape[1] * params[0].element_size()))
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return _LoopExperts.apply(
+                x.to(dtype),
+                weights.to(dtype),
+                order,
+                inverse,
+                *params,
+                counts.tolist(),  # the layer's one host sync
+                self.act,
+                dropout,
+                max_rows,
+                for_backward,
+            )
 
-    def _experts_grouped_mm(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _forward_grouped_mm(
+        self, x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor
+    ) -> torch.Tensor:
         # grouped_mm has no autocast and no usable bias: cast to the weight dtype, add biases per row.
-        x_sorted = x_sorted.to(self.w1.dtype)
+        dtype = self.w1.dtype
+        x_sorted = x.to(dtype).index_select(0, order // weights.shape[1])
         offsets = counts.cumsum(0).to(torch.int32)
         expert_of_row = torch.repeat_interleave(
             torch.arange(self.num_experts, device=counts.device), counts, output_size=x_sorted.shape[0]
         )
         h = torch._grouped_mm(x_sorted, self.w1.transpose(-2, -1), offs=offsets) + self.b1[expert_of_row]
         h = self.expert_dropout(self.act(h))
-        return torch._grouped_mm(h, self.w2.transpose(-2, -1), offs=offsets) + self.b2[expert_of_row]
+        y_sorted = torch._grouped_mm(h, self.w2.transpose(-2, -1), offs=offsets) + self.b2[expert_of_row]
+        return _combine(y_sorted, inverse, weights.to(dtype))[0]
 
     def extra_repr(self) -> str:
         e, hidden, dim = self.w1.shape
         return f"dim={dim}, hidden={hidden}, num_experts={e}, top_k={self.top_k}, dispatch={self.dispatch}"
+
+
+def _sort_by_expert(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Order the ``N * k`` (token, slot) pairs by expert.
+
+    Returns ``order`` (sorted position -> pair), its inverse (pair -> sorted position) and the per-expert
+    counts. Both directions are kept so that every later permutation is a gather (parallel, deterministic)
+    rather than a scatter.
+    """
+    flat = experts.reshape(-1)
+    order = flat.argsort(stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return order, inverse, torch.bincount(flat, minlength=num_experts)
+
+
+def _combine(y_sorted: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's routing-weighted sum of its k expert outputs, and those outputs ``[N, k, dim]``.
+
+    A gather back to pair order then one batched ``[1, k] @ [k, dim]`` product: no ``index_add_``
+    (non-deterministic on CUDA) and no separate weight multiply, sum and scatter passes over memory.
+    """
+    n, k = weights.shape
+    y_pairs = y_sorted.index_select(0, inverse).view(n, k, -1)
+    return torch.bmm(weights.unsqueeze(1), y_pairs).squeeze(1), y_pairs
+
+
+def _grouped_mm_supported(w1: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` exists and can take this layer: every row stride must be a multiple of
+    16 bytes (it raises otherwise, and older CUDA kernels silently returned wrong results)."""
+    return hasattr(torch, "_grouped_mm") and all(s * w1.element_size() % 16 == 0 for s in w1.shape[1:])
+
+
+# On CPU, experts run in row chunks whose activations stay under this size. glibc serves larger blocks
+# with a fresh mmap whose pages fault in on first touch (about as costly as the math), while smaller
+# blocks are recycled from the heap: chunking keeps a big batch as cheap per row as a small one.
+CPU_CHUNK_BYTES = 24 * 2**20
+
+
+def _chunks(sizes: list[int], max_rows: int):
+    """``(expert, row slice, first chunk of that expert?)`` over the expert-sorted rows: each expert's rows
+    in equal chunks of at most ``max_rows`` (no small, inefficient tail matmul). An expert without tokens
+    still yields one empty chunk, so that its weight gradient is zeroed."""
+    start = 0
+    for e, n in enumerate(sizes):
+        parts = max(1, -(-n // max_rows))  # ceil division
+        step = max(1, -(-n // parts))
+        for offset in range(0, max(n, 1), step):
+            yield e, slice(start + offset, start + min(n, offset + step)), offset == 0
+        start += n
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    if first:
+        torch.mm(a, b, out=out)
+    else:
+        out.addmm_(a, b)
+
+
+def _sum_into(out: torch.Tensor, a: torch.Tensor, first: bool) -> None:
+    if first:
+        torch.sum(a, 0, out=out)
+    else:
+        out.add_(a.sum(0))
+
+
+class _LoopExperts(torch.autograd.Function):
+    """Gather, per-expert matmul pairs, and weighted combine, with a hand-written backward.
+
+    Plain autograd over per-expert ``F.linear`` calls would ``cat`` the expert outputs, ``stack`` full-size
+    weight gradients out of ``unbind``, keep every activation temporary alive and scatter-add the input
+    gradient. Here each expert chunk writes straight into one preallocated output (``out=``), weight
+    gradients go straight into their ``[E, ...]`` slice, every permutation is a gather, only the
+    pre-activation is saved (the activation is recomputed in backward, so any elementwise ``nn.Module``
+    works), and gradients of frozen tensors are never computed.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weights, order, inverse, w1, b1, w2, b2, sizes, act, dropout, max_rows, for_backward):
+        chunks = list(_chunks(sizes, max_rows))
+        x_sorted = x.index_select(0, order // weights.shape[1])
+        y_sorted = x_sorted.new_empty(x_sorted.shape[0], w2.shape[1])
+        pres, keeps = [], []
+        for e, rows, _ in chunks:
+            pre = torch.addmm(b1[e], x_sorted[rows], w1[e].t())
+            h = act(pre)
+            if dropout > 0:
+                keep = torch.empty_like(h, dtype=torch.bool).bernoulli_(1 - dropout)
+                h = h * keep / (1 - dropout)
+                keeps.append(keep)
+            torch.addmm(b2[e], h, w2[e].t(), out=y_sorted[rows])
+            if for_backward:  # at inference the chunk's buffers are freed (and recycled) right away
+                pres.append(pre)
+        out, y_pairs = _combine(y_sorted, inverse, weights)
+        if for_backward:
+            x_sorted = x_sorted if ctx.needs_input_grad[4] else None  # only w1's gradient reads it
+            ctx.save_for_backward(x_sorted, weights, order, inverse, w1, w2, y_pairs, *pres, *keeps)
+            ctx.chunks, ctx.act, ctx.dropout = chunks, act, dropout
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x_sorted, weights, order, inverse, w1, w2, y_pairs, *rest = ctx.saved_tensors
+        pres, keeps = rest[: len(ctx.chunks)], rest[len(ctx.chunks) :] or [None] * len(ctx.chunks)
+        need_x, need_weights, _, _, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:8]
+        need_pre = need_x or need_w1 or need_b1
+        n, k = weights.shape
+        g = dict.fromkeys(("x", "weights", "w1", "b1", "w2", "b2"))
+        if need_weights:
+            g["weights"] = torch.linalg.vecdot(y_pairs, grad_out.unsqueeze(1))
+        if need_pre or need_w2 or need_b2:
+            grad_y = grad_out.index_select(0, order // k).mul_(weights.reshape(-1)[order].unsqueeze(-1))  # sorted
+            grad_x_sorted = torch.empty_like(grad_y) if need_x else None
+            for name, p, need in (("w1", w1, need_w1), ("w2", w2, need_w2)):
+                g[name] = torch.empty_like(p) if need else None
+            g["b1"] = w1.new_empty(w1.shape[:2]) if need_b1 else None
+            g["b2"] = w2.new_empty(w2.shape[:2]) if need_b2 else None
+            for (e, rows, first), pre, keep in zip(ctx.chunks, pres, keeps):
+                with torch.enable_grad():
+                    pre = pre.detach().requires_grad_(True)
+                    act_out = ctx.act(pre)
+                scale = None if keep is None else keep / (1 - ctx.dropout)
+                h = act_out.detach() if scale is None else act_out.detach() * scale
+                gy = grad_y[rows]
+                if need_w2:
+                    _mm_into(g["w2"][e], gy.t(), h, first)
+                if need_b2:
+                    _sum_into(g["b2"][e], gy, first)
+                if not need_pre:
+                    continue
+                grad_h = gy @ w2[e]
+                (grad_pre,) = torch.autograd.grad(act_out, pre, grad_h if scale is None else grad_h * scale)
+                if need_x:
+                    torch.mm(grad_pre, w1[e], out=grad_x_sorted[rows])
+                if need_w1:
+                    _mm_into(g["w1"][e], grad_pre.t(), x_sorted[rows], first)
+                if need_b1:
+                    _sum_into(g["b1"][e], grad_pre, first)
+            if need_x:  # each token's k slot gradients, gathered back to pair order and summed
+                g["x"] = grad_x_sorted.index_select(0, inverse).view(n, k, -1).sum(dim=1)
+        return g["x"], g["weights"], None, None, g["w1"], g["b1"], g["w2"], g["b2"], None, None, None, None, None
 
 
 def load_balancing_loss(

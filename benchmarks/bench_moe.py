@@ -1,0 +1,261 @@
+"""Benchmark one MoE feed-forward layer (4 experts, top-2) against one dense CLIP FFN and a per-expert loop.
+
+Three variants run on the same input, interleaved round by round so that load from other processes hits
+all of them alike:
+
+- ``dense``: one HF ``CLIPMLP`` (fc1 -> quick_gelu -> fc2), the FFN the MoE layer replaces;
+- ``moe[<dispatch>]``: ``clipmoe.MoEFeedForward`` built from four such FFNs;
+- ``loop``: the official CLIP-MoE / HF Mixtral eager dispatch (``one_hot`` mask, ``torch.where`` per
+  expert, ``index_add_`` combine) over an ``nn.ModuleList`` of ``CLIPMLP`` experts, written here.
+
+Each round takes one sample per variant, the best of ``--repeat`` back-to-back calls. Reported times are
+medians of those samples over rounds; ratios are medians of the per-round ratios (a round's samples are
+taken back to back, so the ratio is steadier than either time). The compute floor of top-2
+routing is 2x the dense FFN.
+
+    python benchmarks/bench_moe.py --quick              # < 1 min smoke run
+    python benchmarks/bench_moe.py --rounds 9 --json out.json
+    python benchmarks/bench_moe.py --dispatch loop grouped_mm
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+from transformers import CLIPVisionConfig
+from transformers.models.clip.modeling_clip import CLIPMLP
+
+import clipmoe
+from clipmoe.moe import MoEFeedForward
+
+WIDTHS = {"B/16": (768, 3072), "L/14": (1024, 4096)}  # CLIP ViT (hidden, intermediate)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------- timing shared by the benchmarks
+
+
+def interleaved_times(
+    variants: dict[str, Callable[[], object]],
+    rounds: int,
+    device: torch.device,
+    repeat: int = 1,
+    warmup: int = 1,
+    bar=None,
+) -> dict[str, list[float]]:
+    """Seconds per call of each variant: one sample per round, the best of ``repeat`` back-to-back calls
+    (a burst of load from another process then spoils one call, not the sample), the variants run in an
+    order that rotates every round."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    sync()
+    names = list(variants)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        shift = r % len(names)  # rotate so that no variant always runs right after the same neighbour
+        for name in names[shift:] + names[:shift]:
+            best = float("inf")
+            for _ in range(repeat):
+                start = time.perf_counter()
+                variants[name]()
+                sync()
+                best = min(best, time.perf_counter() - start)
+            times[name].append(best)
+        if bar is not None:
+            bar.update(1)
+    return times
+
+
+def median_ratio(times: dict[str, list[float]], name: str, ref: str) -> float:
+    """Median over rounds of ``time(name) / time(ref)`` within the same round."""
+    return statistics.median(a / b for a, b in zip(times[name], times[ref]))
+
+
+def environment() -> dict[str, str]:
+    """Where the numbers come from, including how busy the machine was (other processes share it)."""
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    env = {
+        "cpu": f"{cpu} ({os.cpu_count()} logical cores)",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "clipmoe": clipmoe.__version__,
+        "threads": str(torch.get_num_threads()),
+    }
+    if hasattr(os, "getloadavg"):
+        env["load average (1, 5, 15 min)"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    return env
+
+
+# ---------------------------------------------------------------- the three variants
+
+
+class LoopReference(nn.Module):
+    """The official CLIP-MoE (HF Mixtral eager) dispatch: one expert module each, ``where`` + ``index_add_``."""
+
+    def __init__(self, experts: list[nn.Module], router: nn.Linear, top_k: int) -> None:
+        super().__init__()
+        self.experts, self.router, self.top_k = nn.ModuleList(experts), router, top_k
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        routing = F.softmax(self.router(x.float()), dim=-1)
+        routing_weights, selected = torch.topk(routing, self.top_k, dim=-1)
+        routing_weights = (routing_weights / routing_weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(x)
+        expert_mask = F.one_hot(selected, num_classes=len(self.experts)).permute(2, 1, 0)
+        for e, expert in enumerate(self.experts):
+            slot, token = torch.where(expert_mask[e])
+            if token.shape[0] == 0:
+                continue
+            out.index_add_(0, token, expert(x[token]) * routing_weights[token, slot, None])
+        return out.view_as(hidden_states)
+
+
+def build_layers(
+    dim: int, hidden: int, num_experts: int, top_k: int, dispatches: list[str], device: torch.device, dtype
+) -> dict[str, nn.Module]:
+    """Dense FFN, the MoE layer per dispatch mode and the loop reference, all sharing expert weights."""
+    config = CLIPVisionConfig(
+        hidden_size=dim, intermediate_size=hidden, num_attention_heads=dim // 64, hidden_act="quick_gelu"
+    )
+    experts = [CLIPMLP(config) for _ in range(num_experts)]
+    router = nn.Linear(dim, num_experts, bias=False)
+    # Random router of unit-scale logits for unit-scale inputs: load spreads over all experts.
+    nn.init.normal_(router.weight, std=dim**-0.5)
+    layers: dict[str, nn.Module] = {"dense": experts[0]}
+    for dispatch in dispatches:
+        moe = MoEFeedForward.from_ffns(
+            [(m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias) for m in experts],
+            experts[0].activation_fn,
+            top_k=top_k,
+            dispatch=dispatch,
+        )
+        moe.router.load_state_dict(router.state_dict())
+        layers[f"moe[{dispatch}]"] = moe
+    layers["loop"] = LoopReference(experts, router, top_k)
+    for layer in layers.values():
+        layer.to(device=device, dtype=dtype)
+        if isinstance(layer, (MoEFeedForward, LoopReference)):
+            layer.router.float()  # routers stay fp32, as in clipmoe
+    return layers
+
+
+def forward_fn(layer: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    def run() -> object:
+        with torch.no_grad():
+            return layer(x)
+
+    return run
+
+
+def forward_backward_fn(layer: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    x = x.detach().requires_grad_(True)
+    grad = torch.randn_like(x)
+
+    def run() -> None:
+        for p in layer.parameters():
+            p.grad = None
+        x.grad = None
+        layer(x).backward(grad)
+
+    return run
+
+
+def check_agreement(layers: dict[str, nn.Module], x: torch.Tensor) -> None:
+    """Every MoE variant must compute what the loop reference computes before its speed means anything."""
+    with torch.no_grad():
+        ref = layers["loop"](x).float()
+        for name, layer in layers.items():
+            if name.startswith("moe"):
+                tol = 2e-2 if x.dtype == torch.bfloat16 else 1e-3
+                torch.testing.assert_close(layer(x).float(), ref, atol=tol, rtol=tol, msg=name)
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: B/16 at 197 and 1536 tokens, 3 rounds")
+    p.add_argument("--widths", nargs="+", choices=list(WIDTHS), default=list(WIDTHS))
+    p.add_argument("--tokens", nargs="+", type=int, default=[197, 1576, 6304], help="rows per call")
+    p.add_argument("--passes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"])
+    p.add_argument("--dispatch", nargs="+", choices=["loop", "grouped_mm", "auto"], default=["loop"])
+    p.add_argument("--experts", type=int, default=4)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--repeat", type=int, default=3, help="calls per variant per round; the best one is the sample")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write every sample and summary to this file")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.widths, args.tokens, args.rounds, args.repeat = ["B/16"], [197, 1576], 3, 2
+    if "grouped_mm" in args.dispatch and not hasattr(torch, "_grouped_mm"):
+        p.error(f"torch {torch.__version__} has no torch._grouped_mm")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    configs = [(w, n, pas) for w in args.widths for n in args.tokens for pas in args.passes]
+    results = []
+    bar = tqdm(total=len(configs) * args.rounds, desc="rounds", unit="round")
+    for width, tokens, pas in configs:
+        torch.manual_seed(args.seed)
+        dim, hidden = WIDTHS[width]
+        layers = build_layers(dim, hidden, args.experts, args.top_k, args.dispatch, device, dtype)
+        x = torch.randn(tokens, dim, device=device, dtype=dtype)
+        check_agreement(layers, x)
+        make = forward_fn if pas == "fwd" else forward_backward_fn
+        variants = {n: make(layer, x) for n, layer in layers.items()}
+        times = interleaved_times(variants, args.rounds, device, args.repeat, bar=bar)
+        row = {"width": width, "tokens": tokens, "pass": pas, "ms": {}, "ratios": {}}
+        for name, samples in times.items():
+            row["ms"][name] = 1e3 * statistics.median(samples)
+        for name in times:
+            if name.startswith("moe"):
+                row["ratios"][f"{name}/dense"] = median_ratio(times, name, "dense")
+                row["ratios"][f"{name}/loop"] = median_ratio(times, name, "loop")
+        row["ratios"]["loop/dense"] = median_ratio(times, "loop", "dense")
+        row["samples_s"] = times
+        results.append(row)
+    bar.close()
+
+    env = environment()
+    print(f"\n{env}, device={args.device}, dtype={args.dtype}, experts={args.experts}, top_k={args.top_k}")
+    print(f"rounds={args.rounds}, repeat={args.repeat}; ms = median over rounds of the best of repeat calls;")
+    print("ratios = median of the per-round ratios\n")
+    names = list(results[0]["ms"])
+    ratio_names = list(results[0]["ratios"])
+    print("| width | tokens | pass | " + " | ".join(f"{n} ms" for n in names) + " | " + " | ".join(ratio_names) + " |")
+    print("|---" * (3 + len(names) + len(ratio_names)) + "|")
+    for r in results:
+        cells = [f"{r['ms'][n]:.1f}" for n in names] + [f"{r['ratios'][n]:.2f}x" for n in ratio_names]
+        print(f"| {r['width']} | {r['tokens']} | {r['pass']} | " + " | ".join(cells) + " |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "args": vars(args), "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
