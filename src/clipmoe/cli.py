@@ -1,5 +1,7 @@
-"""``clipmoe`` command line. Each subcommand lives in the module that does the work; that module
-defines ``add_arguments(parser)`` and ``run(args) -> int | None`` plus a one-line ``__doc__`` summary."""
+"""``clipmoe`` command line: turn a pretrained CLIP into a sparse Mixture-of-Experts CLIP (DMU).
+
+Each subcommand NAME lives in the module that does the work, which defines ``add_NAME_arguments(parser)``,
+``run_NAME(args) -> int | None`` and its help text (``CLI_NAME_HELP`` or the module docstring)."""
 
 from __future__ import annotations
 
