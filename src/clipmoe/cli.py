@@ -1,4 +1,4 @@
-"""``clipmoe`` command line: turn a pretrained CLIP into a sparse Mixture-of-Experts CLIP (DMU).
+"""clipmoe command line: turn a pretrained CLIP into a sparse Mixture-of-Experts CLIP (DMU).
 
 Each subcommand NAME lives in the module that does the work, which defines ``add_NAME_arguments(parser)``,
 ``run_NAME(args) -> int | None`` and its help text (``CLI_NAME_HELP`` or the module docstring)."""
