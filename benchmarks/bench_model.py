@@ -30,7 +30,7 @@ from tqdm import tqdm
 from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
 import clipmoe
-from bench_moe import environment, interleaved_times, median_ratio
+from bench_moe import CLOCKS, environment, interleaved_times, median_ratio
 from clipmoe.modeling import ClipMoeModel
 
 
@@ -116,6 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--repeat", type=int, default=1, help="calls per variant per round; the best one is the sample")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--clock", choices=list(CLOCKS), default="wall", help="cpu: process CPU time (see bench_moe.py)")
     p.add_argument("--skip", nargs="*", choices=["encode", "train"], default=[])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write every sample and summary to this file")
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     bar = tqdm(total=len(groups) * args.rounds, desc="rounds", unit="round")
     for group, (variants, items) in groups.items():
-        times = interleaved_times(variants, args.rounds, torch.device("cpu"), args.repeat, bar=bar)
+        times = interleaved_times(variants, args.rounds, torch.device("cpu"), args.repeat, args.clock, bar=bar)
         ref = next(iter(variants))
         for name, samples in times.items():
             ms = 1e3 * statistics.median(samples)
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     bar.close()
 
     env = environment()
-    print(f"\n{env}; {args.layers} blocks per tower; rounds={args.rounds}, repeat={args.repeat}")
+    print(f"\n{env}; {args.layers} blocks per tower; rounds={args.rounds}, repeat={args.repeat}, clock={args.clock}")
     print("ms = median over rounds (best of repeat calls); ratios = medians of per-round ratios to the first row\n")
     print("| group | variant | batch | ms | items/s | throughput x ref | time x ref | expert share min-max |")
     print("|---|---|---|---|---|---|---|---|")
