@@ -2,8 +2,8 @@
 
 The dense model is a ViT-B/16-shaped HF ``CLIPModel`` (vision 768/3072 x 12 blocks at 224 px, text 512/2048 x
 12 blocks at 77 tokens) with random weights; the MoE model is ``clipmoe.sparse_upcycle(dense, 4, 2)`` with
-random routers, so the load spreads over all experts as after training (identical expert copies and the
-default small router init would not change the FLOPs, but the measured load is printed to show it).
+random routers made to spread the load over all experts, as trained, balanced routers do (routing does not
+change the FLOPs of a dropless layer, but the measured expert shares are printed to show it).
 
 - encode: images/s and texts/s of ``encode_image`` / ``encode_text`` (no_grad), MoE vs dense;
 - train: one step (forward both towers, CLIP contrastive loss, backward, AdamW) for full fine-tuning of
@@ -63,10 +63,34 @@ def build_models(layers: int, seed: int) -> tuple[ClipMoeModel, ClipMoeModel]:
     torch.manual_seed(seed)
     dense = ClipMoeModel(vit_b16_config(layers))
     moe = clipmoe.sparse_upcycle(dense, 4, 2)
-    for layer in moe.moe_layers():
-        # Unit-scale logits for the layer-normed (unit-scale) FFN inputs: every expert gets traffic.
-        nn.init.normal_(layer.router.weight, std=layer.router.weight.shape[1] ** -0.5)
+    spread_routers(moe, torch.randn(2, 3, 224, 224), torch.randint(0, dense.config.text_config.vocab_size, (8, 77)))
     return dense, moe
+
+
+def spread_routers(model: ClipMoeModel, pixels: torch.Tensor, input_ids: torch.Tensor) -> None:
+    """Random routers that spread the load like trained, balanced ones.
+
+    Each router gets unit-scale random rows, minus their component along the mean of that layer's FFN
+    inputs: the text tower's hidden states share a large common direction, which would otherwise give
+    every token the same top-2 experts. (The experts are identical copies, so the inputs seen in this one
+    calibration pass do not depend on the routers being changed.)
+    """
+    means = {}
+
+    def record(layer: nn.Module, args: tuple) -> None:
+        means[layer] = args[0].reshape(-1, args[0].shape[-1]).float().mean(dim=0)
+
+    hooks = [layer.register_forward_pre_hook(record) for layer in model.moe_layers()]
+    with torch.no_grad():
+        model.encode_image(pixels)
+        model.encode_text(input_ids)
+        for h in hooks:
+            h.remove()
+        for layer, mean in means.items():
+            weight = layer.router.weight
+            nn.init.normal_(weight, std=weight.shape[1] ** -0.5)
+            direction = mean / mean.norm()
+            weight -= torch.outer(weight @ direction, direction)
 
 
 def expert_load(model: ClipMoeModel, tower: str) -> tuple[float, float]:
@@ -86,6 +110,14 @@ def clip_loss(model: ClipMoeModel, pixels: torch.Tensor, input_ids: torch.Tensor
     logits = model.logit_scale.exp() * image @ text.t()
     labels = torch.arange(logits.shape[0])
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+def encode_fn(encode, inputs: torch.Tensor):
+    def run() -> None:
+        with torch.no_grad():
+            encode(inputs)
+
+    return run
 
 
 def train_step_fn(model: ClipMoeModel, mode: str, pixels: torch.Tensor, input_ids: torch.Tensor):
@@ -142,16 +174,14 @@ def main(argv: list[str] | None = None) -> None:
         _, input_ids = batch(args.texts)
         for m in (dense, moe):
             m.eval()
-
-        def encoder(model: ClipMoeModel, kind: str):
-            def run() -> None:
-                with torch.no_grad():
-                    model.encode_image(pixels) if kind == "image" else model.encode_text(input_ids)
-
-            return run
-
-        groups["encode image"] = ({"dense": encoder(dense, "image"), "moe": encoder(moe, "image")}, args.images)
-        groups["encode text"] = ({"dense": encoder(dense, "text"), "moe": encoder(moe, "text")}, args.texts)
+        groups["encode image"] = (
+            {name: encode_fn(m.encode_image, pixels) for name, m in (("dense", dense), ("moe", moe))},
+            args.images,
+        )
+        groups["encode text"] = (
+            {name: encode_fn(m.encode_text, input_ids) for name, m in (("dense", dense), ("moe", moe))},
+            args.texts,
+        )
     if "train" not in args.skip:
         pixels, input_ids = batch(args.train_batch)
         for m in (dense, moe):

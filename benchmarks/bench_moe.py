@@ -189,7 +189,7 @@ def check_agreement(layers: dict[str, nn.Module], x: torch.Tensor) -> None:
         ref = layers["loop"](x).float()
         for name, layer in layers.items():
             if name.startswith("moe"):
-                tol = 2e-2 if x.dtype == torch.bfloat16 else 1e-3
+                tol = 5e-2 if x.dtype == torch.bfloat16 else 1e-3
                 torch.testing.assert_close(layer(x).float(), ref, atol=tol, rtol=tol, msg=name)
 
 
