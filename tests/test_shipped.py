@@ -80,3 +80,11 @@ def test_text_to_image_search_finds_the_described_images(tmp_path, heldout_world
     torch.testing.assert_close(
         torch.tensor([h.score for h in hits[0]]).sort(descending=True).values, torch.tensor([h.score for h in hits[0]])
     )
+
+
+def test_shipped_model_carries_the_current_remote_code():
+    """The folder's modeling.py / moe.py (for trust_remote_code) must be today's package source."""
+    src = os.path.dirname(clipmoe.__file__)
+    for name in ("modeling.py", "moe.py"):
+        with open(os.path.join(TINY_CLIP, name)) as a, open(os.path.join(src, name)) as b:
+            assert a.read() == b.read(), f"{name} in the shipped model is stale; re-save the model"

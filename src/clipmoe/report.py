@@ -300,11 +300,12 @@ def _plots(pipe, results: dict[str, dict], folder: str) -> list[tuple[str, str]]
     made.append(("training curves", "training_curves.png"))
     # Routing of the MoE rows.
     from .eval import plot_routing
+    from .pipeline import row_slug
 
     for name, r in results.items():
         routing = r.get("metrics", {}).get("routing")
         if routing:
-            png = "routing_" + "".join(c if c.isalnum() else "_" for c in name.lower()) + ".png"
+            png = f"routing_{row_slug(name)}.png"
             plot_routing(routing, os.path.join(folder, png))
             made.append((f"expert load and routing, {name}", png))
     # Cluster sizes of each stage.

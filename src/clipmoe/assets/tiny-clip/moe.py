@@ -200,9 +200,10 @@ def _grouped_mm_supported(w1: torch.Tensor) -> bool:
     return hasattr(torch, "_grouped_mm") and all(s * w1.element_size() % 16 == 0 for s in w1.shape[1:])
 
 
-# On CPU, experts run in row chunks whose activations stay under this size. glibc serves larger blocks
-# with a fresh mmap whose pages fault in on first touch (about as costly as the math), while smaller
-# blocks are recycled from the heap: chunking keeps a big batch as cheap per row as a small one.
+# On CPU, experts run in row chunks whose activations stay under this size. glibc serves blocks over
+# 32 MiB with a fresh mmap whose pages fault in on first write (about twice the cost of the write itself),
+# while smaller blocks are recycled from the heap: chunking keeps a big batch as cheap per row as a small
+# one (docs/performance.md).
 CPU_CHUNK_BYTES = 24 * 2**20
 
 
