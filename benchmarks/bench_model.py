@@ -8,7 +8,8 @@ change the FLOPs of a dropless layer, but the measured expert shares are printed
 - encode: images/s and texts/s of ``encode_image`` / ``encode_text`` (no_grad), MoE vs dense;
 - train: one step (forward both towers, CLIP contrastive loss, backward, AdamW) for full fine-tuning of
   the dense model (the reference), an MCL step (dense model, ``set_trainable("ffn")``) and a router step
-  (MoE model, ``set_trainable("router")``). After every step the benchmark checks that frozen parameters
+  (MoE model, ``set_trainable("router")``), plus a sparse-upcycling step (MoE model, routers and every
+  expert trainable, ``set_trainable("router+experts")``). After every step the benchmark checks that frozen parameters
   got no gradient, i.e. that their weight gradients were never computed.
 
 Every group is interleaved round by round; ratios are medians of per-round ratios (see bench_moe.py).
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
                 "full (dense)": train_step_fn(dense, "all", pixels, input_ids),
                 "MCL ffn (dense)": train_step_fn(dense, "ffn", pixels, input_ids),
                 "router (moe)": train_step_fn(moe, "router", pixels, input_ids),
+                "router+experts (moe)": train_step_fn(moe, "router+experts", pixels, input_ids),
             },
             args.train_batch,
         )

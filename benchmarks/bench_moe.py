@@ -21,6 +21,7 @@ routing is 2x the dense FFN.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -134,9 +135,17 @@ class LoopReference(nn.Module):
 
 
 def build_layers(
-    dim: int, hidden: int, num_experts: int, top_k: int, dispatches: list[str], device: torch.device, dtype
+    dim: int,
+    hidden: int,
+    num_experts: int,
+    top_k: int,
+    dispatches: list[str],
+    device: torch.device,
+    dtype,
+    baseline: type[nn.Module] | None = None,
 ) -> dict[str, nn.Module]:
-    """Dense FFN, the MoE layer per dispatch mode and the loop reference, all sharing expert weights."""
+    """Dense FFN, the MoE layer per dispatch mode (and ``baseline``'s, another version's MoEFeedForward
+    class, with the loop dispatch) and the loop reference, all sharing expert weights."""
     config = CLIPVisionConfig(
         hidden_size=dim, intermediate_size=hidden, num_attention_heads=dim // 64, hidden_act="quick_gelu"
     )
@@ -145,19 +154,21 @@ def build_layers(
     # Random router of unit-scale logits for unit-scale inputs: load spreads over all experts.
     nn.init.normal_(router.weight, std=dim**-0.5)
     layers: dict[str, nn.Module] = {"dense": experts[0]}
-    for dispatch in dispatches:
-        moe = MoEFeedForward.from_ffns(
+    versions = [(f"moe[{d}]", MoEFeedForward, d) for d in dispatches]
+    versions += [("moe[baseline]", baseline, "loop")] if baseline is not None else []
+    for name, cls, dispatch in versions:
+        moe = cls.from_ffns(
             [(m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias) for m in experts],
             experts[0].activation_fn,
             top_k=top_k,
             dispatch=dispatch,
         )
         moe.router.load_state_dict(router.state_dict())
-        layers[f"moe[{dispatch}]"] = moe
+        layers[name] = moe
     layers["loop"] = LoopReference(experts, router, top_k)
     for layer in layers.values():
         layer.to(device=device, dtype=dtype)
-        if isinstance(layer, (MoEFeedForward, LoopReference)):
+        if hasattr(layer, "router"):
             layer.router.float()  # routers stay fp32, as in clipmoe
     return layers
 
@@ -181,6 +192,19 @@ def forward_backward_fn(layer: nn.Module, x: torch.Tensor) -> Callable[[], objec
         layer(x).backward(grad)
 
     return run
+
+
+def profile_ops(variants: dict[str, Callable[[], object]], calls: int) -> dict[str, dict[str, float]]:
+    """Self CPU ms per call of every op, largest first, for each variant (torch.profiler)."""
+    out = {}
+    for name, fn in variants.items():
+        fn()  # warm
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(calls):
+                fn()
+        ops = {e.key: e.self_cpu_time_total / 1e3 / calls for e in prof.key_averages()}
+        out[name] = dict(sorted(((k, v) for k, v in ops.items() if v > 0), key=lambda kv: -kv[1]))
+    return out
 
 
 def check_agreement(layers: dict[str, nn.Module], x: torch.Tensor) -> None:
@@ -215,6 +239,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write every sample and summary to this file")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="CALLS",
+        help="after timing, profile CALLS calls of each variant (torch.profiler) and print its top ops",
+    )
+    p.add_argument(
+        "--baseline",
+        help="another version's moe.py (e.g. `git show REV:src/clipmoe/moe.py > old_moe.py`), timed as "
+        "moe[baseline] in the same rounds: before/after ratios of a change",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.widths, args.tokens, args.rounds, args.repeat = ["B/16"], [197, 1576], 3, 2
@@ -225,17 +261,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def load_baseline(path: str) -> type[nn.Module]:
+    spec = importlib.util.spec_from_file_location("baseline_moe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.MoEFeedForward
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    baseline = load_baseline(args.baseline) if args.baseline else None
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     configs = [(w, n, pas) for w in args.widths for n in args.tokens for pas in args.passes]
-    results = []
+    results, profiles = [], []
     bar = tqdm(total=len(configs) * args.rounds, desc="rounds", unit="round")
     for width, tokens, pas in configs:
         torch.manual_seed(args.seed)
         dim, hidden = WIDTHS[width]
-        layers = build_layers(dim, hidden, args.experts, args.top_k, args.dispatch, device, dtype)
+        layers = build_layers(dim, hidden, args.experts, args.top_k, args.dispatch, device, dtype, baseline)
         x = torch.randn(tokens, dim, device=device, dtype=dtype)
         check_agreement(layers, x)
         make = forward_fn if pas == "fwd" else forward_backward_fn
@@ -249,8 +293,13 @@ def main(argv: list[str] | None = None) -> None:
                 row["ratios"][f"{name}/dense"] = median_ratio(times, name, "dense")
                 row["ratios"][f"{name}/loop"] = median_ratio(times, name, "loop")
         row["ratios"]["loop/dense"] = median_ratio(times, "loop", "dense")
+        if baseline is not None:
+            for name in args.dispatch:
+                row["ratios"][f"moe[{name}]/baseline"] = median_ratio(times, f"moe[{name}]", "moe[baseline]")
         row["samples_s"] = times
         results.append(row)
+        if args.profile:
+            profiles.append((f"{width}, {tokens} tokens, {pas}", profile_ops(variants, args.profile)))
     bar.close()
 
     env = environment()
@@ -264,6 +313,12 @@ def main(argv: list[str] | None = None) -> None:
     for r in results:
         cells = [f"{r['ms'][n]:.1f}" for n in names] + [f"{r['ratios'][n]:.2f}x" for n in ratio_names]
         print(f"| {r['width']} | {r['tokens']} | {r['pass']} | " + " | ".join(cells) + " |")
+    for title, per_variant in profiles:
+        print(f"\nprofile, {title}: ms per call (self CPU time), top ops")
+        for name, ops in per_variant.items():
+            total = sum(ops.values())
+            top = ", ".join(f"{op.removeprefix('aten::')} {ms:.1f}" for op, ms in list(ops.items())[:8])
+            print(f"  {name:14s} {total:7.1f}: {top}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "args": vars(args), "results": results}, f, indent=1)

@@ -114,9 +114,11 @@ def test_saved_folders_load_without_clipmoe(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(out["image"], ref.encode_image(pixels), atol=1e-6, rtol=0)
         torch.testing.assert_close(out["text"], ref.encode_text(**text), atol=1e-6, rtol=0)
-        # LLaVA's preprocessing and layer -2 patch selection equal our own full-model forward.
+        # LLaVA's preprocessing equals ours; its layer -2 patch selection equals our own full-model
+        # forward on the same pixels (fed the pixels above, the two would differ by the preprocessing's
+        # rounding, amplified through the layers).
         torch.testing.assert_close(out["pixel_values"], pixels, atol=1e-5, rtol=0)
-        ours = ref.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states
+        ours = ref.vision_model(pixel_values=out["pixel_values"], output_hidden_states=True).hidden_states
     assert out["patch_features"].shape == (2, 16, 32)  # 32 px / 8 px patches = 4x4, CLS dropped, width 32
     torch.testing.assert_close(out["patch_features"], ours[-2][:, 1:], atol=1e-6, rtol=0)
 

@@ -1,8 +1,18 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+from transformers.activations import GELUActivation, GELUTanh, QuickGELUActivation
 
-from clipmoe.moe import MoEFeedForward, QuickGELU, load_balancing_loss, router_z_loss
+from clipmoe.moe import (
+    MoEFeedForward,
+    QuickGELU,
+    _activation,
+    load_balancing_loss,
+    router_z_loss,
+)
 
 
 def reference_moe(layer: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:
@@ -234,3 +244,132 @@ def test_grouped_mm_falls_back_to_the_loop(monkeypatch):
     reference.load_state_dict(aligned.state_dict())
     x = torch.randn(20, 16)
     torch.testing.assert_close(aligned(x), reference(x), atol=0, rtol=0)
+
+
+ACTIVATIONS = {  # the activations CLIP checkpoints use (closed form), and two left to autograd
+    "clipmoe QuickGELU": (QuickGELU, True),
+    "HF quick_gelu": (QuickGELUActivation, True),
+    "nn.GELU": (nn.GELU, True),
+    "nn.GELU tanh": (lambda: nn.GELU(approximate="tanh"), True),
+    "HF gelu": (GELUActivation, True),
+    "HF gelu_pytorch_tanh": (GELUTanh, True),
+    "HF gelu_python": (lambda: GELUActivation(use_gelu_python=True), False),
+    "nn.SiLU": (nn.SiLU, False),
+}
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_closed_form_activations_match_the_module(name):
+    """fn(scale z) / scale is the module's output, and backward(g, scale z) autograd's gradient at z."""
+    make, closed = ACTIVATIONS[name]
+    act = make()
+    form = _activation(act)
+    assert (form.backward is not None) == closed
+    if not closed:
+        assert form.fn is act and form.scale == 1.0
+        return
+    z = torch.linspace(-9, 9, 2001, dtype=torch.float64, requires_grad=True)  # both saturated tails too
+    g = torch.randn_like(z)
+    out = act(z)
+    (expected,) = torch.autograd.grad(out, z, g)
+    u = form.scale * z.detach()
+    torch.testing.assert_close(form.fn(u) / form.scale, out.detach(), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(form.backward(g, u), expected, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_layer_gradients_match_reference_for_every_activation(name):
+    torch.manual_seed(0)
+    layer = MoEFeedForward(16, 32, 4, 2, activation=ACTIVATIONS[name][0](), expert_dropout=0.0, dispatch="loop")
+    x = torch.randn(21, 16, requires_grad=True)
+    torch.testing.assert_close(layer(x), reference_moe(layer, x), atol=1e-5, rtol=1e-5)
+    g = torch.randn(21, 16)
+    ours = _grads(layer, lambda m, t: m(t), x, g)
+    ref = _grads(layer, reference_moe, x, g)
+    for key, grad in ref.items():
+        torch.testing.assert_close(ours[key], grad, atol=1e-4, rtol=1e-4, msg=key)
+
+
+def _backward(layer: MoEFeedForward, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    layer(torch.randn(30, 16, generator=gen)).backward(torch.randn(30, 16, generator=gen))
+
+
+def _fresh_grads(layer: MoEFeedForward, seed: int) -> dict[str, torch.Tensor]:
+    """The gradients of one backward, computed by a copy of the layer (no shared cache)."""
+    twin = copy.deepcopy(layer)
+    twin.zero_grad(set_to_none=True)
+    _backward(twin, seed)
+    return {n: p.grad for n, p in twin.named_parameters()}
+
+
+def test_weight_gradient_memory_is_reused_only_when_nothing_holds_it():
+    torch.manual_seed(0)
+    layer = MoEFeedForward(16, 32, 4, 2, dispatch="loop")
+    _backward(layer, 1)
+    first = layer.w1.grad
+    first_ptr, first_values = first.data_ptr(), first.clone()
+
+    # A caller still holds the old gradient: the next backward must not write into it.
+    layer.zero_grad(set_to_none=True)
+    _backward(layer, 2)
+    assert layer.w1.grad.data_ptr() != first_ptr
+    torch.testing.assert_close(first, first_values, atol=0, rtol=0)
+    torch.testing.assert_close(layer.w1.grad, _fresh_grads(layer, 2)["w1"], atol=0, rtol=0)
+
+    # Once nothing holds it, the memory serves again (no fresh pages to fault in), with correct values:
+    # every element is written, even where the old contents are NaN.
+    del first
+    for seed in (3, 4):
+        layer.zero_grad(set_to_none=True)
+        for buf, _ in layer._grad_buffers["w1"] + layer._grad_buffers["w2"]:
+            buf.fill_(float("nan"))
+        _backward(layer, seed)
+        assert layer.w1.grad.data_ptr() == first_ptr
+        expected = _fresh_grads(layer, seed)
+        for name in ("w1", "w2", "b1", "b2"):
+            torch.testing.assert_close(getattr(layer, name).grad, expected[name], atol=0, rtol=0, msg=name)
+    assert len(layer._grad_buffers["w1"]) == 2  # param.grad's buffer and one spare, never more
+
+
+def test_reused_gradient_memory_is_zeroed_for_an_expert_without_tokens():
+    torch.manual_seed(0)
+    layer = MoEFeedForward(16, 32, 4, 1, dispatch="loop")
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0, 0] = 1.0  # with x > 0 below, expert 0 has the top logit for every token
+    x = torch.randn(30, 16).abs()
+    for _ in range(2):
+        layer.zero_grad(set_to_none=True)
+        for buf, _ in layer._grad_buffers.get("w1", []):
+            buf.fill_(float("nan"))
+        layer(x).sum().backward()
+        assert torch.equal(layer.w1.grad[1:], torch.zeros_like(layer.w1.grad[1:]))
+        assert not layer.w1.grad[0].isnan().any()
+
+
+def test_gradient_accumulation_with_reused_memory_sums_exactly():
+    torch.manual_seed(0)
+    layer = MoEFeedForward(16, 32, 4, 2, dispatch="loop")
+    parts = [_fresh_grads(layer, seed) for seed in (1, 2, 3)]
+    for _ in range(2):  # the second round runs on cached memory
+        layer.zero_grad(set_to_none=True)
+        for seed in (1, 2, 3):
+            _backward(layer, seed)
+        for name in ("w1", "w2"):
+            torch.testing.assert_close(getattr(layer, name).grad, sum(p[name] for p in parts), msg=name)
+
+
+def test_eval_and_copies_drop_the_gradient_cache():
+    torch.manual_seed(0)
+    layer = MoEFeedForward(16, 32, 4, 2, dispatch="loop")
+    _backward(layer, 1)
+    assert set(layer._grad_buffers) == {"w1", "w2"}
+    assert copy.deepcopy(layer)._grad_buffers == {}
+    layer.eval()
+    assert layer._grad_buffers == {}
+    frozen = MoEFeedForward(16, 32, 4, 2, dispatch="loop")
+    for p in (frozen.w1, frozen.b1, frozen.w2, frozen.b2):
+        p.requires_grad_(False)
+    _backward(frozen, 1)  # a router step computes no weight gradient, so caches nothing
+    assert frozen._grad_buffers == {}

@@ -12,6 +12,10 @@ contiguous slice (``_LoopExperts``, with a hand-written backward), or all expert
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,6 +68,7 @@ class MoEFeedForward(nn.Module):
         self.act = activation if activation is not None else QuickGELU()
         self.expert_dropout = nn.Dropout(expert_dropout)
         self.last_router_logits: torch.Tensor | None = None
+        self._grad_buffers: dict[str, list[tuple[torch.Tensor, int]]] = {}  # see _gradient_buffer
         for w in (self.w1, self.w2):
             for e in range(num_experts):
                 nn.init.kaiming_uniform_(w.data[e], a=5**0.5)  # nn.Linear's default init
@@ -90,6 +95,16 @@ class MoEFeedForward(nn.Module):
                 layer.b2[e].copy_(b2)
         layer.router.float()  # routers stay fp32 whatever the experts' dtype
         return layer
+
+    def train(self, mode: bool = True) -> MoEFeedForward:
+        if not mode:  # evaluation needs no weight gradients: give their cached CPU memory back
+            self._grad_buffers.clear()
+        return super().train(mode)
+
+    def __getstate__(self) -> dict:
+        # deepcopy / pickle: neither the last call's logits (part of a graph, which deepcopy refuses) nor
+        # cached gradient memory is state
+        return {**self.__dict__, "last_router_logits": None, "_grad_buffers": {}}
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router logits [N, E] (fp32 or wider), renormalised top-k weights [N, k] and expert ids [N, k]."""
@@ -129,25 +144,21 @@ class MoEFeedForward(nn.Module):
         # that the backward's recompute of the activation sees exactly what the forward saw. The casts sit
         # outside the autograd.Function, so gradients reach fp32 master weights in their own dtype.
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else self.w1.dtype
-        dropout = self.expert_dropout.p if self.training else 0.0
         params = [p.to(dtype) for p in (self.w1, self.b1, self.w2, self.b2)]
-        for_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, *params))
-        max_rows = x.shape[0] * self.top_k  # one chunk per expert, except on CPU (see CPU_CHUNK_BYTES)
-        if x.device.type == "cpu":
-            max_rows = max(64, CPU_CHUNK_BYTES // (self.w1.shape[1] * params[0].element_size()))
+        on_cpu = x.device.type == "cpu"
+        plan = _ExpertPlan(
+            sizes=counts.tolist(),  # the layer's one host sync
+            act=_activation(self.act),
+            grad_buffers=self._grad_buffers if on_cpu else None,  # CUDA's caching allocator already recycles
+            dropout=self.expert_dropout.p if self.training else 0.0,
+            # one chunk per expert, except on CPU (see CPU_CHUNK_BYTES)
+            max_rows=max(64, CPU_CHUNK_BYTES // (self.w1.shape[1] * params[0].element_size()))
+            if on_cpu
+            else x.shape[0] * self.top_k,
+            for_backward=torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, *params)),
+        )
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return _LoopExperts.apply(
-                x.to(dtype),
-                weights.to(dtype),
-                order,
-                inverse,
-                *params,
-                counts.tolist(),  # the layer's one host sync
-                self.act,
-                dropout,
-                max_rows,
-                for_backward,
-            )
+            return _LoopExperts.apply(x.to(dtype), weights.to(dtype), order, inverse, *params, plan)
 
     def _forward_grouped_mm(
         self, x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor
@@ -220,11 +231,11 @@ def _chunks(sizes: list[int], max_rows: int):
         start += n
 
 
-def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool, alpha: float = 1.0) -> None:
     if first:
-        torch.mm(a, b, out=out)
+        torch.addmm(out, a, b, beta=0, alpha=alpha, out=out)  # beta=0: out's old contents are ignored
     else:
-        out.addmm_(a, b)
+        out.addmm_(a, b, alpha=alpha)
 
 
 def _sum_into(out: torch.Tensor, a: torch.Tensor, first: bool) -> None:
@@ -234,45 +245,128 @@ def _sum_into(out: torch.Tensor, a: torch.Tensor, first: bool) -> None:
         out.add_(a.sum(0))
 
 
+@dataclass(frozen=True)
+class _Activation:
+    """An elementwise activation written as ``fn(scale * z) / scale``.
+
+    The scale folds into the matmuls on either side (addmm's ``alpha``/``beta``), so the layer runs one
+    elementwise kernel where quick_gelu's ``x * sigmoid(1.702 x)`` takes three. ``backward(grad, u)`` is
+    ``grad * fn'(u)``, one fused kernel; None means differentiate ``fn`` by autograd on a recompute.
+    """
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    scale: float = 1.0
+    backward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+
+def _activation(act: nn.Module) -> _Activation:
+    """The closed form of the activations CLIP checkpoints use; any other elementwise module as it is."""
+    cls = type(act)
+    from_transformers = cls.__module__.startswith("transformers.")
+    if isinstance(act, QuickGELU) or (from_transformers and cls.__name__ == "QuickGELUActivation"):
+        return _Activation(F.silu, 1.702, torch.ops.aten.silu_backward)  # x sigmoid(1.702 x) = silu(1.702 x)/1.702
+    approximate = None
+    fn = getattr(act, "act", None)  # transformers' GELUActivation and GELUTanh wrap F.gelu
+    if cls is nn.GELU:
+        approximate = act.approximate
+    elif from_transformers and cls.__name__ == "GELUActivation" and fn is F.gelu:
+        approximate = "none"
+    elif (
+        from_transformers
+        and cls.__name__ == "GELUTanh"
+        and isinstance(fn, functools.partial)
+        and fn.func is F.gelu
+        and fn.keywords == {"approximate": "tanh"}
+    ):
+        approximate = "tanh"
+    if approximate is None:
+        return _Activation(act)
+    return _Activation(
+        functools.partial(F.gelu, approximate=approximate),
+        backward=functools.partial(torch.ops.aten.gelu_backward, approximate=approximate),
+    )
+
+
+def _storage_refs(t: torch.Tensor) -> int:
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+def _gradient_buffer(cache: dict | None, name: str, like: torch.Tensor) -> torch.Tensor:
+    """Uninitialised memory for the stacked gradient of weight ``name``, reused across backwards on CPU.
+
+    A stacked ``[E, hidden, dim]`` gradient is large (37.7 MB for one ViT-B/16 layer). glibc serves blocks
+    over 32 MiB with a fresh mmap, so a fresh gradient faults in its pages on every backward, which at
+    small batches costs more than the matmuls (docs/performance.md). The layer keeps each buffer it
+    handed out and hands it out again only when the storage's reference count shows that nothing else
+    (``param.grad``, a user's copy, a view, a numpy array) still holds it, so no live tensor is ever
+    overwritten. With gradient accumulation ``param.grad`` holds one buffer and a second one serves each
+    micro-batch. ``layer.eval()`` (or ``train(False)``) frees the cache.
+    """
+    if cache is None or not hasattr(torch._C, "_storage_Use_Count"):
+        return torch.empty_like(like)
+    entries = [e for e in cache.get(name, []) if e[0].shape == like.shape and e[0].dtype == like.dtype]
+    for buf, alone in entries:
+        if _storage_refs(buf) == alone:
+            return buf.view(buf.shape)  # a new tensor on the same memory, which autograd adopts as .grad
+    buf = torch.empty_like(like, memory_format=torch.contiguous_format)
+    cache[name] = [*entries[-1:], (buf, _storage_refs(buf))]  # at most two: param.grad's and a spare
+    return buf.view(buf.shape)
+
+
+@dataclass(frozen=True)
+class _ExpertPlan:
+    """The non-tensor inputs of ``_LoopExperts``."""
+
+    sizes: list[int]  # tokens per expert, from the layer's one host sync
+    act: _Activation
+    grad_buffers: dict | None  # the layer's gradient cache on CPU, else None (see _gradient_buffer)
+    dropout: float
+    max_rows: int  # rows per expert chunk
+    for_backward: bool  # save what the backward needs
+
+
 class _LoopExperts(torch.autograd.Function):
     """Gather, per-expert matmul pairs, and weighted combine, with a hand-written backward.
 
     Plain autograd over per-expert ``F.linear`` calls would ``cat`` the expert outputs, ``stack`` full-size
     weight gradients out of ``unbind``, keep every activation temporary alive and scatter-add the input
     gradient. Here each expert chunk writes straight into one preallocated output (``out=``), weight
-    gradients go straight into their ``[E, ...]`` slice, every permutation is a gather, only the
-    pre-activation is saved (the activation is recomputed in backward, so any elementwise ``nn.Module``
-    works), and gradients of frozen tensors are never computed.
+    gradients go straight into their ``[E, ...]`` slice (of memory reused across steps on CPU, see
+    ``_gradient_buffer``), every permutation is a gather, only the pre-activation is saved (the activation
+    is recomputed in backward; CLIP's activations are differentiated in closed form, any other elementwise
+    ``nn.Module`` by autograd), and gradients of frozen tensors are never computed.
     """
 
     @staticmethod
-    def forward(ctx, x, weights, order, inverse, w1, b1, w2, b2, sizes, act, dropout, max_rows, for_backward):
-        chunks = list(_chunks(sizes, max_rows))
+    def forward(ctx, x, weights, order, inverse, w1, b1, w2, b2, plan: _ExpertPlan):
+        act, dropout = plan.act, plan.dropout
+        chunks = list(_chunks(plan.sizes, plan.max_rows))
         x_sorted = x.index_select(0, order // weights.shape[1])
         y_sorted = x_sorted.new_empty(x_sorted.shape[0], w2.shape[1])
         pres, keeps = [], []
         for e, rows, _ in chunks:
-            pre = torch.addmm(b1[e], x_sorted[rows], w1[e].t())
-            h = act(pre)
+            # pre = scale * (x w1^T + b1): the activation's scale rides on the matmul (see _Activation)
+            pre = torch.addmm(b1[e], x_sorted[rows], w1[e].t(), beta=act.scale, alpha=act.scale)
+            h = act.fn(pre)
             if dropout > 0:
                 keep = torch.empty_like(h, dtype=torch.bool).bernoulli_(1 - dropout)
                 h = h * keep / (1 - dropout)
                 keeps.append(keep)
-            torch.addmm(b2[e], h, w2[e].t(), out=y_sorted[rows])
-            if for_backward:  # at inference the chunk's buffers are freed (and recycled) right away
+            torch.addmm(b2[e], h, w2[e].t(), alpha=1 / act.scale, out=y_sorted[rows])
+            if plan.for_backward:  # at inference the chunk's buffers are freed (and recycled) right away
                 pres.append(pre)
         out, y_pairs = _combine(y_sorted, inverse, weights)
-        if for_backward:
+        if plan.for_backward:
             x_sorted = x_sorted if ctx.needs_input_grad[4] else None  # only w1's gradient reads it
             ctx.save_for_backward(x_sorted, weights, order, inverse, w1, w2, y_pairs, *pres, *keeps)
-            ctx.chunks, ctx.act, ctx.dropout = chunks, act, dropout
+            ctx.chunks, ctx.plan = chunks, plan
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         x_sorted, weights, order, inverse, w1, w2, y_pairs, *rest = ctx.saved_tensors
-        pres, keeps = rest[: len(ctx.chunks)], rest[len(ctx.chunks) :] or [None] * len(ctx.chunks)
+        plan, pres, keeps = ctx.plan, rest[: len(ctx.chunks)], rest[len(ctx.chunks) :] or [None] * len(ctx.chunks)
         need_x, need_weights, _, _, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:8]
         need_pre = need_x or need_w1 or need_b1
         n, k = weights.shape
@@ -283,24 +377,34 @@ class _LoopExperts(torch.autograd.Function):
             grad_y = grad_out.index_select(0, order // k).mul_(weights.reshape(-1)[order].unsqueeze(-1))  # sorted
             grad_x_sorted = torch.empty_like(grad_y) if need_x else None
             for name, p, need in (("w1", w1, need_w1), ("w2", w2, need_w2)):
-                g[name] = torch.empty_like(p) if need else None
+                g[name] = _gradient_buffer(plan.grad_buffers, name, p) if need else None
             g["b1"] = w1.new_empty(w1.shape[:2]) if need_b1 else None
             g["b2"] = w2.new_empty(w2.shape[:2]) if need_b2 else None
             for (e, rows, first), pre, keep in zip(ctx.chunks, pres, keeps):
-                with torch.enable_grad():
-                    pre = pre.detach().requires_grad_(True)
-                    act_out = ctx.act(pre)
-                scale = None if keep is None else keep / (1 - ctx.dropout)
-                h = act_out.detach() if scale is None else act_out.detach() * scale
+                act = plan.act
+                if act.backward is None:
+                    with torch.enable_grad():
+                        pre = pre.detach().requires_grad_(True)
+                        act_out = act.fn(pre)
+                    h = act_out.detach()
+                else:
+                    h = act.fn(pre)  # grad mode is off here: no graph
+                scale = None if keep is None else keep / (1 - plan.dropout)
+                h = h if scale is None else h * scale
                 gy = grad_y[rows]
                 if need_w2:
-                    _mm_into(g["w2"][e], gy.t(), h, first)
+                    _mm_into(g["w2"][e], gy.t(), h, first, alpha=1 / act.scale)
                 if need_b2:
                     _sum_into(g["b2"][e], gy, first)
                 if not need_pre:
                     continue
+                # the scales cancel: d/dz [fn(s z) / s] = fn'(s z), so this is the gradient at z
                 grad_h = gy @ w2[e]
-                (grad_pre,) = torch.autograd.grad(act_out, pre, grad_h if scale is None else grad_h * scale)
+                grad_h = grad_h if scale is None else grad_h.mul_(scale)
+                if act.backward is None:
+                    (grad_pre,) = torch.autograd.grad(act_out, pre, grad_h)
+                else:
+                    grad_pre = act.backward(grad_h, pre)
                 if need_x:
                     torch.mm(grad_pre, w1[e], out=grad_x_sorted[rows])
                 if need_w1:
@@ -309,7 +413,7 @@ class _LoopExperts(torch.autograd.Function):
                     _sum_into(g["b1"][e], grad_pre, first)
             if need_x:  # each token's k slot gradients, gathered back to pair order and summed
                 g["x"] = grad_x_sorted.index_select(0, inverse).view(n, k, -1).sum(dim=1)
-        return g["x"], g["weights"], None, None, g["w1"], g["b1"], g["w2"], g["b2"], None, None, None, None, None
+        return g["x"], g["weights"], None, None, g["w1"], g["b1"], g["w2"], g["b2"], None
 
 
 def load_balancing_loss(
