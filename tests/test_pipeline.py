@@ -16,7 +16,7 @@ import clipmoe
 from clipmoe.cluster import cluster_features
 from clipmoe.config import ConfigError
 from clipmoe.embed import FeatureStore
-from clipmoe.pipeline import Pipeline, open_run
+from clipmoe.pipeline import Pipeline, open_run, print_plan
 from clipmoe.pretrain import build_clip, load_tokenizer
 
 
@@ -138,6 +138,26 @@ def test_changed_config_is_refused_then_forked(tmp_path, world, base_dir):
     cfg, run_dir = open_run(changed, str(tmp_path / "run"), fork=str(tmp_path / "fork"))
     assert run_dir == str(tmp_path / "fork") and os.path.isdir(tmp_path / "fork" / "stage0" / "embed")
     assert cfg.route.lr == 0.5
+
+
+def test_dry_run_predicts_refusal_and_fork_without_writing(tmp_path, world, base_dir, capsys):
+    run = tmp_path / "run"
+    open_run(write_config(tmp_path, world, base_dir), str(run))
+    for done in ("base/config.json", "stage0/embed/DONE", "stage0/cluster/labels.npy", "stage1/model/config.json"):
+        os.makedirs((run / done).parent, exist_ok=True)
+        (run / done).touch()
+    changed = write_config(tmp_path, world, base_dir, mcl={"lr": 0.5})
+    cfg = clipmoe.config.load_config(changed)
+    with pytest.raises(ConfigError, match=r"changed keys: mcl\.lr"):
+        print_plan(cfg, str(run))  # as the run itself would refuse
+    print_plan(cfg, str(run), fork=str(tmp_path / "fork"))
+    out = capsys.readouterr().out
+    assert "changed: mcl" in out and f"run directory: {tmp_path / 'fork'}" in out
+    for line in ("[reused] prepare", "[reused] embed 0", "[reused] cluster 0", "[todo] mcl 1", "[todo] route"):
+        assert line in out, line
+    assert not (tmp_path / "fork").exists()
+    print_plan(clipmoe.config.load_config(write_config(tmp_path, world, base_dir)), str(run))
+    assert "[done] mcl 1" in capsys.readouterr().out
 
 
 def test_labels_accumulate():

@@ -424,24 +424,35 @@ def open_run(config_path: str, run_dir: str | None = None, fork: str | None = No
     """Validate the config and bind it to its run directory (snapshot; refuse a changed config)."""
     cfg = load_config(config_path)
     run_dir = run_dir or os.path.splitext(config_path)[0] + "-run"
-    snapshot = os.path.join(run_dir, "config.yaml")
     if fork:
         _fork(run_dir, fork, cfg)
-        run_dir, snapshot = fork, os.path.join(fork, "config.yaml")
+        run_dir = fork
+    snapshot = os.path.join(run_dir, "config.yaml")
     if os.path.exists(snapshot):
-        with open(snapshot) as f:
-            old = yaml.safe_load(f)
-        changed = diff_configs(old, cfg.to_dict())
-        if changed:
-            raise ConfigError(
-                f"{run_dir} was started with a different config; changed keys: {', '.join(changed)}. "
-                f"Use the old config to resume, or --fork NEW_RUN_DIR to start a new run that reuses what is unchanged."
-            )
+        _refuse_changed_config(run_dir, cfg)
     else:
         os.makedirs(run_dir, exist_ok=True)
         with open(snapshot, "w") as f:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
     return cfg, run_dir
+
+
+def _changed_keys(run_dir: str, cfg: PipelineConfig) -> list[str]:
+    """Config keys that differ from the run directory's snapshot (none if it has no snapshot yet)."""
+    snapshot = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(snapshot):
+        return []
+    with open(snapshot) as f:
+        return diff_configs(yaml.safe_load(f), cfg.to_dict())
+
+
+def _refuse_changed_config(run_dir: str, cfg: PipelineConfig) -> None:
+    changed = _changed_keys(run_dir, cfg)
+    if changed:
+        raise ConfigError(
+            f"{run_dir} was started with a different config; changed keys: {', '.join(changed)}. "
+            f"Use the old config to resume, or --fork NEW_RUN_DIR to start a new run that reuses what is unchanged."
+        )
 
 
 # What each stage's outputs depend on: a fork reuses a finished stage only if none of these changed.
@@ -453,20 +464,27 @@ _STAGE_INPUTS = {
 }
 
 
-def _fork(src: str, dst: str, cfg: PipelineConfig) -> None:
-    if os.path.exists(dst):
-        raise ConfigError(f"cannot fork into {dst}: it exists")
-    with open(os.path.join(src, "config.yaml")) as f:
-        old = yaml.safe_load(f)
-    changed = {k.split(".")[0] for k in diff_configs(old, cfg.to_dict())}
-    os.makedirs(dst)
+def _reusable(src: str, cfg: PipelineConfig) -> tuple[list[str], set[str]]:
+    """The top-level entries of run ``src`` that a fork with ``cfg`` reuses, and the changed config sections."""
+    if not os.path.exists(os.path.join(src, "config.yaml")):
+        raise ConfigError(f"cannot fork {src}: it is not a run directory (no config.yaml)")
+    changed = {k.split(".")[0] for k in _changed_keys(src, cfg)}
     reuse = []
     for name in sorted(os.listdir(src)):
         kind = "stage" if name.startswith("stage") and name != "stage0" else name
         inputs = _STAGE_INPUTS.get(kind)
         if inputs is not None and not changed & set(inputs):
-            shutil.copytree(os.path.join(src, name), os.path.join(dst, name), symlinks=True)
             reuse.append(name)
+    return reuse, changed
+
+
+def _fork(src: str, dst: str, cfg: PipelineConfig) -> None:
+    if os.path.exists(dst):
+        raise ConfigError(f"cannot fork into {dst}: it exists")
+    reuse, changed = _reusable(src, cfg)
+    os.makedirs(dst)
+    for name in reuse:
+        shutil.copytree(os.path.join(src, name), os.path.join(dst, name), symlinks=True)
     print(f"forked {src} -> {dst}; reused: {', '.join(reuse) or 'nothing'} (changed: {', '.join(sorted(changed))})")
 
 
@@ -486,7 +504,7 @@ def _open(args) -> Pipeline:
     if getattr(args, "dry_run", False):
         cfg = load_config(args.config)
         run_dir = args.run_dir or os.path.splitext(args.config)[0] + "-run"
-        print_plan(cfg, run_dir)
+        print_plan(cfg, run_dir, getattr(args, "fork", None))
         return None
     cfg, run_dir = open_run(args.config, args.run_dir, getattr(args, "fork", None))
     return Pipeline(cfg, run_dir, init_distributed(cfg.device))
@@ -500,11 +518,20 @@ def run_run(args) -> None:
         shutdown_distributed(pipe.env)
 
 
-def print_plan(cfg: PipelineConfig, run_dir: str) -> None:
+def print_plan(cfg: PipelineConfig, run_dir: str, fork: str | None = None) -> None:
+    """What ``clipmoe run`` would do, writing nothing: it refuses here what the run would refuse."""
     from .report import phase_parameters
 
-    pipe = Pipeline(cfg, run_dir)
-    done = pipe.status() if os.path.exists(run_dir) else {}
+    done = Pipeline(cfg, run_dir).status() if os.path.exists(run_dir) else {}
+    if fork:
+        if os.path.exists(fork):
+            raise ConfigError(f"cannot fork into {fork}: it exists")
+        reuse, changed = _reusable(run_dir, cfg)
+        done = {name: ok and _stage_entry(name) in reuse for name, ok in done.items()}
+        print(f"fork of {run_dir} (changed: {', '.join(sorted(changed)) or 'nothing'})")
+        run_dir = fork
+    elif os.path.exists(run_dir):
+        _refuse_changed_config(run_dir, cfg)
     print(f"run directory: {run_dir}")
     print(
         f"base model: {cfg.base_model}; {cfg.moe.experts} experts (top-{cfg.moe.top_k}) = base FFN + "
@@ -526,7 +553,7 @@ def print_plan(cfg: PipelineConfig, run_dir: str) -> None:
     stages += ["build", "route"] + [f"baseline {n}" for n in ("dense", "upcycle", "soup") if getattr(cfg.baselines, n)]
     stages += ["report"]
     for name in stages:
-        mark = "done" if done.get(name) else "todo"
+        mark = ("reused" if fork else "done") if done.get(name) else "todo"
         print(f"  [{mark}] {name}")
     steps = f"{cfg.mcl.steps} steps" if cfg.mcl.steps else f"{cfg.mcl.epochs} epoch(s)"
     print(
@@ -534,6 +561,16 @@ def print_plan(cfg: PipelineConfig, run_dir: str) -> None:
         f"{cfg.route.steps or cfg.route.epochs} {'steps' if cfg.route.steps else 'epoch(s)'}, lr {cfg.route.lr}; "
         "baselines: the same number of optimizer steps as all MCL stages + routing"
     )
+
+
+def _stage_entry(stage: str) -> str:
+    """The top-level run-directory entry a stage of ``Pipeline.status`` writes."""
+    kind, _, number = stage.partition(" ")
+    if kind == "prepare":
+        return "base"
+    if kind in ("embed", "cluster", "mcl"):
+        return f"stage{number}"
+    return {"build": "moe", "route": "moe", "baseline": "baselines"}.get(kind, "report.md")
 
 
 def _stage_command(name: str, needs_stage: bool, doc: str):
