@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
-from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
 import clipmoe
+from bench_model import vit_b16_config
 from bench_moe import environment, interleaved_times, median_ratio
 from clipmoe.eval import encode_images, encode_texts
 from clipmoe.modeling import ClipMoeModel
@@ -37,28 +37,14 @@ WORDS = (
 def build_dense(layers: int) -> ClipMoeModel:
     """A randomly initialised CLIP with ViT-B/16 widths and ``layers`` blocks per tower."""
     tokenizer = build_word_tokenizer(WORDS, context_length=77)
-    text = CLIPTextConfig(
+    config = vit_b16_config(
+        layers,
         vocab_size=len(tokenizer),
-        hidden_size=512,
-        intermediate_size=2048,
-        num_hidden_layers=layers,
-        num_attention_heads=8,
-        max_position_embeddings=77,
-        projection_dim=512,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    vision = CLIPVisionConfig(
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=layers,
-        num_attention_heads=12,
-        image_size=224,
-        patch_size=16,
-        projection_dim=512,
-    )
-    model = ClipMoeModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=512))
+    model = ClipMoeModel(config)
     model.tokenizer = TextTokenizer(tokenizer, 77)
     model.image_processor = ImageTransform(size=224, crop_size=224)
     return model.eval()

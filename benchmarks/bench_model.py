@@ -35,8 +35,9 @@ from bench_moe import CLOCKS, environment, interleaved_times, median_ratio
 from clipmoe.modeling import ClipMoeModel
 
 
-def vit_b16_config(layers: int) -> CLIPConfig:
-    """OpenAI ViT-B/16 CLIP shapes (vision 768 wide, text 512 wide, 512-d embedding, quick_gelu)."""
+def vit_b16_config(layers: int, **text_overrides: object) -> CLIPConfig:
+    """OpenAI ViT-B/16 CLIP shapes (vision 768 wide, text 512 wide, 512-d embedding, quick_gelu);
+    ``text_overrides`` replace text-config fields (vocabulary and special token ids of another tokenizer)."""
     vision = CLIPVisionConfig(
         hidden_size=768,
         intermediate_size=3072,
@@ -47,16 +48,17 @@ def vit_b16_config(layers: int) -> CLIPConfig:
         projection_dim=512,
         hidden_act="quick_gelu",
     )
-    text = CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=512,
-        intermediate_size=2048,
-        num_hidden_layers=layers,
-        num_attention_heads=8,
-        max_position_embeddings=77,
-        projection_dim=512,
-        hidden_act="quick_gelu",
-    )
+    text_fields = {
+        "vocab_size": 49408,
+        "hidden_size": 512,
+        "intermediate_size": 2048,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 8,
+        "max_position_embeddings": 77,
+        "projection_dim": 512,
+        "hidden_act": "quick_gelu",
+    }
+    text = CLIPTextConfig(**{**text_fields, **text_overrides})
     return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=512)
 
 

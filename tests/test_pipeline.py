@@ -138,6 +138,9 @@ def test_changed_config_is_refused_then_forked(tmp_path, world, base_dir):
     cfg, run_dir = open_run(changed, str(tmp_path / "run"), fork=str(tmp_path / "fork"))
     assert run_dir == str(tmp_path / "fork") and os.path.isdir(tmp_path / "fork" / "stage0" / "embed")
     assert cfg.route.lr == 0.5
+    with pytest.raises(ConfigError, match=r"cannot fork .*nowhere: it is not a run directory"):
+        open_run(changed, str(tmp_path / "nowhere"), fork=str(tmp_path / "fork2"))
+    assert not (tmp_path / "fork2").exists()
 
 
 def test_dry_run_predicts_refusal_and_fork_without_writing(tmp_path, world, base_dir, capsys):
