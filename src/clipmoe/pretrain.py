@@ -18,11 +18,14 @@ Config (YAML)::
       projection_dim: 128
       hidden_act: quick_gelu
     train: {epochs: 10, batch_size: 128, lr: 5.0e-4, weight_decay: 0.2, warmup_steps: 100}
+    curve: {eval: world/eval/retrieval_short, every: 250}   # optional: held-out retrieval + temperature
+                                        # every N steps into OUT.train/curve.jsonl (to see the plateau)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import dataclass, replace
 
@@ -103,6 +106,7 @@ class PretrainConfig:
     model: dict
     tokenizer: dict
     seed: int = 0
+    curve: dict | None = None
 
 
 def read_pretrain_config(config_path: str) -> PretrainConfig:
@@ -110,8 +114,16 @@ def read_pretrain_config(config_path: str) -> PretrainConfig:
     with open(config_path) as f:
         raw = yaml.safe_load(f) or {}
     errors: list[str] = [
-        f"{k}: unknown key" for k in sorted(set(raw) - {"out", "data", "tokenizer", "model", "train", "seed"})
+        f"{k}: unknown key" for k in sorted(set(raw) - {"out", "data", "tokenizer", "model", "train", "seed", "curve"})
     ]
+    curve = raw.get("curve")
+    if curve is not None:
+        if not isinstance(curve, dict) or set(curve) != {"eval", "every"}:
+            errors.append("curve: expected {eval: RETRIEVAL_SET_FOLDER, every: STEPS}")
+        elif not isinstance(curve["every"], int) or curve["every"] < 1:
+            errors.append(f"curve.every: expected a positive integer, got {curve['every']!r}")
+        elif not os.path.isdir(curve["eval"]):
+            errors.append(f"curve.eval: no such folder: {curve['eval']}")
     errors += [f"{k}: required" for k in ("out", "data") if k not in raw]
     data = _build(DataConfig, raw.get("data", {}), "data.", errors)
     tcfg = _build(TrainConfig, {**PRETRAIN_DEFAULTS, **raw.get("train", {})}, "train.", errors)
@@ -122,7 +134,38 @@ def read_pretrain_config(config_path: str) -> PretrainConfig:
         errors.append("tokenizer: give {vocabulary: WORDS_FILE | world} or {folder: TOKENIZER_DIR}")
     if errors:
         raise ConfigError(f"{config_path} has {len(errors)} problem(s):\n  - " + "\n  - ".join(errors))
-    return PretrainConfig(raw["out"], data, tcfg, model, tok, int(raw.get("seed", 0)))
+    return PretrainConfig(raw["out"], data, tcfg, model, tok, int(raw.get("seed", 0)), curve)
+
+
+def _curve_logger(model: ClipMoeModel, spec: dict, path: str, is_main: bool):
+    """``on_step`` callback: every ``spec['every']`` steps, held-out retrieval R@1 and the learned temperature."""
+    from .eval.datasets import load_wds
+    from .eval.retrieval import evaluate_retrieval
+
+    dataset = load_wds(spec["eval"])
+    done = set()
+    if os.path.exists(path):  # a resumed run: keep the points already measured
+        with open(path) as f:
+            done = {json.loads(line)["step"] for line in f if line.strip()}
+
+    def log(step: int, total: int) -> None:
+        if not is_main or (step % spec["every"] and step != total) or step in done:
+            return
+        model.eval()
+        with torch.no_grad():
+            m = evaluate_retrieval(model, dataset, batch_size=256)
+        model.train()
+        point = {
+            "step": step,
+            "temperature": round(model.logit_scale.exp().item(), 3),
+            "image_to_text_R@1": round(m["image_to_text_R@1"], 2),
+            "text_to_image_R@1": round(m["text_to_image_R@1"], 2),
+        }
+        with open(path, "a") as f:
+            f.write(json.dumps(point) + "\n")
+        done.add(step)
+
+    return log
 
 
 def pretrain(config_path: str) -> str:
@@ -143,7 +186,19 @@ def pretrain(config_path: str) -> str:
         d.train, d.format, caption=d.caption, root=d.root, max_skipped_fraction=d.max_skipped_fraction
     )
     collate = ClipCollator(model.tokenizer, model.image_processor)
-    train(model, dataset, collate, replace(cfg.train, seed=cfg.seed), cfg.out + ".train", env, desc="pretrain")
+    on_step = None
+    if cfg.curve:
+        on_step = _curve_logger(model, cfg.curve, os.path.join(cfg.out + ".train", "curve.jsonl"), env.is_main)
+    train(
+        model,
+        dataset,
+        collate,
+        replace(cfg.train, seed=cfg.seed),
+        cfg.out + ".train",
+        env,
+        desc="pretrain",
+        on_step=on_step,
+    )
     if env.is_main:
         model.save_pretrained(cfg.out)
         print(f"wrote {cfg.out} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)")

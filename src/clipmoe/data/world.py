@@ -34,13 +34,15 @@ from .world_language import (
     SHORT_ATTRIBUTES,
     SHORT_EVAL_TEMPLATES,
     SHORT_TRAIN_TEMPLATES,
+    WEB_MENTION_RATE,
     CaptionPlan,
     sample_captions,
     vocabulary,
+    web_caption,
 )
 from .world_render import Layout, render
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: web alt-text captions, train/val colour and background subsets
 MANIFEST = "world.json"
 MIN_IMAGE_SIZE = 32  # at 32 px stripes are already 1 px and dots 3 px across; smaller would blur them away
 # Independent random streams per part of the world: sample i of a split is the same whatever else changes.
@@ -63,6 +65,10 @@ class WorldConfig:
     shard_size: int = 10000
     color_jitter: int = 12  # per-channel random offset of object and background colours
     noise: float = 0.0  # std of Gaussian pixel noise (0-255 scale): a difficulty knob
+    # A narrower train/val image distribution (the fine-tuning data of the quality testbed): object colours and
+    # backgrounds drawn from these values only; empty = all. Evaluation sets always cover every value.
+    train_colors: tuple[str, ...] = ()
+    train_backgrounds: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         checks = [
@@ -78,6 +84,10 @@ class WorldConfig:
             ("color_jitter", 0 <= self.color_jitter <= 20, "must be in [0, 20] (colours would overlap)"),
             ("noise", self.noise >= 0, "must be >= 0"),
         ]
+        for name, attribute in (("train_colors", "color"), ("train_backgrounds", "background")):
+            values, known = getattr(self, name), ATTRIBUTE_BY_NAME[attribute].values
+            bad = [v for v in values if v not in known]
+            checks.append((name, not bad and len(set(values)) == len(values), f"must be distinct values of {known}"))
         most = min(len(SHORT_EVAL_TEMPLATES), len(DETAILED_EVAL_TEMPLATES))
         checks.append(("captions_per_image", 1 <= self.captions_per_image <= most, f"must be in [1, {most}]"))
         for name, ok, why in checks:
@@ -92,7 +102,9 @@ class WorldConfig:
         unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"unknown WorldConfig field(s) {unknown}")
-        return replace(cls(**PRESETS[name]), **overrides)
+        return replace(
+            cls(**PRESETS[name]), **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+        )
 
 
 PRESETS: dict[str, dict] = {
@@ -135,6 +147,10 @@ def build_manifest(config: WorldConfig) -> dict:
         "mmvp": {"path": "eval/mmvp", "size": config.mmvp_pairs * len(ATTRIBUTES), "unit": "pairs"},
         "probes": {"path": "eval/probes/probes.jsonl", "size": 2 * config.probe_pairs * len(ATTRIBUTES)},
     }
+    narrow = {
+        "colors": list(config.train_colors or ATTRIBUTE_BY_NAME["color"].values),
+        "backgrounds": list(config.train_backgrounds or ATTRIBUTE_BY_NAME["background"].values),
+    }
     return {
         "format_version": FORMAT_VERSION,
         "seed": config.seed,
@@ -151,10 +167,17 @@ def build_manifest(config: WorldConfig) -> dict:
             for a in ATTRIBUTES
         ],
         "short_attributes": list(SHORT_ATTRIBUTES),
+        "web_mention_rate": dict(WEB_MENTION_RATE),
         "heldout": {"attributes": list(HELDOUT_ATTRIBUTES), "combinations": [list(c) for c in heldout_combinations()]},
         "splits": {
-            "train": {"path": "train", "size": config.train_size, "combinations": "seen", "templates": "train"},
-            "val": {"path": "val", "size": config.val_size, "combinations": "seen", "templates": "train"},
+            "train": {
+                "path": "train",
+                "size": config.train_size,
+                "combinations": "seen",
+                "templates": "train",
+                **narrow,
+            },
+            "val": {"path": "val", "size": config.val_size, "combinations": "seen", "templates": "train", **narrow},
             "eval": {"path": "eval", "size": config.eval_size, "combinations": "heldout", "templates": "eval"},
         },
         "eval_sets": eval_sets,
@@ -172,15 +195,19 @@ def _rng(config: WorldConfig, stream: str, index: int) -> np.random.Generator:
     return np.random.default_rng([config.seed, _STREAMS[stream], index])
 
 
-def _sample_attributes(rng: np.random.Generator, combinations: Sequence[tuple[str, str]]) -> dict[str, str]:
-    """Uniform over ``combinations`` of (colour, shape), every other attribute uniform and independent."""
+def _sample_attributes(
+    rng: np.random.Generator, combinations: Sequence[tuple[str, str]], backgrounds: Sequence[str] = ()
+) -> dict[str, str]:
+    """Uniform over ``combinations`` of (colour, shape) and over ``backgrounds`` (empty: all), every other
+    attribute uniform and independent."""
     color, shape = combinations[rng.integers(len(combinations))]
     attributes = {}
     for a in ATTRIBUTES:
         if a.name in HELDOUT_ATTRIBUTES:
             attributes[a.name] = color if a.name == "color" else shape
         else:
-            attributes[a.name] = a.values[rng.integers(len(a.values))]
+            values = backgrounds if a.name == "background" and backgrounds else a.values
+            attributes[a.name] = values[rng.integers(len(values))]
     return attributes
 
 
@@ -194,18 +221,26 @@ def _image(config: WorldConfig, attributes: dict[str, str], layout: Layout) -> I
 
 
 def _write_captioned_split(folder: str, stream: str, size: int, config: WorldConfig, verbose: bool) -> None:
-    """img2dataset "files" layout: ``00000/000000000.png`` + ``.txt`` (detailed caption) + ``.json``."""
-    seen = _seen_combinations()
+    """img2dataset "files" layout: ``00000/000000000.png`` + ``.txt`` (detailed caption) + ``.json`` (short, web
+    and detailed captions, the attributes, and which attributes the web caption names)."""
+    seen = [(c, s) for c, s in _seen_combinations() if not config.train_colors or c in config.train_colors]
     for i in tqdm(range(size), desc=f"world {stream}", unit="img", disable=not verbose):
         rng = _rng(config, stream, i)
-        attributes = _sample_attributes(rng, seen)
+        attributes = _sample_attributes(rng, seen, config.train_backgrounds)
         layout = Layout.sample(rng, config.color_jitter)
         short = CaptionPlan.sample(SHORT_TRAIN_TEMPLATES[rng.integers(len(SHORT_TRAIN_TEMPLATES))], rng)
         detailed = CaptionPlan.sample(DETAILED_TRAIN_TEMPLATES[rng.integers(len(DETAILED_TRAIN_TEMPLATES))], rng)
+        web, web_names = web_caption(attributes, rng)
         shard, key = img2dataset_key(i, config.shard_size)
         os.makedirs(os.path.join(folder, shard), exist_ok=True)
         stem = os.path.join(folder, shard, key)
-        record = {"key": key, "short": short.render(attributes), "detailed": detailed.render(attributes)}
+        record = {
+            "key": key,
+            "short": short.render(attributes),
+            "web": web,
+            "web_names": web_names,
+            "detailed": detailed.render(attributes),
+        }
         write_file(stem + ".png", png_bytes(_image(config, attributes, layout)))
         write_file(stem + ".txt", record["detailed"])
         write_file(stem + ".json", json_text({**record, "attributes": attributes}))
@@ -324,7 +359,7 @@ def _existing_world(out: str, config: WorldConfig) -> dict | None:
         old = manifest["config"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a readable world manifest: {e}") from e
-    new = asdict(config)
+    new = json.loads(json.dumps(asdict(config)))  # tuples as the manifest stores them (lists)
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{out} holds world format {manifest.get('format_version')}, this is format {FORMAT_VERSION}")
     if old != new:
@@ -399,9 +434,15 @@ def add_world_arguments(parser: argparse.ArgumentParser) -> None:
         ("shard-size", int, "samples per shard folder / tar"),
         ("color-jitter", int, "per-channel colour jitter"),
         ("noise", float, "Gaussian pixel noise std (0-255)"),
+        ("train-colors", _names, "comma-separated object colours of train/val images (default: all)"),
+        ("train-backgrounds", _names, "comma-separated backgrounds of train/val images (default: all)"),
     ]:
         parser.add_argument(f"--{name}", type=kind, help=f"{text} (overrides the preset)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
 def run_world(args: argparse.Namespace) -> int:
