@@ -154,7 +154,7 @@ def build_manifest(config: WorldConfig) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "seed": config.seed,
-        "config": asdict(config),
+        "config": json.loads(json.dumps(asdict(config))),  # tuples as lists, as read back
         "image_size": config.image_size,
         "attributes": [
             {
