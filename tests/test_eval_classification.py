@@ -172,3 +172,17 @@ def test_per_class_recall_names_the_class_a_model_misses(tmp_path):
     result = evaluate_classification(model, data)
     assert result["per_class_recall/blue"] == 100.0 and result["per_class_recall/red"] == 0.0
     assert result["mean_per_class_recall"] == 50.0
+
+
+def test_linear_probe_reads_a_linear_attribute_and_not_noise():
+    from clipmoe.eval.linear_probe import linear_probe_accuracy
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (600,), generator=g)
+    centres = torch.randn(3, 16, generator=g) * 3
+    features = centres[labels] + torch.randn(600, 16, generator=g)
+    acc = linear_probe_accuracy(features[:400], labels[:400], features[400:], labels[400:], 3)
+    assert acc > 95
+    noise = torch.randn(600, 16, generator=g)
+    chance = linear_probe_accuracy(noise[:400], labels[:400], noise[400:], labels[400:], 3)
+    assert chance < 50  # chance is 33%: nothing to read

@@ -484,3 +484,10 @@ def test_narrow_train_distribution_and_broad_evaluation(tmp_path):
         seen = [json.loads(line)["attributes"] for line in f]
     assert {a["color"] for a in seen} - {"red", "blue"} and {a["background"] for a in seen} - {"white"}
     assert generate_world(out, config, verbose=False) == manifest  # same config: recognised as complete
+
+
+def test_parallel_generation_writes_the_same_bytes(tmp_path):
+    config = WorldConfig.preset("test", train_size=600)  # several chunks of 256 samples
+    generate_world(str(tmp_path / "one"), config, verbose=False)
+    generate_world(str(tmp_path / "two"), config, verbose=False, workers=2)
+    assert all_files(str(tmp_path / "one")) == all_files(str(tmp_path / "two"))

@@ -347,3 +347,36 @@ def quality_report(runs: dict, size: str, elapsed: float) -> str:
                 lines.append(f"| {row} | " + " | ".join(cells) + " |")
             lines += ["", *verdicts(runs, recipe, rule), ""]
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ suppression
+
+
+def attribute_probes(model, world: str, batch_size: int = 256) -> dict[str, dict[str, float]]:
+    """Per attribute of a generated world, on its held-out evaluation images: zero-shot top-1 (prompt ensemble)
+    and a linear probe on the same frozen image features (2-fold cross-fitted on those images, so the probe
+    sees the same distribution it is scored on). Zero-shot near chance with a probe far above it = suppressed;
+    both near chance = absent."""
+
+    from .eval.classification import evaluate_classification
+    from .eval.datasets import load_wds
+    from .eval.features import encode_images
+    from .eval.linear_probe import linear_probe_accuracy
+
+    with open(os.path.join(world, "world.json")) as f:
+        attributes = json.load(f)["attributes"]
+    features = None
+    out = {}
+    for a in attributes:
+        data = load_wds(os.path.join(world, "eval", f"cls_{a['name']}"))
+        if features is None:  # every cls_ set holds the same images in the same order
+            features = encode_images(model, data.images, batch_size=batch_size)
+        zero_shot = evaluate_classification(model, data, batch_size=batch_size)["top1"]
+        y, half = data.targets, len(data.targets) // 2
+        folds = [(slice(0, half), slice(half, None)), (slice(half, None), slice(0, half))]
+        probe = (
+            sum(linear_probe_accuracy(features[tr], y[tr], features[te], y[te], len(a["values"])) for tr, te in folds)
+            / 2
+        )
+        out[a["name"]] = {"chance": 100.0 / len(a["values"]), "zero_shot": zero_shot, "linear_probe": probe}
+    return out

@@ -48,6 +48,7 @@ MIN_IMAGE_SIZE = 32  # at 32 px stripes are already 1 px and dots 3 px across; s
 # Independent random streams per part of the world: sample i of a split is the same whatever else changes.
 _STREAMS = {"train": 0, "val": 1, "eval": 2, "mmvp": 3, "probes": 4}
 HELDOUT_ATTRIBUTES = ("color", "shape")
+_CHUNK = 256  # samples per job when several processes write a split
 
 
 @dataclass(frozen=True)
@@ -220,11 +221,30 @@ def _image(config: WorldConfig, attributes: dict[str, str], layout: Layout) -> I
     return render(attributes, layout, config.image_size, config.noise)
 
 
-def _write_captioned_split(folder: str, stream: str, size: int, config: WorldConfig, verbose: bool) -> None:
+def _write_captioned_split(
+    folder: str, stream: str, size: int, config: WorldConfig, verbose: bool, workers: int = 1
+) -> None:
     """img2dataset "files" layout: ``00000/000000000.png`` + ``.txt`` (detailed caption) + ``.json`` (short, web
-    and detailed captions, the attributes, and which attributes the web caption names)."""
+    and detailed captions, the attributes, and which attributes the web caption names). Every sample depends on
+    its index alone, so ``workers`` processes can write disjoint index ranges with the same bytes as one."""
+    chunks = [range(start, min(start + _CHUNK, size)) for start in range(0, size, _CHUNK)]
+    bar = tqdm(total=size, desc=f"world {stream}", unit="img", disable=not verbose)
+    if workers > 1 and len(chunks) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            for n in pool.imap_unordered(_write_captioned_chunk, [(folder, stream, c, config) for c in chunks]):
+                bar.update(n)
+    else:
+        for chunk in chunks:
+            bar.update(_write_captioned_chunk((folder, stream, chunk, config)))
+    bar.close()
+
+
+def _write_captioned_chunk(job: tuple[str, str, range, WorldConfig]) -> int:
+    folder, stream, indices, config = job
     seen = [(c, s) for c, s in _seen_combinations() if not config.train_colors or c in config.train_colors]
-    for i in tqdm(range(size), desc=f"world {stream}", unit="img", disable=not verbose):
+    for i in indices:
         rng = _rng(config, stream, i)
         attributes = _sample_attributes(rng, seen, config.train_backgrounds)
         layout = Layout.sample(rng, config.color_jitter)
@@ -244,6 +264,7 @@ def _write_captioned_split(folder: str, stream: str, size: int, config: WorldCon
         write_file(stem + ".png", png_bytes(_image(config, attributes, layout)))
         write_file(stem + ".txt", record["detailed"])
         write_file(stem + ".json", json_text({**record, "attributes": attributes}))
+    return len(indices)
 
 
 def _write_eval_pool(folder: str, config: WorldConfig, verbose: bool) -> None:
@@ -372,12 +393,15 @@ def _existing_world(out: str, config: WorldConfig) -> dict | None:
     return manifest
 
 
-def generate_world(out_dir: str | os.PathLike, config: WorldConfig | None = None, *, verbose: bool = True) -> dict:
+def generate_world(
+    out_dir: str | os.PathLike, config: WorldConfig | None = None, *, verbose: bool = True, workers: int = 1
+) -> dict:
     """Write a world to ``out_dir`` and return its manifest (``world.json``).
 
     Everything is written into ``<out_dir>.tmp-*`` and renamed into place at the end, so ``out_dir`` either
-    holds a complete world or nothing. Same config (seed included) -> byte-identical files. If ``out_dir``
-    already holds a complete world of the same config this is a no-op; a different config is an error.
+    holds a complete world or nothing. Same config (seed included) -> byte-identical files, whatever the
+    number of ``workers`` (processes writing the train/val splits). If ``out_dir`` already holds a complete
+    world of the same config this is a no-op; a different config is an error.
     """
     config = config or WorldConfig()
     out = os.path.abspath(os.fspath(out_dir))
@@ -390,9 +414,9 @@ def generate_world(out_dir: str | os.PathLike, config: WorldConfig | None = None
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
     try:
-        _write_captioned_split(os.path.join(tmp, "train"), "train", config.train_size, config, verbose)
+        _write_captioned_split(os.path.join(tmp, "train"), "train", config.train_size, config, verbose, workers)
         if config.val_size:
-            _write_captioned_split(os.path.join(tmp, "val"), "val", config.val_size, config, verbose)
+            _write_captioned_split(os.path.join(tmp, "val"), "val", config.val_size, config, verbose, workers)
         _write_eval_pool(os.path.join(tmp, "eval"), config, verbose)
         _write_mmvp(os.path.join(tmp, "eval", "mmvp"), config, verbose)
         _write_probes(os.path.join(tmp, "eval", "probes"), config, verbose)
@@ -438,6 +462,7 @@ def add_world_arguments(parser: argparse.ArgumentParser) -> None:
         ("train-backgrounds", _names, "comma-separated backgrounds of train/val images (default: all)"),
     ]:
         parser.add_argument(f"--{name}", type=kind, help=f"{text} (overrides the preset)")
+    parser.add_argument("--workers", type=int, default=1, help="processes writing the train/val splits (default 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -448,7 +473,7 @@ def _names(text: str) -> tuple[str, ...]:
 def run_world(args: argparse.Namespace) -> int:
     overrides = {f.name: getattr(args, f.name) for f in fields(WorldConfig) if getattr(args, f.name, None) is not None}
     config = WorldConfig.preset(args.preset, **overrides)
-    manifest = generate_world(args.out_dir, config, verbose=not args.quiet)
+    manifest = generate_world(args.out_dir, config, verbose=not args.quiet, workers=args.workers)
     splits = ", ".join(f"{name} {manifest['splits'][name]['size']}" for name in ("train", "val", "eval"))
     print(f"{args.out_dir}: {splits} images; {len(manifest['eval_sets'])} eval sets")
     return 0
