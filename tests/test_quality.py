@@ -60,6 +60,7 @@ def test_tiny_quality_run_writes_tables_for_both_budget_rules_and_resumes(tmp_pa
     for row in ("| base |", "| DMU CLIP-MoE |", "| MCL stage 1 |", "| expert soup |"):
         assert row in text
     assert text.count("DMU keeps classification within 1 point of the base") == 2
+    assert "| stage | batches | mean batch |" in text
     assert os.path.exists(os.path.join(out, "runs", "tuned-seed0", "eval", "moe_init_routing.json"))
     with open(os.path.join(out, "runs", "tuned-seed0", "eval", "dmu_clip_moe.json")) as f:
         metrics = json.load(f)["metrics"]

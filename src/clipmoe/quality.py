@@ -128,6 +128,7 @@ def run_quality(
             pipe.run()
             runs[name] = {"recipe": recipe, "seed": seed, "run_dir": run_dir, "results": pipe.results()}
             runs[name]["init_routing"] = _init_routing(pipe)
+            runs[name]["stages"] = _stage_plans(pipe)
     elapsed = time.perf_counter() - t0
     path = os.path.join(out, "quality.md")
     with open(path, "w") as f:
@@ -148,6 +149,15 @@ def _init_routing(pipe) -> dict:
             json.dump(routing, f)
     with open(path) as f:
         return json.load(f)
+
+
+def _stage_plans(pipe) -> list[dict]:
+    """Per MCL stage: the batch plan of its single epoch (clusters used / left out, samples left out)."""
+    plans = []
+    for s in range(1, pipe.cfg.moe.experts):
+        with open(pipe.path(f"stage{s}", "train_stats.json")) as f:
+            plans.append({"stage": s, **json.load(f)["plan"]})
+    return plans
 
 
 # ------------------------------------------------------------------------------------------ measures
@@ -346,7 +356,33 @@ def quality_report(runs: dict, size: str, elapsed: float) -> str:
                 cells = [_cell(_seed_values(runs, recipe, row, m)) for m in MEASURES.values()]
                 lines.append(f"| {row} | " + " | ".join(cells) + " |")
             lines += ["", *verdicts(runs, recipe, rule), ""]
+        lines += _stage_plan_table(runs, recipe)
     return "\n".join(lines) + "\n"
+
+
+def _stage_plan_table(runs: dict, recipe: str) -> list[str]:
+    """What each MCL stage trained on: its one-cluster batches, and what its small-cluster rule left out."""
+    per_stage: dict[int, list[dict]] = {}
+    for r in runs.values():
+        if r["recipe"] == recipe:
+            for plan in r.get("stages", []):
+                per_stage.setdefault(plan["stage"], []).append(plan)
+    if not per_stage:
+        return []
+    lines = [
+        f"MCL stages of recipe `{recipe}` (mean over seeds): batches of one accumulated cluster, and what the "
+        "small-cluster rule left out of the stage's epoch.",
+        "",
+        "| stage | batches | mean batch | clusters used | clusters left out | samples left out |",
+        "|---|---|---|---|---|---|",
+    ]
+    for stage, plans in sorted(per_stage.items()):
+        mean = {k: float(np.mean([p[k] for p in plans])) for k in plans[0] if k != "stage"}
+        lines.append(
+            f"| {stage} | {mean['batches']:.0f} | {mean['samples'] / max(mean['batches'], 1):.0f} | "
+            f"{mean['clusters_used']:.0f} | {mean['clusters_dropped']:.0f} | {mean['dropped']:.0f} |"
+        )
+    return [*lines, ""]
 
 
 # ------------------------------------------------------------------------------------------ suppression
