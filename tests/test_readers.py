@@ -368,3 +368,21 @@ def test_image_transform_matches_hf_clip_image_processor(size, crop, wh, mode):
     got = ours(image)
     assert got.shape == expected.shape == (3, crop, crop)
     assert torch.allclose(got, expected, atol=1e-5), f"max difference {(got - expected).abs().max():.3g}"
+
+
+def test_preloaded_dataset_returns_the_same_samples_without_touching_files(tmp_path):
+    from clipmoe.data.readers import open_dataset
+
+    folder = tmp_path / "files" / "00000"
+    folder.mkdir(parents=True)
+    for i in range(5):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(folder / f"{i:09d}.png")
+        (folder / f"{i:09d}.txt").write_text(f"caption {i}")
+    ds = open_dataset(str(tmp_path / "files"))
+    before = [np.asarray(ds[i].image).copy() for i in range(5)]
+    ds.preload(threads=2)
+    for path in folder.glob("*.png"):
+        path.unlink()  # from now on only the preloaded bytes can serve images
+    after = [ds[i] for i in range(5)]
+    assert all(s.error is None for s in after)
+    assert all(np.array_equal(np.asarray(s.image), b) for s, b in zip(after, before))

@@ -109,7 +109,7 @@ class PretrainConfig:
     curve: dict | None = None
 
 
-def read_pretrain_config(config_path: str) -> PretrainConfig:
+def read_pretrain_config(config_path: str, check_paths: bool = True) -> PretrainConfig:
     """Read and validate a pretraining config; every problem is reported at once."""
     with open(config_path) as f:
         raw = yaml.safe_load(f) or {}
@@ -122,7 +122,7 @@ def read_pretrain_config(config_path: str) -> PretrainConfig:
             errors.append("curve: expected {eval: RETRIEVAL_SET_FOLDER, every: STEPS}")
         elif not isinstance(curve["every"], int) or curve["every"] < 1:
             errors.append(f"curve.every: expected a positive integer, got {curve['every']!r}")
-        elif not os.path.isdir(curve["eval"]):
+        elif check_paths and not os.path.isdir(curve["eval"]):
             errors.append(f"curve.eval: no such folder: {curve['eval']}")
     errors += [f"{k}: required" for k in ("out", "data") if k not in raw]
     data = _build(DataConfig, raw.get("data", {}), "data.", errors)
@@ -168,7 +168,8 @@ def _curve_logger(model: ClipMoeModel, spec: dict, path: str, is_main: bool):
     return log
 
 
-def pretrain(config_path: str) -> str:
+def pretrain(config_path: str, preload: bool = False) -> str:
+    """Train the CLIP a pretraining config describes; ``preload`` reads every image into memory first."""
     cfg = read_pretrain_config(config_path)
     if os.path.exists(cfg.out):
         print(f"{cfg.out} exists: pretraining already finished")
@@ -185,6 +186,8 @@ def pretrain(config_path: str) -> str:
     dataset = open_dataset(
         d.train, d.format, caption=d.caption, root=d.root, max_skipped_fraction=d.max_skipped_fraction
     )
+    if preload:
+        dataset.preload()
     collate = ClipCollator(model.tokenizer, model.image_processor)
     on_step = None
     if cfg.curve:
@@ -207,10 +210,13 @@ def pretrain(config_path: str) -> str:
 
 def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="pretraining YAML (see `clipmoe pretrain --help` and docs/pretraining.md)")
+    p.add_argument(
+        "--preload", action="store_true", help="read every training image into memory first (slow file systems)"
+    )
 
 
 def run_pretrain(args: argparse.Namespace) -> None:
-    pretrain(args.config)
+    pretrain(args.config, args.preload)
 
 
 CLI_PRETRAIN_HELP = "Train a CLIP from scratch on image-caption data (resumable).\n\n" + (__doc__ or "")

@@ -153,9 +153,28 @@ class ImageTextDataset(torch.utils.data.Dataset):
         self.total = len(records) + len(skips)
         self._shards: OrderedDict[str, io.BufferedReader] = OrderedDict()
         self._pid = os.getpid()
+        self._cache: list[bytes | None] | None = None  # image bytes, after preload()
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def preload(self, threads: int = 16) -> None:
+        """Read every image's bytes into memory once (decoding stays per sample). For small images on a file
+        system that serves small files slowly; a file that cannot be read is left to fail at decode time."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def read(rec: Record) -> bytes | None:
+            try:
+                with open(rec.path, "rb") as f:
+                    if rec.offset >= 0:
+                        f.seek(rec.offset)
+                        return f.read(rec.size)
+                    return f.read()
+            except OSError:
+                return None
+
+        with ThreadPoolExecutor(threads) as pool:
+            self._cache = list(pool.map(read, self.records, chunksize=256))
 
     def __getitem__(self, index: int) -> Sample:
         index = int(index)  # samplers may hand numpy or tensor integers; Sample.index is a plain int
@@ -164,7 +183,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
         index %= len(self.records)
         rec = self.records[index]
         try:
-            data = self._read_bytes(rec)
+            data = self._read_bytes(rec, index)
             image = Image.open(io.BytesIO(data))
             # load() decodes every pixel, so a truncated file fails here rather than later in the transform.
             # The mode is left as decoded: colour conversion (and how transparency is flattened) belongs to
@@ -174,7 +193,9 @@ class ImageTextDataset(torch.utils.data.Dataset):
             return Sample(index, rec.key, None, rec.caption, f"unreadable image: {type(e).__name__}: {e}")
         return Sample(index, rec.key, image, rec.caption)
 
-    def _read_bytes(self, rec: Record) -> bytes:
+    def _read_bytes(self, rec: Record, index: int | None = None) -> bytes:
+        if self._cache is not None and index is not None and self._cache[index] is not None:
+            return self._cache[index]
         if rec.offset < 0:
             with open(rec.path, "rb") as f:
                 return f.read()
