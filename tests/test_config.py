@@ -16,7 +16,7 @@ def test_shipped_configs_validate():
         assert cfg.moe.top_k <= cfg.moe.experts
     from clipmoe.pretrain import read_pretrain_config
 
-    cfg = read_pretrain_config("configs/pretrain-testbed-base.yaml", check_paths=False)
+    cfg = read_pretrain_config("configs/pretrain-tiny-clip.yaml", check_paths=False)
     assert cfg.train.logit_scale is None and cfg.data.caption == "json:web" and cfg.curve["every"] > 0
 
 
