@@ -32,7 +32,7 @@ from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
 import clipmoe
 from bench_moe import CLOCKS, environment, interleaved_times, median_ratio
-from clipmoe.modeling import ClipMoeModel
+from clipmoe.model.modeling import ClipMoeModel
 
 
 def vit_b16_config(layers: int, **text_overrides: object) -> CLIPConfig:

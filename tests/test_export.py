@@ -16,8 +16,8 @@ from transformers import CLIPImageProcessor, CLIPVisionModel
 
 import clipmoe
 from clipmoe import cli, sparse_upcycle
-from clipmoe.export import export_vision_tower, vision_tower
-from clipmoe.modeling import ClipMoeVisionModel
+from clipmoe.formats.export import export_vision_tower, vision_tower
+from clipmoe.model.modeling import ClipMoeVisionModel
 from conftest import make_tiny_clip
 
 # Runs with transformers alone: clipmoe imports are refused, as on a machine without it installed.
@@ -181,7 +181,7 @@ def test_half_precision_tower_keeps_fp32_routers(tmp_path):
 
 
 def test_export_command(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", {"export": "clipmoe.export"})
+    monkeypatch.setattr(cli, "COMMAND_MODULES", {"export": "clipmoe.formats.export"})
     moe = _moe()
     moe.save_pretrained(tmp_path / "full")
     assert cli.main(["export", str(tmp_path / "full"), str(tmp_path / "tower"), "--vision-tower"]) == 0

@@ -13,11 +13,11 @@ import torch
 import yaml
 
 import clipmoe
-from clipmoe.cluster import cluster_features
-from clipmoe.config import ConfigError
-from clipmoe.embed import FeatureStore
-from clipmoe.pipeline import Pipeline, open_run, print_plan
-from clipmoe.pretrain import build_clip, load_tokenizer
+from clipmoe.apps.pretrain import build_clip, load_tokenizer
+from clipmoe.dmu.cluster import cluster_features
+from clipmoe.dmu.config import ConfigError
+from clipmoe.dmu.embed import FeatureStore
+from clipmoe.dmu.pipeline import Pipeline, open_run, print_plan
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def test_dry_run_predicts_refusal_and_fork_without_writing(tmp_path, world, base
         os.makedirs((run / done).parent, exist_ok=True)
         (run / done).touch()
     changed = write_config(tmp_path, world, base_dir, mcl={"lr": 0.5})
-    cfg = clipmoe.config.load_config(changed)
+    cfg = clipmoe.dmu.config.load_config(changed)
     with pytest.raises(ConfigError, match=r"changed keys: mcl\.lr"):
         print_plan(cfg, str(run))  # as the run itself would refuse
     print_plan(cfg, str(run), fork=str(tmp_path / "fork"))
@@ -159,7 +159,7 @@ def test_dry_run_predicts_refusal_and_fork_without_writing(tmp_path, world, base
     for line in ("[reused] prepare", "[reused] embed 0", "[reused] cluster 0", "[todo] mcl 1", "[todo] route"):
         assert line in out, line
     assert not (tmp_path / "fork").exists()
-    print_plan(clipmoe.config.load_config(write_config(tmp_path, world, base_dir)), str(run))
+    print_plan(clipmoe.dmu.config.load_config(write_config(tmp_path, world, base_dir)), str(run))
     assert "[done] mcl 1" in capsys.readouterr().out
 
 

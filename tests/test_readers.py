@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from clipmoe.data import ClipCollator, DataError, ImageTextDataset, Record, SkipLog, open_dataset
-from clipmoe.processing import ImageTransform
+from clipmoe.data.processing import ImageTransform
 
 
 def image_bytes(i: int, fmt: str = "JPEG") -> bytes:

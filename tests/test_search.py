@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 import clipmoe
-from clipmoe import cli, search, sparse_upcycle
-from clipmoe.search import ImageIndex, build_index, list_images
+from clipmoe import cli, sparse_upcycle
+from clipmoe.apps import search
+from clipmoe.apps.search import ImageIndex, build_index, list_images
 from conftest import make_tiny_clip
 
 QUERY = "a red cube on the left"
@@ -160,7 +161,7 @@ def test_index_refuses_another_model_and_foreign_folders(models, images, tmp_pat
 
 
 def test_cli_index_and_search(models, images, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", {"index": "clipmoe.search", "search": "clipmoe.search"})
+    monkeypatch.setattr(cli, "COMMAND_MODULES", {"index": "clipmoe.apps.search", "search": "clipmoe.apps.search"})
     out = str(tmp_path / "index")
     assert cli.main(["index", images, "--model", models["moe"], "--out", out, "--chunk-size", "6"]) == 0
     printed = capsys.readouterr().out

@@ -5,7 +5,7 @@ import torch
 
 import clipmoe
 from clipmoe import CheckpointError, sparse_upcycle, upcycle
-from clipmoe.surgery import find_ffns, resolve_layers
+from clipmoe.model.surgery import find_ffns, resolve_layers
 from conftest import make_tiny_clip
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from clipmoe import sparse_upcycle
-from clipmoe.loss import ClipLoss
-from clipmoe.samplers import GlobalBatchSampler
-from clipmoe.train import CHECKPOINT, METRICS, TrainConfig, train
+from clipmoe.train.loop import CHECKPOINT, METRICS, TrainConfig, train
+from clipmoe.train.loss import ClipLoss
+from clipmoe.train.samplers import GlobalBatchSampler
 from conftest import WORDS, make_tiny_clip
 
 

@@ -11,23 +11,23 @@ import sys
 
 # subcommand -> module. Order is the order shown in --help (the pipeline's order).
 COMMAND_MODULES: dict[str, str] = {
-    "demo": "clipmoe.demo",
-    "run": "clipmoe.pipeline",
-    "prepare": "clipmoe.pipeline",
-    "embed": "clipmoe.pipeline",
-    "cluster": "clipmoe.pipeline",
-    "mcl": "clipmoe.pipeline",
-    "build": "clipmoe.pipeline",
-    "route": "clipmoe.pipeline",
-    "baselines": "clipmoe.pipeline",
-    "report": "clipmoe.pipeline",
+    "demo": "clipmoe.apps.demo",
+    "run": "clipmoe.dmu.pipeline",
+    "prepare": "clipmoe.dmu.pipeline",
+    "embed": "clipmoe.dmu.pipeline",
+    "cluster": "clipmoe.dmu.pipeline",
+    "mcl": "clipmoe.dmu.pipeline",
+    "build": "clipmoe.dmu.pipeline",
+    "route": "clipmoe.dmu.pipeline",
+    "baselines": "clipmoe.dmu.pipeline",
+    "report": "clipmoe.dmu.pipeline",
     "world": "clipmoe.data.world",
-    "pretrain": "clipmoe.pretrain",
+    "pretrain": "clipmoe.apps.pretrain",
     "eval": "clipmoe.eval.cli",
-    "export": "clipmoe.export",
-    "index": "clipmoe.search",
-    "search": "clipmoe.search",
-    "convert": "clipmoe.convert",
+    "export": "clipmoe.formats.export",
+    "index": "clipmoe.apps.search",
+    "search": "clipmoe.apps.search",
+    "convert": "clipmoe.formats.convert",
 }
 
 

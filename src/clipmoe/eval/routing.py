@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..modeling import tower_layers
-from ..moe import MoEFeedForward
+from ..model.modeling import tower_layers
+from ..model.moe import MoEFeedForward
 from .datasets import ImageRef
 from .features import BatchHook, encode_images, encode_texts
 

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 import torch
 from transformers import CLIPConfig
 
-from .modeling import ClipMoeModel
-from .processing import ImageTransform, TextTokenizer
+from ..data.processing import ImageTransform, TextTokenizer
+from ..model.modeling import ClipMoeModel
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 

@@ -22,9 +22,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..model.moe import load_balancing_loss, router_z_loss
 from .distributed import DistEnv, barrier
 from .loss import ClipLoss, global_router_losses
-from .moe import load_balancing_loss, router_z_loss
 from .samplers import GlobalBatchSampler
 
 CHECKPOINT = "checkpoint.pt"
@@ -339,7 +339,7 @@ def _wrap_parallel(module: nn.Module, cfg: TrainConfig, env: DistEnv) -> nn.Modu
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        from .modeling import tower_layers
+        from ..model.modeling import tower_layers
 
         mesh = init_device_mesh(env.device.type, (env.world_size,))
         # fully_shard cannot shard 0-dim parameters (CLIP's logit_scale): keep them replicated and average

@@ -14,7 +14,7 @@ import os
 import torch
 from transformers import CLIPVisionConfig
 
-from .modeling import ClipMoeModel, ClipMoeVisionModel, MoESpec
+from ..model.modeling import ClipMoeModel, ClipMoeVisionModel, MoESpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -76,7 +76,7 @@ def add_export_arguments(parser) -> None:
 
 
 def run_export(args) -> int:
-    from .checkpoint import load
+    from .load import load
 
     model = load(args.model, dtype=DTYPES[args.dtype] if args.dtype else None)
     if args.vision_tower:

@@ -28,9 +28,9 @@ from transformers import CLIPConfig
 from transformers.activations import ACT2FN
 from transformers.initialization import no_init_weights
 
-from .checkpoint import CheckpointError, load_state_dict_strict, read_state_dict
-from .modeling import TOWERS, ClipMoeModel, MoESpec
-from .processing import OPENAI_MEAN, OPENAI_STD, ImageTransform, TextTokenizer
+from ..data.processing import OPENAI_MEAN, OPENAI_STD, ImageTransform, TextTokenizer
+from ..model.modeling import TOWERS, ClipMoeModel, MoESpec
+from .load import CheckpointError, load_state_dict_strict, read_state_dict
 
 CLI_CONVERT_HELP = """Convert a checkpoint file (OpenAI CLIP, open_clip, official CLIP-MoE, HF state dict) to a clipmoe folder.
 

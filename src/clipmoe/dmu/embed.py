@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .distributed import DistEnv, barrier
+from ..train.distributed import DistEnv, barrier
 
 DONE = "DONE"
 

@@ -30,11 +30,11 @@ import torch
 import yaml
 from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
-from .config import ConfigError, DataConfig, _build
-from .distributed import init_distributed
-from .modeling import ClipMoeModel
-from .processing import ImageTransform, TextTokenizer, build_word_tokenizer
-from .train import TrainConfig, train
+from ..data.processing import ImageTransform, TextTokenizer, build_word_tokenizer
+from ..dmu.config import ConfigError, DataConfig, _build
+from ..model.modeling import ClipMoeModel
+from ..train.distributed import init_distributed
+from ..train.loop import TrainConfig, train
 
 PRETRAIN_DEFAULTS = {"logit_scale": None, "label_smoothing": 0.0, "lr": 5e-4, "weight_decay": 0.2}
 _MODEL_KEYS = {"image_size", "patch_size", "vision", "text", "projection_dim", "hidden_act"}
@@ -85,7 +85,7 @@ def load_tokenizer(spec: dict, context_length: int):
         return AutoTokenizer.from_pretrained(spec["folder"], local_files_only=True)
     if "vocabulary" in spec:
         if spec["vocabulary"] == "world":  # the generated world's closed vocabulary
-            from .data.world import world_vocabulary
+            from ..data.world import world_vocabulary
 
             words = world_vocabulary()
         else:
@@ -135,8 +135,8 @@ def pretrain(config_path: str) -> str:
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model.get("text", {}).get("context_length", 32))
     model = build_clip(cfg.model, tokenizer)
 
-    from .data.collate import ClipCollator
-    from .data.readers import open_dataset
+    from ..data.collate import ClipCollator
+    from ..data.readers import open_dataset
 
     d = cfg.data
     dataset = open_dataset(

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .train import TrainConfig
+from ..train.loop import TrainConfig
 
 # Paper recipe (README of the official code + paper v3): MCL lr 1e-5 wd 0.2; router lr 1e-6 wd 0.01.
 MCL_DEFAULTS: dict[str, Any] = {"trainable": "ffn", "lr": 1e-5, "weight_decay": 0.2}

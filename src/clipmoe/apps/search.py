@@ -31,8 +31,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .checkpoint import WEIGHT_FILES, load
-from .export import DTYPES
+from ..formats.export import DTYPES
+from ..formats.load import WEIGHT_FILES, load
 
 CLI_INDEX_HELP = """Embed a folder of images into a text-searchable faiss index (resumable).
 

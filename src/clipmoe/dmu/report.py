@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from .assets import resolve_model_path
+from ..assets import resolve_model_path
+from ..model.modeling import ClipMoeModel
 from .config import PipelineConfig
-from .modeling import ClipMoeModel
 
 _PLOT_STYLE = {"dpi": 100}
 
@@ -57,7 +57,7 @@ def evaluate_row(model: ClipMoeModel, cfg: PipelineConfig, name: str) -> dict:
     result: dict = {"name": name, "parameters": model.parameter_counts()}
     result["throughput"] = measure_throughput(model, cfg.eval.throughput_batch)
     if cfg.data.eval:
-        from .eval import evaluate_suite
+        from ..eval import evaluate_suite
 
         result["metrics"] = evaluate_suite(model, cfg.data.eval, batch_size=cfg.eval.batch_size)
     return result
@@ -67,7 +67,7 @@ def phase_parameters(cfg: PipelineConfig) -> dict[str, dict[str, int]]:
     """Trainable / total / active parameters of each phase, from the base model's config (no weights read)."""
     from transformers import CLIPConfig
 
-    from .surgery import find_ffns, resolve_layers
+    from ..model.surgery import find_ffns, resolve_layers
 
     folder = resolve_model_path(cfg.base_model)
     config = CLIPConfig.from_pretrained(folder, local_files_only=True)
@@ -299,7 +299,7 @@ def _plots(pipe, results: dict[str, dict], folder: str) -> list[tuple[str, str]]
     plt.close(fig)
     made.append(("training curves", "training_curves.png"))
     # Routing of the MoE rows.
-    from .eval import plot_routing
+    from ..eval import plot_routing
     from .pipeline import row_slug
 
     for name, r in results.items():

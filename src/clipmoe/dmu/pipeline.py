@@ -30,15 +30,15 @@ import numpy as np
 import torch
 import yaml
 
-from . import checkpoint
-from .assets import resolve_model_path
+from ..assets import resolve_model_path
+from ..formats import load as checkpoint
+from ..model.modeling import ClipMoeModel
+from ..model.surgery import find_ffns, sparse_upcycle, upcycle
+from ..train.distributed import DistEnv, barrier, full_state_dict, init_distributed, shutdown_distributed
+from ..train.loop import TrainConfig, train
 from .cluster import cluster_features, write_cluster_outputs
 from .config import ConfigError, PipelineConfig, diff_configs, load_config
-from .distributed import DistEnv, barrier, full_state_dict, init_distributed, shutdown_distributed
 from .embed import FeatureStore, embed_dataset
-from .modeling import ClipMoeModel
-from .surgery import find_ffns, sparse_upcycle, upcycle
-from .train import TrainConfig, train
 
 STATS = "train_stats.json"
 
@@ -58,7 +58,7 @@ class Pipeline:
 
     def dataset(self):
         if self._dataset is None:
-            from .data.readers import open_dataset
+            from ..data.readers import open_dataset
 
             d = self.cfg.data
             self._dataset = open_dataset(
@@ -67,7 +67,7 @@ class Pipeline:
         return self._dataset
 
     def collate(self, model: ClipMoeModel):
-        from .data.collate import ClipCollator
+        from ..data.collate import ClipCollator
 
         return ClipCollator(model.tokenizer, model.image_processor)
 
@@ -107,7 +107,7 @@ class Pipeline:
             raise ValueError("the base model is already a CLIP-MoE; DMU starts from a dense CLIP")
         p = self.cfg.prepare
         if p.stretch_text_positions:
-            from .prepare import stretch_text_positions
+            from ..model.stretch import stretch_text_positions
 
             stretch_text_positions(model, p.keep_positions, p.stretch_factor)
         self._save(model, out)
