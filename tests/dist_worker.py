@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from clipmoe import sparse_upcycle
+from clipmoe.dmu.config import TrainConfig
 from clipmoe.train.distributed import (
     DistEnv,
     all_reduce_sum,
@@ -30,7 +31,7 @@ from clipmoe.train.distributed import (
     init_distributed,
     shutdown_distributed,
 )
-from clipmoe.train.loop import TrainConfig, balance_loss, train
+from clipmoe.train.loop import balance_loss, train
 from clipmoe.train.loss import ClipLoss
 from clipmoe.train.samplers import GlobalBatchSampler
 from conftest import WORDS, make_tiny_clip
@@ -82,7 +83,7 @@ def config(**kw) -> TrainConfig:
 
 
 def tiny_moe(layers="all"):
-    return sparse_upcycle(make_tiny_clip(), 4, 2, layers=layers, noise=0.01)
+    return sparse_upcycle(make_tiny_clip(), 4, top_k=2, layers=layers, noise=0.01)
 
 
 # ------------------------------------------------------------------------------------------ measurements

@@ -84,8 +84,12 @@ def test_whole_pipeline_writes_every_artifact(tmp_path, world, base_dir):
         "stage2/train/metrics.jsonl",
         "moe/init/config.json",
         "moe/model/model.safetensors",
-        "baselines/dense/model/config.json",
-        "baselines/upcycle/model/config.json",
+        "baselines/dense-epoch/model/config.json",
+        "baselines/dense-steps/model/config.json",
+        "baselines/upcycle-epoch/model/config.json",
+        "baselines/upcycle-steps/model/config.json",
+        "baselines/wo_mcl-epoch/model/config.json",
+        "baselines/wo_mcl-steps/ffn/model/config.json",
         "baselines/soup/model/config.json",
         "eval/dmu_clip_moe.json",
         "eval/base.json",
@@ -97,9 +101,14 @@ def test_whole_pipeline_writes_every_artifact(tmp_path, world, base_dir):
     for row in [
         "| base |",
         "| MCL stage 1 |",
-        "| dense fine-tune |",
-        "| sparse upcycling |",
-        "| expert soup |",
+        "| dense fine-tune (1 epoch) | 1 epoch |",
+        "| dense fine-tune (equal steps) | equal steps |",
+        "| sparse upcycling (1 epoch) |",
+        "| sparse upcycling (equal steps) |",
+        "| w/o MCL (1 epoch) |",
+        "| w/o MCL (equal steps) |",
+        "| expert soup | - |",
+        "**1 epoch** (`epoch`): every baseline phase sees the fine-tuning data once",
         "| DMU CLIP-MoE |",
         "Does this run agree with the paper?",
     ]:
@@ -119,9 +128,27 @@ def test_whole_pipeline_writes_every_artifact(tmp_path, world, base_dir):
         torch.testing.assert_close(
             moe.vision_model.encoder.layers[1].mlp.w1[s], stage_sd["vision_model.encoder.layers.1.mlp.fc1.weight"]
         )
-    budget = pipe.budget_steps()
-    dense_steps = [json.loads(line)["step"] for line in open(pipe.path("baselines/dense/train/metrics.jsonl"))]
-    assert budget == 3 * 4 and dense_steps[-1] == budget
+
+    # Budget rules: equal steps = all DMU phases (2 MCL stages + routing, 4 steps each); 1 epoch = 96 / 16.
+    def last_step(run):
+        return [json.loads(line)["step"] for line in open(pipe.path("baselines", run, "train/metrics.jsonl"))][-1]
+
+    assert pipe.budget_steps() == 3 * 4 and pipe.budget_steps("mcl") == 2 * 4
+    assert last_step("dense-steps") == last_step("upcycle-steps") == 12
+    assert last_step("dense-epoch") == last_step("upcycle-epoch") == 96 // 16
+
+    # w/o MCL (the paper's Table 4): a 2-expert MoE of {the base FFN, an FFN fine-tuned directly on random batches
+    # under the budget rule}, routers trained as DMU's routing phase.
+    for rule, ffn_steps in (("epoch", 96 // 16), ("steps", 2 * 4)):
+        wo = clipmoe.load(pipe.path(f"baselines/wo_mcl-{rule}/model"))
+        tuned = clipmoe.load(pipe.path(f"baselines/wo_mcl-{rule}/ffn/model")).state_dict()
+        assert wo.config.moe["num_experts"] == 2 and wo.config.moe["expert_dropout"] == 0.0
+        changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+        assert changed and all(".mlp." in k for k in changed)
+        key = "vision_model.encoder.layers.1.mlp.fc1.weight"
+        torch.testing.assert_close(wo.vision_model.encoder.layers[1].mlp.w1[0], base[key])
+        torch.testing.assert_close(wo.vision_model.encoder.layers[1].mlp.w1[1], tuned[key])
+        assert last_step(f"wo_mcl-{rule}/ffn") == ffn_steps and last_step(f"wo_mcl-{rule}") == 4
 
     # Rerunning is a no-op that skips every finished stage.
     t = time.perf_counter()
@@ -185,7 +212,7 @@ def test_kill_mid_stage_then_rerun_matches_uninterrupted(tmp_path, world, base_d
         base_dir,
         experts=2,
         mcl={"steps": 30, "checkpoint_every": 3},
-        baselines={"dense": False, "upcycle": False, "soup": False, "stages": False},
+        baselines={"enabled": [], "stages": False},
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "clipmoe.cli", "run", cfg_path, "--run-dir", str(tmp_path / "killed")]

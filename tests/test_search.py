@@ -23,7 +23,7 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     dense = make_tiny_clip()
     dense.save_pretrained(root / "dense")
-    moe = sparse_upcycle(dense, 4, 2, noise=0.1)
+    moe = sparse_upcycle(dense, 4, top_k=2, noise=0.1)
     torch.manual_seed(2)
     for m in moe.moe_layers():
         torch.nn.init.normal_(m.router.weight)
@@ -161,7 +161,6 @@ def test_index_refuses_another_model_and_foreign_folders(models, images, tmp_pat
 
 
 def test_cli_index_and_search(models, images, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", {"index": "clipmoe.apps.search", "search": "clipmoe.apps.search"})
     out = str(tmp_path / "index")
     assert cli.main(["index", images, "--model", models["moe"], "--out", out, "--chunk-size", "6"]) == 0
     printed = capsys.readouterr().out

@@ -31,10 +31,10 @@ import yaml
 from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
 from ..data.processing import ImageTransform, TextTokenizer, build_word_tokenizer
-from ..dmu.config import ConfigError, DataConfig, _build
+from ..dmu.config import ConfigError, DataConfig, TrainConfig, build_section
 from ..model.modeling import ClipMoeModel
 from ..train.distributed import init_distributed
-from ..train.loop import TrainConfig, train
+from ..train.loop import train
 
 PRETRAIN_DEFAULTS = {"logit_scale": None, "label_smoothing": 0.0, "lr": 5e-4, "weight_decay": 0.2}
 _MODEL_KEYS = {"image_size", "patch_size", "vision", "text", "projection_dim", "hidden_act"}
@@ -113,8 +113,8 @@ def read_pretrain_config(config_path: str) -> PretrainConfig:
         f"{k}: unknown key" for k in sorted(set(raw) - {"out", "data", "tokenizer", "model", "train", "seed"})
     ]
     errors += [f"{k}: required" for k in ("out", "data") if k not in raw]
-    data = _build(DataConfig, raw.get("data", {}), "data.", errors)
-    tcfg = _build(TrainConfig, {**PRETRAIN_DEFAULTS, **raw.get("train", {})}, "train.", errors)
+    data = build_section(DataConfig, raw.get("data", {}), "data.", errors)
+    tcfg = build_section(TrainConfig, {**PRETRAIN_DEFAULTS, **raw.get("train", {})}, "train.", errors)
     model = raw.get("model", {})
     errors += [f"model.{k}: unknown key (known: {sorted(_MODEL_KEYS)})" for k in sorted(set(model) - _MODEL_KEYS)]
     tok = raw.get("tokenizer", {})

@@ -39,7 +39,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # preference order when a key has several
+from ..utils.images import IMAGE_EXTENSIONS
+
 FORMATS = ("files", "webdataset", "csv", "jsonl", "sharegpt4v")
 # Open tar handles kept per process; bounded so thousands of shards never exhaust file descriptors.
 _MAX_OPEN_SHARDS = 16
@@ -204,28 +205,6 @@ class ImageTextDataset(torch.utils.data.Dataset):
         state["_shards"] = OrderedDict()  # file handles cannot be pickled (spawned workers)
         return state
 
-    def iter_shard(
-        self, rank: int = 0, world_size: int = 1, worker_id: int = 0, num_workers: int = 1
-    ) -> Iterator[Sample]:
-        """Stream this part's samples in index order.
-
-        The index range is cut into ``world_size * num_workers`` contiguous parts, so each reader walks its
-        tars sequentially (no seeking back and forth) and the parts together cover every index exactly once.
-        """
-        parts = world_size * num_workers
-        if not (0 <= rank < world_size and 0 <= worker_id < num_workers):
-            raise ValueError(
-                f"need 0 <= rank < world_size and 0 <= worker_id < num_workers, got {rank, world_size, worker_id, num_workers}"
-            )
-        part = rank * num_workers + worker_id
-        n = len(self.records)
-        for i in range(n * part // parts, n * (part + 1) // parts):
-            yield self[i]
-
-    def streaming(self, rank: int = 0, world_size: int = 1) -> StreamingShard:
-        """An ``IterableDataset`` over this rank's part; DataLoader workers split it further."""
-        return StreamingShard(self, rank, world_size)
-
     def record_skipped(self, batch: dict) -> int:
         """Log the invalid rows of a collated batch (main process); returns how many there were."""
         invalid = (~batch["valid"]).nonzero().flatten().tolist()
@@ -241,18 +220,6 @@ class ImageTextDataset(torch.utils.data.Dataset):
             self.skips.write(log_path)
         self.skips.check(self.total)
         return self.skips.summary(self.total)
-
-
-class StreamingShard(torch.utils.data.IterableDataset):
-    """Index-order streaming of one rank's part of an ``ImageTextDataset``, split across DataLoader workers."""
-
-    def __init__(self, dataset: ImageTextDataset, rank: int = 0, world_size: int = 1) -> None:
-        self.dataset, self.rank, self.world_size = dataset, rank, world_size
-
-    def __iter__(self) -> Iterator[Sample]:
-        info = torch.utils.data.get_worker_info()
-        worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return self.dataset.iter_shard(self.rank, self.world_size, worker_id, num_workers)
 
 
 # --------------------------------------------------------------------------------------------------------

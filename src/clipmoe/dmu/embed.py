@@ -39,10 +39,6 @@ class FeatureStore:
             meta = json.load(f)
         return cls(folder, meta["num_samples"], meta["dim"], "r")
 
-    @property
-    def done(self) -> bool:
-        return os.path.exists(os.path.join(self.folder, DONE))
-
 
 def embed_dataset(
     model: torch.nn.Module,

@@ -1,22 +1,22 @@
 """The DMU pipeline end to end, as resumable stages over one run directory.
 
-    prepare -> [embed(s) -> cluster(s) -> mcl(s+1)] for s < N-1 -> build -> route -> baselines -> eval -> report
-
-Every stage writes its outputs atomically and is skipped when they exist, so ``clipmoe run CONFIG`` can be
-rerun after any interruption: finished stages are skipped and an unfinished training phase resumes from its
-last checkpoint. The run directory holds the config snapshot; a changed config is refused (naming the
-differing keys) unless the user forks into a new run directory.
+The stages, their order, outputs and config dependencies are the registry in ``stages.py``; the baselines and
+the report's rows are the registry in ``baselines.py``. This module holds the run directory (config snapshot,
+refusal of a changed config, ``--fork``), the status and ``--dry-run`` plan derived from the registries, and
+the ``Pipeline`` whose methods do each stage's work. Every stage writes its outputs atomically and is skipped
+when they exist, so a run can be rerun after any interruption: finished stages are skipped and an unfinished
+training phase resumes from its last checkpoint.
 
 Layout of a run directory::
 
-    config.yaml                    snapshot of the validated config
+    config.yaml                    snapshot of the validated config (paths made absolute)
     base/                          the prepared base model (stage 0)
     stage{s}/embed/                features of the training set under the stage-s model
     stage{s}/cluster/              accumulated pseudo-labels after stage s, sizes, histogram
     stage{s}/train/, stage{s}/model/   MCL stage s (s >= 1): checkpoint + metrics, final model folder
     moe/init/, moe/train/, moe/model/  assembled CLIP-MoE, router training, final CLIP-MoE
-    baselines/{dense,upcycle,soup}/    the paper's baselines at equal budget
-    eval/{row}.json, report.md, plots/
+    baselines/{key}-{rule}/            each baseline under each budget rule (baselines.py)
+    eval/{row}.json, report.md, plots/, timings.json
 """
 
 from __future__ import annotations
@@ -25,26 +25,35 @@ import json
 import os
 import shutil
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
 import yaml
 
 from ..assets import resolve_model_path
-from ..formats import load as checkpoint
+from ..data.collate import ClipCollator
+from ..data.readers import open_dataset
+from ..formats.load import load
 from ..model.modeling import ClipMoeModel
-from ..model.surgery import find_ffns, sparse_upcycle, upcycle
-from ..train.distributed import DistEnv, barrier, full_state_dict, init_distributed, shutdown_distributed
-from ..train.loop import TrainConfig, train
+from ..model.stretch import stretch_text_positions
+from ..model.surgery import assemble_moe
+from ..train.distributed import DistEnv, barrier, full_state_dict
+from ..train.loop import train
+from ..utils.io import write_json
+from .baselines import BaselineRun, Row, baseline_runs, rows, set_expert_dropout
+from .budgets import BUDGETS
 from .cluster import cluster_features, write_cluster_outputs
-from .config import ConfigError, PipelineConfig, diff_configs, load_config
+from .config import ConfigError, PipelineConfig, TrainConfig, diff_configs, load_config
 from .embed import FeatureStore, embed_dataset
+from .report import evaluate_row, phase_parameters, write_report
+from .stages import Stage, plan
 
 STATS = "train_stats.json"
 
 
 class Pipeline:
-    """Stages of one DMU run. Each public method is one stage and returns quickly when already done."""
+    """The work of each stage of one DMU run (see ``stages.STAGES``); each returns at once when already done."""
 
     def __init__(self, cfg: PipelineConfig, run_dir: str, env: DistEnv | None = None) -> None:
         self.cfg, self.run_dir = cfg, os.path.abspath(run_dir)
@@ -58,27 +67,25 @@ class Pipeline:
 
     def dataset(self):
         if self._dataset is None:
-            from ..data.readers import open_dataset
-
             d = self.cfg.data
             self._dataset = open_dataset(
                 d.train, d.format, caption=d.caption, root=d.root, max_skipped_fraction=d.max_skipped_fraction
             )
         return self._dataset
 
-    def collate(self, model: ClipMoeModel):
-        from ..data.collate import ClipCollator
-
-        return ClipCollator(model.tokenizer, model.image_processor)
-
     def load(self, path: str) -> ClipMoeModel:
-        return checkpoint.load(path, device=self.env.device)
+        return load(path, device=self.env.device)
 
-    def _save(self, model: ClipMoeModel, path: str) -> None:
+    def save(self, model: ClipMoeModel, path: str) -> None:
         state = full_state_dict(model, self.env)  # collective when FSDP left the model sharded; else None
         if self.env.is_main:
             model.save_pretrained(path, **({"state_dict": state} if state is not None else {}))
         barrier(self.env)
+
+    def train(self, model: ClipMoeModel, tcfg: TrainConfig, folder: str, desc: str, labels=None) -> dict:
+        """One training phase on the run's training set (the one loop every phase uses)."""
+        collate = ClipCollator(model.tokenizer, model.image_processor)
+        return train(model, self.dataset(), collate, tcfg, folder, self.env, labels=labels, desc=desc)
 
     def _timed(self, name: str, fn):
         t0 = time.perf_counter()
@@ -87,17 +94,22 @@ class Pipeline:
             path = self.path("timings.json")
             timings = json.load(open(path)) if os.path.exists(path) else {}
             timings.setdefault(name, round(time.perf_counter() - t0, 2))
-            with open(path, "w") as f:
-                json.dump(timings, f, indent=1)
+            write_json(path, timings)
         return out
 
-    # ---------------------------------------------------------------- stages
+    def _write_stats(self, path: str, stats: dict) -> None:
+        if self.env.is_main:
+            if stats["skipped_samples"]:
+                self.log(f"{len(stats['skipped_samples'])} unreadable samples were masked out; see {path}")
+            write_json(path, stats)
+
+    # ---------------------------------------------------------------- stages (registered in stages.py)
     def prepare(self) -> str:
         """Stage 0: the base model, optionally with stretched text positions, saved into the run."""
         out = self.path("base")
         if os.path.exists(out):
             return out
-        model = checkpoint.load(resolve_model_path(self.cfg.base_model))
+        model = load(resolve_model_path(self.cfg.base_model))
         for attr in ("tokenizer", "image_processor"):
             if getattr(model, attr, None) is None:
                 raise ValueError(
@@ -107,10 +119,8 @@ class Pipeline:
             raise ValueError("the base model is already a CLIP-MoE; DMU starts from a dense CLIP")
         p = self.cfg.prepare
         if p.stretch_text_positions:
-            from ..model.stretch import stretch_text_positions
-
             stretch_text_positions(model, p.keep_positions, p.stretch_factor)
-        self._save(model, out)
+        self.save(model, out)
         return out
 
     def stage_model(self, s: int) -> str:
@@ -124,7 +134,7 @@ class Pipeline:
         return embed_dataset(
             model,
             self.dataset(),
-            self.collate(model),
+            ClipCollator(model.tokenizer, model.image_processor),
             folder,
             self.env,
             self.cfg.embed.batch_size,
@@ -158,22 +168,13 @@ class Pipeline:
             return out
         labels = self.cluster(s - 1)
         model = self.load(self.stage_model(0))
-        tcfg = _with_seed(self.cfg.mcl, self.cfg.seed + s, self.cfg.precision)
-        stats = train(
-            model,
-            self.dataset(),
-            self.collate(model),
-            tcfg,
-            self.path(f"stage{s}", "train"),
-            self.env,
-            labels=labels,
-            desc=f"mcl stage {s}",
-        )
+        tcfg = replace(self.cfg.mcl, seed=self.cfg.seed + s)
+        stats = self.train(model, tcfg, self.path(f"stage{s}", "train"), f"mcl stage {s}", labels=labels)
         self._write_stats(self.path(f"stage{s}", STATS), stats)
-        self._save(model, out)
+        self.save(model, out)
         return out
 
-    def build(self) -> str:
+    def assemble(self) -> str:
         """Assemble the CLIP-MoE: expert e of every chosen block is the FFN of MCL stage e."""
         out = self.path("moe", "init")
         if os.path.exists(out):
@@ -181,10 +182,8 @@ class Pipeline:
         experts = [self.mcl(s) if s else self.stage_model(0) for s in range(self.cfg.moe.experts)]
         base = self.load(experts[0])
         models = [base] + [self.load(p) for p in experts[1:]]
-        m = self.cfg.moe
         torch.manual_seed(self.cfg.seed)  # router init
-        moe = upcycle(base, models, m.top_k, _layers(m.layers), m.expert_dropout, m.dispatch)
-        self._save(moe, out)
+        self.save(assemble_moe(base, models, self.cfg.moe), out)
         return out
 
     def route(self) -> str:
@@ -192,142 +191,59 @@ class Pipeline:
         out = self.path("moe", "model")
         if os.path.exists(out):
             return out
-        model = self.load(self.build())
-        tcfg = _with_seed(self.cfg.route, self.cfg.seed, self.cfg.precision)
-        stats = train(
-            model, self.dataset(), self.collate(model), tcfg, self.path("moe", "train"), self.env, desc="route"
-        )
+        model = self.load(self.assemble())
+        stats = self.train(model, self.cfg.route, self.path("moe", "train"), "route")
         self._write_stats(self.path("moe", STATS), stats)
-        _set_expert_dropout(model, 0.0)  # dropout is a training device; the saved model runs without it
-        self._save(model, out)
+        set_expert_dropout(model, 0.0)
+        self.save(model, out)
         return out
 
-    def budget_steps(self) -> int:
-        """Optimizer steps spent by DMU (all MCL stages + routing): the baselines get the same."""
-        total = 0
-        for s in range(1, self.cfg.moe.experts):
-            total += json.load(open(self.path(f"stage{s}", STATS)))["steps"]
-        return total + json.load(open(self.path("moe", STATS)))["steps"]
+    def budget_steps(self, phases: str = "all") -> int:
+        """Optimizer steps DMU spent: all MCL stages, plus routing unless ``phases`` is ``"mcl"``."""
+        total = sum(json.load(open(self.path(f"stage{s}", STATS)))["steps"] for s in range(1, self.cfg.moe.experts))
+        return total if phases == "mcl" else total + json.load(open(self.path("moe", STATS)))["steps"]
 
-    def baseline_dense(self) -> str:
-        out = self.path("baselines", "dense", "model")
+    def baseline_runs(self) -> list[BaselineRun]:
+        return baseline_runs(self.cfg)
+
+    def baseline_run(self, run_id: str) -> BaselineRun:
+        runs = {r.id: r for r in self.baseline_runs()}
+        if run_id not in runs:
+            raise ValueError(f"no baseline run {run_id!r} in this config; it has: {', '.join(runs) or 'none'}")
+        return runs[run_id]
+
+    def baseline(self, run_id: str) -> str:
+        """One baseline under one budget rule (baselines.py builds and trains it)."""
+        run = self.baseline_run(run_id)
+        folder = self.path("baselines", run.id)
+        out = os.path.join(folder, "model")
         if os.path.exists(out):
             return out
-        model = self.load(self.stage_model(0))
-        tcfg = _with_seed(self.cfg.mcl, self.cfg.seed, self.cfg.precision, steps=self.budget_steps(), trainable="all")
-        train(
-            model,
-            self.dataset(),
-            self.collate(model),
-            tcfg,
-            self.path("baselines", "dense", "train"),
-            self.env,
-            desc="dense fine-tune",
-        )
-        self._save(model, out)
+        self.prepare()
+        if run.rule and BUDGETS[run.rule].needs_dmu:
+            self.route()  # its budget is read from DMU's finished phases
+        self.save(run.baseline.build(self, run.rule, folder), out)
         return out
 
-    def baseline_upcycle(self) -> str:
-        out = self.path("baselines", "upcycle", "model")
-        if os.path.exists(out):
-            return out
-        base = self.load(self.stage_model(0))
-        m, b = self.cfg.moe, self.cfg.baselines
-        torch.manual_seed(self.cfg.seed)
-        model = sparse_upcycle(
-            base,
-            m.experts,
-            m.top_k,
-            _layers(m.layers),
-            b.upcycle_noise,
-            m.expert_dropout,
-            m.dispatch,
-            seed=self.cfg.seed,
-        )
-        tcfg = _with_seed(
-            self.cfg.route,
-            self.cfg.seed,
-            self.cfg.precision,
-            steps=self.budget_steps(),
-            trainable=b.upcycle_trainable,
-            lr=self.cfg.mcl.lr,  # experts learn at the MCL stages' rate, routers at the routing rate
-            router_lr=self.cfg.route.lr,
-        )
-        train(
-            model,
-            self.dataset(),
-            self.collate(model),
-            tcfg,
-            self.path("baselines", "upcycle", "train"),
-            self.env,
-            desc="sparse upcycling",
-        )
-        _set_expert_dropout(model, 0.0)
-        self._save(model, out)
-        return out
-
-    def baseline_soup(self) -> str:
-        """Expert soup: the MCL stages' FFNs averaged into one dense model."""
-        out = self.path("baselines", "soup", "model")
-        if os.path.exists(out):
-            return out
-        paths = [self.stage_model(s) for s in range(self.cfg.moe.experts)]
-        soup = self.load(paths[0])
-        states = [self.load(p).state_dict() for p in paths[1:]]
-        with torch.no_grad():
-            for tower_ffns in find_ffns(soup).values():
-                for f in tower_ffns:
-                    for name, p in f.module.named_parameters():
-                        key = f"{f.path}.{name}"
-                        p.copy_(torch.stack([p] + [s[key] for s in states]).mean(0))
-        self._save(soup, out)
-        return out
-
-    def rows(self) -> dict[str, str]:
-        """The models the report compares, in table order."""
-        b = self.cfg.baselines
-        rows = {"base": self.stage_model(0)}
-        if b.stages:
-            rows.update({f"MCL stage {s}": self.stage_model(s) for s in range(1, self.cfg.moe.experts)})
-        if b.dense:
-            rows["dense fine-tune"] = self.path("baselines", "dense", "model")
-        if b.upcycle:
-            rows["sparse upcycling"] = self.path("baselines", "upcycle", "model")
-        if b.soup:
-            rows["expert soup"] = self.path("baselines", "soup", "model")
-        rows["DMU CLIP-MoE"] = self.path("moe", "model")
-        return rows
-
-    def baselines(self) -> None:
-        b = self.cfg.baselines
-        if b.dense:
-            self._timed("baseline dense", self.baseline_dense)
-        if b.upcycle:
-            self._timed("baseline upcycle", self.baseline_upcycle)
-        if b.soup:
-            self._timed("baseline soup", self.baseline_soup)
+    def rows(self) -> list[Row]:
+        """The models the report compares, in table order (baselines.rows)."""
+        return rows(self)
 
     def evaluate(self) -> dict[str, dict]:
-        from .report import evaluate_row
-
         results = {}
-        for name, path in self.rows().items():
-            out = self.path("eval", row_slug(name) + ".json")
+        for row in self.rows():
+            out = self.path("eval", row.slug + ".json")
             if not os.path.exists(out) and self.env.is_main:
-                result = evaluate_row(self.load(path), self.cfg, name)
-                os.makedirs(os.path.dirname(out), exist_ok=True)
-                _write_json(out, result)
+                write_json(out, evaluate_row(self.load(row.path), self.cfg, row.name))
             barrier(self.env)
-            results[name] = json.load(open(out))
+            results[row.name] = json.load(open(out))
         return results
 
     def results(self) -> dict[str, dict]:
         """The evaluation results of every row (after ``evaluate``)."""
-        return {name: json.load(open(self.path("eval", row_slug(name) + ".json"))) for name in self.rows()}
+        return {row.name: json.load(open(self.path("eval", row.slug + ".json"))) for row in self.rows()}
 
     def report(self) -> str:
-        from .report import write_report
-
         results = self.evaluate()
         path = self.path("report.md")
         if self.env.is_main:
@@ -355,75 +271,37 @@ class Pipeline:
         if errors:
             raise ConfigError(f"{len(errors)} problem(s) with this config and data:\n  - " + "\n  - ".join(errors))
 
+    # ---------------------------------------------------------------- the registry, run as a whole
+    def tasks(self) -> list[tuple[Stage, object]]:
+        return plan(self)
+
+    def run_stage(self, stage: Stage, instance=None):
+        """One task, timed into timings.json."""
+        return self._timed(stage.task(instance), lambda: stage.run(self, instance))
+
     def run(self) -> str:
         self.check_data()
-        self._timed("prepare", self.prepare)
-        for s in range(1, self.cfg.moe.experts):
-            self._timed(f"embed {s - 1}", lambda s=s: self.embed(s - 1))
-            self._timed(f"cluster {s - 1}", lambda s=s: self.cluster(s - 1))
-            self._timed(f"mcl {s}", lambda s=s: self.mcl(s))
-        self._timed("build", self.build)
-        self._timed("route", self.route)
-        self.baselines()
-        return self._timed("eval + report", self.report)
+        out = None
+        for stage, instance in self.tasks():
+            out = self.run_stage(stage, instance)
+        return out
 
-    def _write_stats(self, path: str, stats: dict) -> None:
-        if self.env.is_main:
-            if stats["skipped_samples"]:
-                self.log(f"{len(stats['skipped_samples'])} unreadable samples were masked out; see {path}")
-            _write_json(path, stats)
-
-    # ---------------------------------------------------------------- planning
     def status(self) -> dict[str, bool]:
-        done = {"prepare": os.path.exists(self.path("base"))}
-        for s in range(1, self.cfg.moe.experts):
-            done[f"embed {s - 1}"] = os.path.exists(self.path(f"stage{s - 1}", "embed", "DONE"))
-            done[f"cluster {s - 1}"] = os.path.exists(self.path(f"stage{s - 1}", "cluster", "labels.npy"))
-            done[f"mcl {s}"] = os.path.exists(self.stage_model(s))
-        done["build"] = os.path.exists(self.path("moe", "init"))
-        done["route"] = os.path.exists(self.path("moe", "model"))
-        for name in ("dense", "upcycle", "soup"):
-            if getattr(self.cfg.baselines, name):
-                done[f"baseline {name}"] = os.path.exists(self.path("baselines", name, "model"))
-        done["report"] = os.path.exists(self.path("report.md"))
-        return done
-
-
-def _with_seed(cfg: TrainConfig, seed: int, precision: str, **overrides) -> TrainConfig:
-    from dataclasses import replace
-
-    return replace(cfg, seed=seed, precision=precision, **overrides)
-
-
-def _layers(layers):
-    return layers if not isinstance(layers, list) else [int(i) for i in layers]
-
-
-def _set_expert_dropout(model: ClipMoeModel, p: float) -> None:
-    for m in model.moe_layers():
-        m.expert_dropout.p = p
-    if model.config.moe:
-        model.config.moe = {**model.config.moe, "expert_dropout": p}
-
-
-def row_slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
+        """Task name -> finished, for every task of the run (from each stage's done-check)."""
+        return {s.task(i): os.path.exists(self.path(s.done(i))) for s, i in self.tasks()}
 
 
 # -------------------------------------------------------------------- run directory
 
 
+def default_run_dir(config_path: str) -> str:
+    return os.path.splitext(config_path)[0] + "-run"
+
+
 def open_run(config_path: str, run_dir: str | None = None, fork: str | None = None) -> tuple[PipelineConfig, str]:
     """Validate the config and bind it to its run directory (snapshot; refuse a changed config)."""
     cfg = load_config(config_path)
-    run_dir = run_dir or os.path.splitext(config_path)[0] + "-run"
+    run_dir = run_dir or default_run_dir(config_path)
     if fork:
         _fork(run_dir, fork, cfg)
         run_dir = fork
@@ -455,26 +333,17 @@ def _refuse_changed_config(run_dir: str, cfg: PipelineConfig) -> None:
         )
 
 
-# What each stage's outputs depend on: a fork reuses a finished stage only if none of these changed.
-_STAGE_INPUTS = {
-    "base": ["base_model", "prepare"],
-    "stage0": ["base_model", "prepare", "data", "seed", "precision", "embed", "cluster"],
-    "stage": ["base_model", "prepare", "data", "seed", "precision", "embed", "cluster", "mcl"],
-    "moe": ["base_model", "prepare", "data", "seed", "precision", "embed", "cluster", "mcl", "moe", "route"],
-}
-
-
-def _reusable(src: str, cfg: PipelineConfig) -> tuple[list[str], set[str]]:
-    """The top-level entries of run ``src`` that a fork with ``cfg`` reuses, and the changed config sections."""
+def _reusable(src: str, cfg: PipelineConfig) -> tuple[dict[str, list[str]], set[str]]:
+    """Task -> its outputs in run ``src`` that a fork with ``cfg`` reuses (its config sections are unchanged),
+    and the changed config sections."""
     if not os.path.exists(os.path.join(src, "config.yaml")):
         raise ConfigError(f"cannot fork {src}: it is not a run directory (no config.yaml)")
     changed = {k.split(".")[0] for k in _changed_keys(src, cfg)}
-    reuse = []
-    for name in sorted(os.listdir(src)):
-        kind = "stage" if name.startswith("stage") and name != "stage0" else name
-        inputs = _STAGE_INPUTS.get(kind)
-        if inputs is not None and not changed & set(inputs):
-            reuse.append(name)
+    pipe = Pipeline(cfg, src)
+    reuse = {}
+    for stage, instance in pipe.tasks():
+        if stage.reusable and not changed & set(stage.sections(instance, pipe)):
+            reuse[stage.task(instance)] = [p for p in stage.outputs(instance) if os.path.exists(pipe.path(p))]
     return reuse, changed
 
 
@@ -483,51 +352,26 @@ def _fork(src: str, dst: str, cfg: PipelineConfig) -> None:
         raise ConfigError(f"cannot fork into {dst}: it exists")
     reuse, changed = _reusable(src, cfg)
     os.makedirs(dst)
-    for name in reuse:
-        shutil.copytree(os.path.join(src, name), os.path.join(dst, name), symlinks=True)
-    print(f"forked {src} -> {dst}; reused: {', '.join(reuse) or 'nothing'} (changed: {', '.join(sorted(changed))})")
-
-
-# -------------------------------------------------------------------- command line
-
-CLI_RUN_HELP = "Run the whole DMU pipeline from a config file (skips finished stages, resumes the rest)."
-
-
-def add_run_arguments(p) -> None:
-    p.add_argument("config", help="pipeline YAML")
-    p.add_argument("--run-dir", help="run directory (default: CONFIG without extension + '-run')")
-    p.add_argument("--fork", metavar="NEW_RUN_DIR", help="start a new run reusing the unchanged finished stages")
-    p.add_argument("--dry-run", action="store_true", help="validate and print the plan; do nothing")
-
-
-def _open(args) -> Pipeline:
-    if getattr(args, "dry_run", False):
-        cfg = load_config(args.config)
-        run_dir = args.run_dir or os.path.splitext(args.config)[0] + "-run"
-        print_plan(cfg, run_dir, getattr(args, "fork", None))
-        return None
-    cfg, run_dir = open_run(args.config, args.run_dir, getattr(args, "fork", None))
-    return Pipeline(cfg, run_dir, init_distributed(cfg.device))
-
-
-def run_run(args) -> None:
-    pipe = _open(args)
-    if pipe is not None:
-        report = pipe.run()
-        pipe.log(f"report: {report}")
-        shutdown_distributed(pipe.env)
+    copied = []
+    for paths in reuse.values():
+        for rel in paths:
+            os.makedirs(os.path.dirname(os.path.join(dst, rel)), exist_ok=True)
+            if os.path.isdir(os.path.join(src, rel)):
+                shutil.copytree(os.path.join(src, rel), os.path.join(dst, rel), symlinks=True)
+            else:
+                shutil.copy2(os.path.join(src, rel), os.path.join(dst, rel))
+            copied.append(rel)
+    print(f"forked {src} -> {dst}; reused: {', '.join(copied) or 'nothing'} (changed: {', '.join(sorted(changed))})")
 
 
 def print_plan(cfg: PipelineConfig, run_dir: str, fork: str | None = None) -> None:
     """What ``clipmoe run`` would do, writing nothing: it refuses here what the run would refuse."""
-    from .report import phase_parameters
-
     done = Pipeline(cfg, run_dir).status() if os.path.exists(run_dir) else {}
     if fork:
         if os.path.exists(fork):
             raise ConfigError(f"cannot fork into {fork}: it exists")
         reuse, changed = _reusable(run_dir, cfg)
-        done = {name: ok and _stage_entry(name) in reuse for name, ok in done.items()}
+        done = {task: ok and task in reuse for task, ok in done.items()}
         print(f"fork of {run_dir} (changed: {', '.join(sorted(changed)) or 'nothing'})")
         run_dir = fork
     elif os.path.exists(run_dir):
@@ -547,59 +391,13 @@ def print_plan(cfg: PipelineConfig, run_dir: str, fork: str | None = None) -> No
             f"  {phase:<18} trainable {counts['trainable']:>13,}  total {counts['total']:>13,}  "
             f"active {counts['active']:>13,}"
         )
-    stages = ["prepare"] + [
-        x for s in range(1, cfg.moe.experts) for x in (f"embed {s - 1}", f"cluster {s - 1}", f"mcl {s}")
-    ]
-    stages += ["build", "route"] + [f"baseline {n}" for n in ("dense", "upcycle", "soup") if getattr(cfg.baselines, n)]
-    stages += ["report"]
-    for name in stages:
-        mark = ("reused" if fork else "done") if done.get(name) else "todo"
-        print(f"  [{mark}] {name}")
+    for task in Pipeline(cfg, run_dir).status():
+        mark = ("reused" if fork else "done") if done.get(task) else "todo"
+        print(f"  [{mark}] {task}")
     steps = f"{cfg.mcl.steps} steps" if cfg.mcl.steps else f"{cfg.mcl.epochs} epoch(s)"
     print(
         f"MCL stages: {steps} each, global batch {cfg.mcl.batch_size}, lr {cfg.mcl.lr}; routing: "
-        f"{cfg.route.steps or cfg.route.epochs} {'steps' if cfg.route.steps else 'epoch(s)'}, lr {cfg.route.lr}; "
-        "baselines: the same number of optimizer steps as all MCL stages + routing"
+        f"{cfg.route.steps or cfg.route.epochs} {'steps' if cfg.route.steps else 'epoch(s)'}, lr {cfg.route.lr}"
     )
-
-
-def _stage_entry(stage: str) -> str:
-    """The top-level run-directory entry a stage of ``Pipeline.status`` writes."""
-    kind, _, number = stage.partition(" ")
-    if kind == "prepare":
-        return "base"
-    if kind in ("embed", "cluster", "mcl"):
-        return f"stage{number}"
-    return {"build": "moe", "route": "moe", "baseline": "baselines"}.get(kind, "report.md")
-
-
-def _stage_command(name: str, needs_stage: bool, doc: str):
-    def add(p) -> None:
-        p.add_argument("config", help="pipeline YAML")
-        p.add_argument("--run-dir", help="run directory (default: CONFIG without extension + '-run')")
-        if needs_stage:
-            p.add_argument("--stage", type=int, required=True, help="stage number")
-
-    def run(args) -> None:
-        pipe = _open(args)
-        fn = getattr(pipe, name)
-        result = fn(args.stage) if needs_stage else fn()
-        pipe.log(result)
-        shutdown_distributed(pipe.env)
-
-    return add, run, doc
-
-
-for _name, _needs, _doc in [
-    ("prepare", False, "Stage 0: the base model (optionally with stretched text positions) into the run."),
-    ("embed", True, "Embed the training set with the stage-S model (sharded, resumable)."),
-    ("cluster", True, "k-means pseudo-labels after stage S, accumulated with earlier stages."),
-    ("mcl", True, "Train MCL stage S (S >= 1): FFNs only, every global batch from one cluster."),
-    ("build", False, "Assemble the CLIP-MoE from the base and the MCL stages."),
-    ("route", False, "Train the routers of the assembled CLIP-MoE."),
-    ("baselines", False, "Dense fine-tuning, sparse upcycling and expert soup at equal budget."),
-    ("report", False, "Evaluate every model of the run and write report.md with plots."),
-]:
-    _add, _run, _help = _stage_command(_name, _needs, _doc)
-    globals()[f"add_{_name}_arguments"], globals()[f"run_{_name}"] = _add, _run
-    globals()[f"CLI_{_name.upper()}_HELP"] = _help
+    for rule in cfg.baselines.budgets:
+        print(f"baselines under '{BUDGETS[rule].label}': {BUDGETS[rule].rule}")

@@ -10,22 +10,15 @@ classification dataset (classification images and prompts are grouped by class).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import tempfile
 
 import torch
 
+from ..utils.dtypes import DTYPE_CHOICES, torch_dtype
+from ..utils.io import write_json
+
 TASKS = ("retrieval", "classification", "mmvp", "probes", "routing", "suite")
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +32,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=0, help="image decoding worker processes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights and compute dtype")
+    parser.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="weights and compute dtype")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -51,12 +44,12 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError("--plot is for --task routing or suite")
     if not os.path.exists(args.data):
         raise FileNotFoundError(f"no data at {args.data}")
-    dtype = DTYPES[args.dtype]
+    dtype = torch_dtype(args.dtype)
     model = load(args.model, device=args.device, dtype=None if dtype == torch.float32 else dtype)
     kw = {"batch_size": args.batch_size, "device": args.device}
     results = _run_task(model, args, kw)
     if args.out:
-        _write_json(results, args.out)
+        write_json(args.out, results, indent=2)
     routing = results.get("routing") if args.task == "suite" else results if args.task == "routing" else None
     if args.plot and routing:
         from .routing import plot_routing
@@ -126,19 +119,6 @@ def _is_eval_folder(path: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _write_json(results: dict, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(results, f, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def format_table(results: dict) -> str:

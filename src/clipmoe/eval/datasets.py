@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..utils.images import IMAGE_EXTENSIONS, is_image_file
+
 # torchvision's ImageFolder extensions (compared lower-case).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # CLIP_benchmark's webdataset reader takes the first of these present in a sample.
-WDS_IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")
 # CLIP_benchmark falls back to its packaged prompts; without them the single most common CLIP prompt.
 DEFAULT_TEMPLATES = ("a photo of a {c}.",)
 
@@ -204,7 +204,7 @@ def load_image_folder(root: str | os.PathLike, templates: Sequence[str] | None =
     for label, cls in enumerate(classes):
         found = []
         for dirpath, _, fnames in sorted(os.walk(os.path.join(root, cls), followlinks=True)):
-            found += [os.path.join(dirpath, n) for n in sorted(fnames) if n.lower().endswith(IMAGE_EXTENSIONS)]
+            found += [os.path.join(dirpath, n) for n in sorted(fnames) if is_image_file(n)]
         if not found:
             raise ValueError(f"class {cls!r} has no images (folder {os.path.join(root, cls)})")
         refs += [ImageRef(p) for p in found]
@@ -320,10 +320,10 @@ def load_wds(root: str | os.PathLike, split: str | None = None) -> RetrievalData
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{name}: shard {path} is missing (nshards.txt says {text})")
         for key, sample in _iter_tar_samples(path):
-            image_ext = next((e for e in WDS_IMAGE_EXTENSIONS if e in sample), None)
+            image_ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
             if image_ext is None or label_ext not in sample:
                 raise ValueError(
-                    f"{path}: sample {key!r} needs an image ({'/'.join(WDS_IMAGE_EXTENSIONS)}) and a '.{label_ext}' "
+                    f"{path}: sample {key!r} needs an image ({'/'.join(IMAGE_EXTENSIONS)}) and a '.{label_ext}' "
                     f"file; it has {sorted(sample)}"
                 )
             offset, size, member = sample[image_ext]

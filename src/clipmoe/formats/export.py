@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import os
 
-import torch
 from transformers import CLIPVisionConfig
 
 from ..model.modeling import ClipMoeModel, ClipMoeVisionModel, MoESpec
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from ..utils.dtypes import DTYPE_CHOICES, torch_dtype
 
 
 def vision_tower(model: ClipMoeModel) -> ClipMoeVisionModel:
@@ -69,7 +67,7 @@ def add_export_arguments(parser) -> None:
     )
     parser.add_argument(
         "--dtype",
-        choices=sorted(DTYPES),
+        choices=DTYPE_CHOICES,
         default=None,
         help="store the weights in this dtype (routers stay float32); default: keep the model's",
     )
@@ -78,7 +76,7 @@ def add_export_arguments(parser) -> None:
 def run_export(args) -> int:
     from .load import load
 
-    model = load(args.model, dtype=DTYPES[args.dtype] if args.dtype else None)
+    model = load(args.model, dtype=torch_dtype(args.dtype) if args.dtype else None)
     if args.vision_tower:
         export_vision_tower(model, args.out)
         what = "vision tower"
