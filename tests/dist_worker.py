@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from clipmoe import sparse_upcycle
-from clipmoe.dmu.config import TrainConfig
+from clipmoe.train.config import TrainConfig
 from clipmoe.train.distributed import (
     DistEnv,
     all_reduce_sum,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from clipmoe import sparse_upcycle
-from clipmoe.dmu.config import TrainConfig
+from clipmoe.train.config import TrainConfig
 from clipmoe.train.loop import CHECKPOINT, METRICS, train
 from clipmoe.train.loss import ClipLoss
 from clipmoe.train.samplers import GlobalBatchSampler

@@ -15,8 +15,16 @@ import os
 
 import torch
 
+from ..formats.load import load
 from ..utils.dtypes import DTYPE_CHOICES, torch_dtype
 from ..utils.io import write_json
+from .classification import class_prompts, evaluate_classification
+from .datasets import ClassificationDataset, RetrievalDataset, open_dataset, wds_splits
+from .mmvp import evaluate_mmvp
+from .probes import evaluate_probes
+from .retrieval import evaluate_retrieval
+from .routing import analyze_routing, plot_routing
+from .suite import evaluate_suite, find_eval_sets
 
 TASKS = ("retrieval", "classification", "mmvp", "probes", "routing", "suite")
 
@@ -36,8 +44,6 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from ..formats.load import load
-
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
     if args.plot and args.task not in ("routing", "suite"):
@@ -52,36 +58,23 @@ def run_eval(args: argparse.Namespace) -> int:
         write_json(args.out, results, indent=2)
     routing = results.get("routing") if args.task == "suite" else results if args.task == "routing" else None
     if args.plot and routing:
-        from .routing import plot_routing
-
         plot_routing(routing, args.plot)
     print(format_table(results))
     return 0
 
 
 def _run_task(model, args: argparse.Namespace, kw: dict) -> dict:
-    from .datasets import ClassificationDataset, RetrievalDataset, open_dataset
-
     task = args.task
     if task == "mmvp":
-        from .mmvp import evaluate_mmvp
-
         return evaluate_mmvp(model, args.data, **kw)
     if task == "probes":
-        from .probes import evaluate_probes
-
         return evaluate_probes(model, args.data, **kw)
     if task == "suite" or (task == "routing" and _is_eval_folder(args.data)):
-        from .suite import evaluate_suite
-
         results = evaluate_suite(model, args.data, num_workers=args.num_workers, routing=task == "routing" or None)
         return results["routing"] if task == "routing" else results
     data = open_dataset(args.data, args.split, args.images)
     kw["num_workers"] = args.num_workers
     if task == "routing":
-        from .classification import class_prompts
-        from .routing import analyze_routing
-
         if isinstance(data, RetrievalDataset):
             return analyze_routing(model, data.images, [c for caps in data.captions for c in caps], **kw)
         if data.multilabel:
@@ -100,18 +93,12 @@ def _run_task(model, args: argparse.Namespace, kw: dict) -> dict:
         other = "classification" if task == "retrieval" else "retrieval"
         raise ValueError(f"{args.data} is a {other} dataset; use --task {other}")
     if task == "retrieval":
-        from .retrieval import evaluate_retrieval
-
         return evaluate_retrieval(model, data, **kw)
-    from .classification import evaluate_classification
 
     return evaluate_classification(model, data, **kw)
 
 
 def _is_eval_folder(path: str) -> bool:
-    from .datasets import wds_splits
-    from .suite import find_eval_sets
-
     if not os.path.isdir(path) or wds_splits(path):
         return False
     try:

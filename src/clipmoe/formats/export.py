@@ -15,6 +15,7 @@ from transformers import CLIPVisionConfig
 
 from ..model.modeling import ClipMoeModel, ClipMoeVisionModel, MoESpec
 from ..utils.dtypes import DTYPE_CHOICES, torch_dtype
+from .load import load
 
 
 def vision_tower(model: ClipMoeModel) -> ClipMoeVisionModel:
@@ -74,8 +75,6 @@ def add_export_arguments(parser) -> None:
 
 
 def run_export(args) -> int:
-    from .load import load
-
     model = load(args.model, dtype=torch_dtype(args.dtype) if args.dtype else None)
     if args.vision_tower:
         export_vision_tower(model, args.out)

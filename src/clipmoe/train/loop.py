@@ -15,21 +15,20 @@ import os
 import random
 import time
 from dataclasses import asdict
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..model.modeling import tower_layers
 from ..model.moe import load_balancing_loss, router_z_loss
+from .config import TrainConfig
 from .distributed import DistEnv, barrier
 from .loss import ClipLoss, global_router_losses
 from .samplers import GlobalBatchSampler
-
-if TYPE_CHECKING:  # the loop reads a TrainConfig; the class lives with the other configs (torch-free)
-    from ..dmu.config import TrainConfig
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -289,8 +288,6 @@ def _wrap_parallel(module: nn.Module, cfg: TrainConfig, env: DistEnv) -> nn.Modu
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        from ..model.modeling import tower_layers
-
         mesh = init_device_mesh(env.device.type, (env.world_size,))
         # fully_shard cannot shard 0-dim parameters (CLIP's logit_scale): keep them replicated and average
         # their gradients over ranks ourselves, as DDP would.
@@ -312,8 +309,6 @@ def _wrap_parallel(module: nn.Module, cfg: TrainConfig, env: DistEnv) -> nn.Modu
 def _average_grad_over_ranks(p: torch.Tensor) -> None:
     # Runs after every micro-batch's accumulation; averaging the running sum each time still yields the
     # average of the sums, since all ranks hold the same average after the previous micro-batch.
-    import torch.distributed as dist
-
     dist.all_reduce(p.grad)
     p.grad /= dist.get_world_size()
 
