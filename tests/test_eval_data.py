@@ -268,7 +268,7 @@ def test_wds_bad_input_errors(tmp_path):
         load_wds(no_caps)
     with tarfile.open(os.path.join(no_caps, "test", "0.tar"), "w:gz") as tar:  # compressed: offsets meaningless
         _add(tar, "s0000000.txt", b"a caption")
-    with pytest.raises(ValueError, match="not an uncompressed tar shard"):
+    with pytest.raises(ValueError, match="not a readable uncompressed tar"):
         load_wds(no_caps)
 
 
