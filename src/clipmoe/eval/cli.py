@@ -19,7 +19,7 @@ from ..formats.load import load
 from ..utils.dtypes import DTYPE_CHOICES, torch_dtype
 from ..utils.io import write_json
 from .classification import class_prompts, evaluate_classification
-from .datasets import ClassificationDataset, RetrievalDataset, open_dataset, wds_splits
+from .datasets import ClassificationDataset, RetrievalDataset, open_eval_set, wds_splits
 from .mmvp import evaluate_mmvp
 from .probes import evaluate_probes
 from .retrieval import evaluate_retrieval
@@ -72,7 +72,7 @@ def _run_task(model, args: argparse.Namespace, kw: dict) -> dict:
     if task == "suite" or (task == "routing" and _is_eval_folder(args.data)):
         results = evaluate_suite(model, args.data, num_workers=args.num_workers, routing=task == "routing" or None)
         return results["routing"] if task == "routing" else results
-    data = open_dataset(args.data, args.split, args.images)
+    data = open_eval_set(args.data, args.split, args.images)
     kw["num_workers"] = args.num_workers
     if task == "routing":
         if isinstance(data, RetrievalDataset):

@@ -324,7 +324,7 @@ def _decode_label(raw: bytes, ext: str, where: str):
 # --- one entry point for the CLI -----------------------------------------------------------------------
 
 
-def open_dataset(
+def open_eval_set(
     path: str | os.PathLike, split: str | None = None, images: str | os.PathLike | None = None
 ) -> RetrievalDataset | ClassificationDataset:
     """Open whichever layout ``path`` is: a webdataset folder, a COCO JSON or Flickr caption file (images
