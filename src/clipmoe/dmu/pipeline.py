@@ -401,3 +401,7 @@ def print_plan(cfg: PipelineConfig, run_dir: str, fork: str | None = None) -> No
     )
     for rule in cfg.baselines.budgets:
         print(f"baselines under '{BUDGETS[rule].label}': {BUDGETS[rule].rule}")
+    if params:
+        print("report rows (trainable parameters over all their phases):")
+        for row in rows(Pipeline(cfg, run_dir)):
+            print(f"  {row.name:<32} {row.trainable(params, cfg):>13,}")
