@@ -68,7 +68,7 @@ class Row:
     path: str  # run-directory path of its model folder
     trainable: Callable[[dict, PipelineConfig], int]
     rule: str | None = None  # budget rule, if it is a trained baseline
-    curves: tuple[tuple[str, str], ...] = ()  # (label, run-directory subfolder holding metrics.jsonl)
+    curves: tuple[tuple[str, str], ...] = ()  # (label, folder holding metrics.jsonl)
     compare: bool = False  # a baseline the verdict compares DMU with
 
     @property
@@ -211,17 +211,17 @@ def rows(pipe) -> list[Row]:
                 f"MCL stage {s}",
                 pipe.stage_model(s),
                 lambda phases, cfg: phases["MCL stage"]["trainable"],
-                curves=((f"MCL stage {s}", f"stage{s}/train"),),
+                curves=((f"MCL stage {s}", pipe.out("mcl", s, "train")),),
             )
             for s in range(1, cfg.moe.experts)
         ]
     for run in baseline_runs(cfg):
-        folder = os.path.join("baselines", run.id)
+        folder = pipe.out("baselines", run.id, "folder")
         curves = tuple((run.name + suffix, os.path.join(folder, sub)) for suffix, sub in run.baseline.curves)
         out.append(
             Row(
                 run.name,
-                pipe.path(folder, "model"),
+                pipe.out("baselines", run.id, "model"),
                 run.baseline.trainable,
                 run.rule,
                 curves if run.baseline.trains else (),
@@ -231,9 +231,9 @@ def rows(pipe) -> list[Row]:
     out.append(
         Row(
             "DMU CLIP-MoE",
-            pipe.path("moe", "model"),
+            pipe.out("route", None, "model"),
             lambda phases, cfg: phases["MCL stage"]["trainable"] * cfg.stages + phases["router training"]["trainable"],
-            curves=(("DMU routing", "moe/train"),),
+            curves=(("DMU routing", pipe.out("route", None, "train")),),
         )
     )
     return out

@@ -47,9 +47,7 @@ from .cluster import cluster_features, write_cluster_outputs
 from .config import ConfigError, PipelineConfig, TrainConfig, diff_configs, load_config
 from .embed import FeatureStore, embed_dataset
 from .report import evaluate_row, phase_parameters, write_report
-from .stages import Stage, plan
-
-STATS = "train_stats.json"
+from .stages import STAGE_BY_NAME, Stage, plan
 
 
 class Pipeline:
@@ -64,6 +62,15 @@ class Pipeline:
     # ---------------------------------------------------------------- helpers
     def path(self, *parts: str) -> str:
         return os.path.join(self.run_dir, *parts)
+
+    @property
+    def timings_path(self) -> str:
+        """Wall time per task, written by every task (``run_stage``), shown by the report."""
+        return self.path("timings.json")
+
+    def out(self, stage: str, instance, name: str) -> str:
+        """The path of output ``name`` of a stage (its layout is declared once, in stages.STAGES)."""
+        return self.path(STAGE_BY_NAME[stage].outputs(instance)[name])
 
     def dataset(self):
         if self._dataset is None:
@@ -91,7 +98,7 @@ class Pipeline:
         t0 = time.perf_counter()
         out = fn()
         if self.env.is_main:
-            path = self.path("timings.json")
+            path = self.timings_path
             timings = json.load(open(path)) if os.path.exists(path) else {}
             timings.setdefault(name, round(time.perf_counter() - t0, 2))
             write_json(path, timings)
@@ -106,7 +113,7 @@ class Pipeline:
     # ---------------------------------------------------------------- stages (registered in stages.py)
     def prepare(self) -> str:
         """Stage 0: the base model, optionally with stretched text positions, saved into the run."""
-        out = self.path("base")
+        out = self.out("prepare", None, "model")
         if os.path.exists(out):
             return out
         model = load(resolve_model_path(self.cfg.base_model))
@@ -124,11 +131,11 @@ class Pipeline:
         return out
 
     def stage_model(self, s: int) -> str:
-        return self.path("base") if s == 0 else self.path(f"stage{s}", "model")
+        return self.out("prepare", None, "model") if s == 0 else self.out("mcl", s, "model")
 
     def embed(self, s: int) -> FeatureStore:
-        folder = self.path(f"stage{s}", "embed")
-        if os.path.exists(os.path.join(folder, "DONE")):
+        folder = self.out("embed", s, "features")
+        if os.path.exists(self.out("embed", s, "done")):
             return FeatureStore.open(folder)
         model = self.load(self.stage_model(s))
         return embed_dataset(
@@ -145,8 +152,7 @@ class Pipeline:
         )
 
     def cluster(self, s: int) -> np.ndarray:
-        folder = self.path(f"stage{s}", "cluster")
-        labels_path = os.path.join(folder, "labels.npy")
+        folder, labels_path = self.out("cluster", s, "folder"), self.out("cluster", s, "labels")
         if not os.path.exists(labels_path):
             store = self.embed(s)
             previous = self.cluster(s - 1) if s > 0 else None
@@ -169,14 +175,14 @@ class Pipeline:
         labels = self.cluster(s - 1)
         model = self.load(self.stage_model(0))
         tcfg = replace(self.cfg.mcl, seed=self.cfg.seed + s)
-        stats = self.train(model, tcfg, self.path(f"stage{s}", "train"), f"mcl stage {s}", labels=labels)
-        self._write_stats(self.path(f"stage{s}", STATS), stats)
+        stats = self.train(model, tcfg, self.out("mcl", s, "train"), f"mcl stage {s}", labels=labels)
+        self._write_stats(self.out("mcl", s, "stats"), stats)
         self.save(model, out)
         return out
 
     def assemble(self) -> str:
         """Assemble the CLIP-MoE: expert e of every chosen block is the FFN of MCL stage e."""
-        out = self.path("moe", "init")
+        out = self.out("assemble", None, "model")
         if os.path.exists(out):
             return out
         experts = [self.mcl(s) if s else self.stage_model(0) for s in range(self.cfg.moe.experts)]
@@ -188,20 +194,22 @@ class Pipeline:
 
     def route(self) -> str:
         """Router training on the whole training set (random batches)."""
-        out = self.path("moe", "model")
+        out = self.out("route", None, "model")
         if os.path.exists(out):
             return out
         model = self.load(self.assemble())
-        stats = self.train(model, self.cfg.route, self.path("moe", "train"), "route")
-        self._write_stats(self.path("moe", STATS), stats)
+        stats = self.train(model, self.cfg.route, self.out("route", None, "train"), "route")
+        self._write_stats(self.out("route", None, "stats"), stats)
         set_expert_dropout(model, 0.0)
         self.save(model, out)
         return out
 
     def budget_steps(self, phases: str = "all") -> int:
         """Optimizer steps DMU spent: all MCL stages, plus routing unless ``phases`` is ``"mcl"``."""
-        total = sum(json.load(open(self.path(f"stage{s}", STATS)))["steps"] for s in range(1, self.cfg.moe.experts))
-        return total if phases == "mcl" else total + json.load(open(self.path("moe", STATS)))["steps"]
+        steps = [json.load(open(self.out("mcl", s, "stats")))["steps"] for s in range(1, self.cfg.moe.experts)]
+        if phases != "mcl":
+            steps.append(json.load(open(self.out("route", None, "stats")))["steps"])
+        return sum(steps)
 
     def baseline_runs(self) -> list[BaselineRun]:
         return baseline_runs(self.cfg)
@@ -215,8 +223,7 @@ class Pipeline:
     def baseline(self, run_id: str) -> str:
         """One baseline under one budget rule (baselines.py builds and trains it)."""
         run = self.baseline_run(run_id)
-        folder = self.path("baselines", run.id)
-        out = os.path.join(folder, "model")
+        folder, out = self.out("baselines", run.id, "folder"), self.out("baselines", run.id, "model")
         if os.path.exists(out):
             return out
         self.prepare()
@@ -232,7 +239,7 @@ class Pipeline:
     def evaluate(self) -> dict[str, dict]:
         results = {}
         for row in self.rows():
-            out = self.path("eval", row.slug + ".json")
+            out = os.path.join(self.out("report", None, "eval"), row.slug + ".json")
             if not os.path.exists(out) and self.env.is_main:
                 write_json(out, evaluate_row(self.load(row.path), self.cfg, row.name))
             barrier(self.env)
@@ -241,11 +248,12 @@ class Pipeline:
 
     def results(self) -> dict[str, dict]:
         """The evaluation results of every row (after ``evaluate``)."""
-        return {row.name: json.load(open(self.path("eval", row.slug + ".json"))) for row in self.rows()}
+        folder = self.out("report", None, "eval")
+        return {row.name: json.load(open(os.path.join(folder, row.slug + ".json"))) for row in self.rows()}
 
     def report(self) -> str:
         results = self.evaluate()
-        path = self.path("report.md")
+        path = self.out("report", None, "report")
         if self.env.is_main:
             write_report(self, results, path)
         barrier(self.env)
@@ -288,7 +296,7 @@ class Pipeline:
 
     def status(self) -> dict[str, bool]:
         """Task name -> finished, for every task of the run (from each stage's done-check)."""
-        return {s.task(i): os.path.exists(self.path(s.done(i))) for s, i in self.tasks()}
+        return {s.task(i): os.path.exists(self.path(s.done_path(i))) for s, i in self.tasks()}
 
 
 # -------------------------------------------------------------------- run directory
@@ -343,7 +351,9 @@ def _reusable(src: str, cfg: PipelineConfig) -> tuple[dict[str, list[str]], set[
     reuse = {}
     for stage, instance in pipe.tasks():
         if stage.reusable and not changed & set(stage.sections(instance, pipe)):
-            reuse[stage.task(instance)] = [p for p in stage.outputs(instance) if os.path.exists(pipe.path(p))]
+            paths = stage.outputs(instance).values()
+            outer = [p for p in paths if not any(p.startswith(q + "/") for q in paths)]  # copy folders once
+            reuse[stage.task(instance)] = [p for p in outer if os.path.exists(pipe.path(p))]
     return reuse, changed
 
 

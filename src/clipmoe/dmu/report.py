@@ -260,7 +260,7 @@ def _trainable_by_row(cfg: PipelineConfig, rows) -> dict[str, int]:
 
 
 def _timings(pipe) -> list[str]:
-    path = pipe.path("timings.json")
+    path = pipe.timings_path
     if not os.path.exists(path):
         return []
     timings = json.load(open(path))
@@ -279,7 +279,7 @@ def _plots(pipe, rows, results: dict[str, dict], folder: str) -> list[tuple[str,
     # Training curves of every row that was trained in this run.
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for label, sub in [curve for row in rows for curve in row.curves]:
-        path = pipe.path(sub, "metrics.jsonl")
+        path = os.path.join(sub, "metrics.jsonl")
         if os.path.exists(path):
             recs = [json.loads(line) for line in open(path)]
             ax.plot([r["step"] for r in recs], [r["clip"] for r in recs], label=label)
@@ -300,7 +300,7 @@ def _plots(pipe, rows, results: dict[str, dict], folder: str) -> list[tuple[str,
             made.append((f"expert load and routing, {name}", png))
     # Cluster sizes of each stage.
     for s in range(pipe.cfg.moe.experts - 1):
-        png = pipe.path(f"stage{s}", "cluster", "cluster_sizes.png")
+        png = os.path.join(pipe.out("cluster", s, "folder"), "cluster_sizes.png")
         if os.path.exists(png):
             dst = f"cluster_sizes_stage{s}.png"
             shutil.copyfile(png, os.path.join(folder, dst))

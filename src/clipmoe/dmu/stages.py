@@ -28,8 +28,10 @@ class Stage:
 
     name: str  # the CLI subcommand and the first word of its task names ("mcl 2")
     help: str
-    done: Callable[[Any], str]  # instance -> the run-directory path whose existence means it finished
-    outputs: Callable[[Any], Sequence[str]]  # instance -> the run-directory paths it writes (a fork copies them)
+    # instance -> {name: run-directory path} of what it writes: the one place the run directory's layout is
+    # spelled (the Pipeline asks for ``pipe.out(stage, instance, name)``); a fork copies them
+    outputs: Callable[[Any], dict[str, str]]
+    done: str  # the output whose existence means the stage finished
     sections: Callable[[Any, Any], Sequence[str]]  # (instance, pipeline) -> config sections its outputs depend on
     run: Callable[[Any, Any], Any]  # (pipeline, instance) -> what it produced; returns at once when done
     instances: Callable[[Any], Sequence[Any]] = lambda pipe: [None]
@@ -40,21 +42,24 @@ class Stage:
     def task(self, instance: Any) -> str:
         return self.name if instance is None else f"{self.name} {instance}"
 
+    def done_path(self, instance: Any) -> str:
+        return self.outputs(instance)[self.done]
+
 
 STAGES: tuple[Stage, ...] = (
     Stage(
         "prepare",
         "Stage 0: the base model (optionally with stretched text positions) into the run.",
-        done=lambda _: "base",
-        outputs=lambda _: ["base"],
+        outputs=lambda _: {"model": "base"},
+        done="model",
         sections=lambda _, pipe: BASE,
         run=lambda pipe, _: pipe.prepare(),
     ),
     Stage(
         "embed",
         "Embed the training set with the stage-S model (sharded, resumable).",
-        done=lambda s: f"stage{s}/embed/DONE",
-        outputs=lambda s: [f"stage{s}/embed"],
+        outputs=lambda s: {"features": f"stage{s}/embed", "done": f"stage{s}/embed/DONE"},
+        done="done",
         sections=lambda s, pipe: (*DATA, "embed") if s == 0 else (*EXPERTS,),
         run=lambda pipe, s: pipe.embed(s),
         instances=lambda pipe: range(pipe.cfg.stages),
@@ -64,8 +69,8 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "cluster",
         "k-means pseudo-labels after stage S, accumulated with earlier stages.",
-        done=lambda s: f"stage{s}/cluster/labels.npy",
-        outputs=lambda s: [f"stage{s}/cluster"],
+        outputs=lambda s: {"folder": f"stage{s}/cluster", "labels": f"stage{s}/cluster/labels.npy"},
+        done="labels",
         sections=lambda s, pipe: (*DATA, "embed", "cluster") if s == 0 else EXPERTS,
         run=lambda pipe, s: pipe.cluster(s),
         instances=lambda pipe: range(pipe.cfg.stages),
@@ -75,8 +80,12 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "mcl",
         "Train MCL stage S (S >= 1): FFNs only, every global batch from one cluster.",
-        done=lambda s: f"stage{s}/model",
-        outputs=lambda s: [f"stage{s}/model", f"stage{s}/train", f"stage{s}/train_stats.json"],
+        outputs=lambda s: {
+            "model": f"stage{s}/model",
+            "train": f"stage{s}/train",
+            "stats": f"stage{s}/train_stats.json",
+        },
+        done="model",
         sections=lambda s, pipe: EXPERTS,
         run=lambda pipe, s: pipe.mcl(s),
         instances=lambda pipe: range(1, pipe.cfg.moe.experts),
@@ -86,24 +95,24 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "assemble",
         "Assemble the CLIP-MoE: expert e of every chosen block is the FFN of MCL stage e (stage 0 = the base).",
-        done=lambda _: "moe/init",
-        outputs=lambda _: ["moe/init"],
+        outputs=lambda _: {"model": "moe/init"},
+        done="model",
         sections=lambda _, pipe: (*EXPERTS, "moe"),
         run=lambda pipe, _: pipe.assemble(),
     ),
     Stage(
         "route",
         "Train the routers of the assembled CLIP-MoE.",
-        done=lambda _: "moe/model",
-        outputs=lambda _: ["moe/model", "moe/train", "moe/train_stats.json"],
+        outputs=lambda _: {"model": "moe/model", "train": "moe/train", "stats": "moe/train_stats.json"},
+        done="model",
         sections=lambda _, pipe: DMU,
         run=lambda pipe, _: pipe.route(),
     ),
     Stage(
         "baselines",
         "Train the baselines of dmu/baselines.py that the config enables (--only RUN for one).",
-        done=lambda run_id: f"baselines/{run_id}/model",
-        outputs=lambda run_id: [f"baselines/{run_id}"],
+        outputs=lambda run_id: {"folder": f"baselines/{run_id}", "model": f"baselines/{run_id}/model"},
+        done="model",
         sections=lambda run_id, pipe: pipe.baseline_run(run_id).sections(),
         run=lambda pipe, run_id: pipe.baseline(run_id),
         instances=lambda pipe: [r.id for r in pipe.baseline_runs()],
@@ -112,8 +121,8 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "report",
         "Evaluate every model of the run and write report.md with plots.",
-        done=lambda _: "report.md",
-        outputs=lambda _: ["report.md", "eval", "plots"],
+        outputs=lambda _: {"report": "report.md", "eval": "eval", "plots": "plots"},
+        done="report",
         sections=lambda _, pipe: (),
         run=lambda pipe, _: pipe.report(),
         reusable=False,  # cheap, and it reads every other output
