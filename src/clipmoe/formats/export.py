@@ -9,11 +9,12 @@ model clipmoe can open (a folder, or a checkpoint file) into such a folder.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from transformers import CLIPVisionConfig
 
-from ..model.modeling import ClipMoeModel, ClipMoeVisionModel, MoESpec
+from ..model.modeling import ClipMoeModel, ClipMoeVisionModel
 from ..utils.dtypes import DTYPE_CHOICES, torch_dtype
 from .load import load
 
@@ -28,10 +29,7 @@ def vision_tower(model: ClipMoeModel) -> ClipMoeVisionModel:
     config = CLIPVisionConfig.from_dict(model.config.vision_config.to_dict())
     spec = model.moe_spec
     if spec is not None and spec.layers.get("vision"):
-        vision_spec = MoESpec(
-            spec.num_experts, spec.top_k, {"vision": spec.layers["vision"]}, spec.expert_dropout, spec.dispatch
-        )
-        config.moe = vision_spec.to_dict()
+        config.moe = dataclasses.replace(spec, layers={"vision": spec.layers["vision"]}).to_dict()
     tower = ClipMoeVisionModel(config)
     state = {k: v.detach().clone() for k, v in model.vision_model.state_dict().items()}
     tower.load_state_dict(state, strict=True, assign=True)
