@@ -251,3 +251,31 @@ def test_impossible_values_for_the_data_stop_before_any_work(tmp_path, world, ba
     with pytest.raises(ConfigError, match="cannot make 500 k-means clusters from 96 training samples"):
         Pipeline(cfg, run_dir).run()
     assert not os.path.exists(os.path.join(run_dir, "base"))
+
+
+def test_epoch_rule_baselines_need_no_dmu_phase_and_wo_mcl_is_a_two_expert_moe(tmp_path, world, base_dir):
+    """The paper's rule (one epoch) and its Table 4 "w/o MCL" row, straight from the baseline registry."""
+    cfg, run_dir = open_run(
+        write_config(tmp_path, world, base_dir, baselines={"enabled": ["dense", "wo_mcl"], "budgets": ["epoch"]}),
+        str(tmp_path / "run"),
+    )
+    pipe = Pipeline(cfg, run_dir)
+    assert [r.id for r in pipe.baseline_runs()] == ["dense-epoch", "wo_mcl-epoch"]
+    for run in pipe.baseline_runs():
+        pipe.baseline(run.id)
+    assert not os.path.exists(pipe.path("moe")) and not os.path.exists(pipe.path("stage1"))  # no DMU phase ran
+
+    def steps(sub):
+        return [json.loads(line)["step"] for line in open(pipe.path("baselines", sub, "metrics.jsonl"))][-1]
+
+    assert steps("dense-epoch/train") == steps("wo_mcl-epoch/ffn/train") == 96 // 16  # one pass over the data
+    assert steps("wo_mcl-epoch/train") == cfg.route.steps  # routing exactly as DMU's routing phase
+    base = clipmoe.load(pipe.stage_model(0)).state_dict()
+    tuned = clipmoe.load(pipe.path("baselines/wo_mcl-epoch/ffn/model")).state_dict()
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    assert changed and all(".mlp." in k for k in changed)  # FFN-only fine-tuning
+    wo = clipmoe.load(pipe.path("baselines/wo_mcl-epoch/model"))
+    assert wo.config.moe["num_experts"] == 2 and wo.config.moe["expert_dropout"] == 0.0
+    key = "text_model.encoder.layers.0.mlp.fc2.weight"
+    torch.testing.assert_close(wo.text_model.encoder.layers[0].mlp.w2[0], base[key])
+    torch.testing.assert_close(wo.text_model.encoder.layers[0].mlp.w2[1], tuned[key])
