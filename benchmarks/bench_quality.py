@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from clipmoe.quality import RECIPES, SIZES, run_quality
+from clipmoe.apps.quality import RECIPES, SIZES, run_quality
 
 
 def main() -> None:

@@ -3,8 +3,8 @@ import glob
 import pytest
 import torch
 
-from clipmoe.config import ConfigError, config_from_dict, diff_configs, load_config
-from clipmoe.prepare import stretch_text_positions, stretched_positions
+from clipmoe.dmu.config import ConfigError, config_from_dict, diff_configs, load_config
+from clipmoe.model.stretch import stretch_text_positions, stretched_positions
 from conftest import make_tiny_clip
 
 
@@ -14,14 +14,14 @@ def test_shipped_configs_validate():
     for path in paths:
         cfg = load_config(path, check_paths=False)
         assert cfg.moe.top_k <= cfg.moe.experts
-    from clipmoe.pretrain import read_pretrain_config
+    from clipmoe.apps.pretrain import read_pretrain_config
 
     cfg = read_pretrain_config("configs/pretrain-tiny-clip.yaml", check_paths=False)
     assert cfg.train.logit_scale is None and cfg.data.caption == "json:web" and cfg.curve["every"] > 0
 
 
 def test_bad_pretrain_config(tmp_path):
-    from clipmoe.pretrain import read_pretrain_config
+    from clipmoe.apps.pretrain import read_pretrain_config
 
     p = tmp_path / "p.yaml"
     p.write_text("data: {train: x, colour: 1}\nmodel: {depth: 3}\ntrain: {lr: fast}\n")

@@ -6,8 +6,8 @@ import json
 
 import yaml
 
+from clipmoe.apps.pretrain import pretrain
 from clipmoe.data.world import WorldConfig, generate_world
-from clipmoe.pretrain import pretrain
 
 
 def test_pretraining_records_a_heldout_curve_and_a_rerun_keeps_it(tmp_path):

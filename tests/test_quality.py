@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from clipmoe.quality import (
+from clipmoe.apps.quality import (
     FINETUNE_BACKGROUNDS,
     FINETUNE_COLORS,
     SIZES,

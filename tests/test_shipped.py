@@ -48,7 +48,7 @@ def test_base_model_zero_shot_is_well_above_chance_on_short_caption_attributes(h
 def test_base_suppresses_shape_size_and_texture_rather_than_lacking_them(heldout_world):
     """The testbed's premise (docs/pretraining.md): what web captions rarely name is in the image features
     (a linear probe reads it) but far less in what zero-shot matching uses."""
-    from clipmoe.quality import attribute_probes
+    from clipmoe.apps.quality import attribute_probes
 
     result = attribute_probes(clipmoe.load(TINY_CLIP), str(heldout_world))
     for attribute in ("shape", "texture"):
@@ -89,7 +89,7 @@ def test_text_to_image_search_finds_the_described_images(tmp_path, heldout_world
     """End to end on the generated world: a caption retrieves its own image among the top hits."""
     import json
 
-    from clipmoe.search import ImageIndex, build_index
+    from clipmoe.apps.search import ImageIndex, build_index
 
     images = tmp_path / "images"
     images.mkdir()
@@ -115,7 +115,7 @@ def test_text_to_image_search_finds_the_described_images(tmp_path, heldout_world
 
 def test_shipped_model_carries_the_current_remote_code():
     """The folder's modeling.py / moe.py (for trust_remote_code) must be today's package source."""
-    src = os.path.dirname(clipmoe.__file__)
+    src = os.path.join(os.path.dirname(clipmoe.__file__), "model")
     for name in ("modeling.py", "moe.py"):
         with open(os.path.join(TINY_CLIP, name)) as a, open(os.path.join(src, name)) as b:
             assert a.read() == b.read(), f"{name} in the shipped model is stale; re-save the model"

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from clipmoe.data import world as world_module
+from clipmoe.data.processing import build_word_tokenizer
 from clipmoe.data.world import (
     WorldConfig,
     add_world_arguments,
@@ -37,7 +38,6 @@ from clipmoe.data.world_language import (
 )
 from clipmoe.data.world_probe import probe_world
 from clipmoe.data.world_render import BACKGROUND_RGB, OBJECT_RGB, QUADRANTS, SIZE_FRACTION, Layout, dot_rgb, render
-from clipmoe.processing import build_word_tokenizer
 
 CONFIG = WorldConfig.preset("test")
 

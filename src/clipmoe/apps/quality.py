@@ -18,9 +18,17 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 import yaml
 
-from .data.world import WorldConfig, generate_world
+from ..data.world import WorldConfig, generate_world
+from ..dmu.pipeline import Pipeline, open_run
+from ..eval.classification import evaluate_classification
+from ..eval.datasets import load_wds
+from ..eval.features import encode_images
+from ..eval.linear_probe import linear_probe_accuracy
+from ..eval.suite import evaluate_suite
+from ..train.distributed import init_distributed
 
 # The fine-tuning images' narrower distribution (docs/quality.md, "What mirrors what"): 6 of 10 colours, 6 of
 # 8 backgrounds. The others appear only in the base's pretraining corpus and in the evaluation sets.
@@ -90,7 +98,7 @@ def pipeline_config(world: str, recipe: str, size: Size, seed: int, base_model: 
         "mcl": {**phase, "lr": r["mcl_lr"], "weight_decay": 0.2, "small_clusters": r["small_clusters"]},
         "moe": {"experts": size.experts, "top_k": 2, "layers": "all", "expert_dropout": 0.1},
         "route": {**phase, "lr": r["router_lr"], "weight_decay": 0.01, "balance_weight": 0.01},
-        "baselines": {"dense": True, "upcycle": True, "soup": True, "stages": True},
+        "baselines": {"enabled": "all", "stages": True, "budgets": ["epoch", "steps"]},
     }
 
 
@@ -103,9 +111,6 @@ def run_quality(
     device: str = "auto",
 ) -> str:
     """Build the worlds, run every (recipe, seed), and write ``out/quality.md``; returns its path."""
-    from .distributed import init_distributed
-    from .pipeline import Pipeline, open_run
-
     s = SIZES[size]
     unknown = sorted(set(recipes) - set(RECIPES))
     if unknown:
@@ -141,9 +146,7 @@ def _init_routing(pipe) -> dict:
     """Routing of the assembled CLIP-MoE before router training (the control of the specialisation claim)."""
     path = pipe.path("eval", "moe_init_routing.json")
     if not os.path.exists(path):
-        from .eval import evaluate_suite
-
-        model = pipe.load(pipe.build())
+        model = pipe.load(pipe.assemble())
         routing = evaluate_suite(model, pipe.cfg.data.eval, batch_size=pipe.cfg.eval.batch_size)["routing"]
         with open(path, "w") as f:
             json.dump(routing, f)
@@ -155,7 +158,7 @@ def _stage_plans(pipe) -> list[dict]:
     """Per MCL stage: the batch plan of its single epoch (clusters used / left out, samples left out)."""
     plans = []
     for s in range(1, pipe.cfg.moe.experts):
-        with open(pipe.path(f"stage{s}", "train_stats.json")) as f:
+        with open(pipe.out("mcl", s, "stats")) as f:
             plans.append({"stage": s, **json.load(f)["plan"]})
     return plans
 
@@ -302,7 +305,8 @@ def verdicts(runs: dict, recipe: str, rule: str) -> list[str]:
         lines.append(_claim_line(claim, diffs, decide(diffs)))
     diffs = _paired(runs, recipe, dmu, base, known_zero_shot)
     lines.append(_claim_line("DMU keeps classification within 1 point of the base", diffs, decide(diffs, -1.0)))
-    diffs = _paired(runs, recipe, dmu, "w/o MCL", retrieval_r1)
+    wo_mcl = next((r for r in rows if r.startswith("w/o MCL") and row_rule(r) == rule), None)
+    diffs = _paired(runs, recipe, dmu, wo_mcl, retrieval_r1) if wo_mcl else []
     lines.append(_claim_line("DMU beats w/o MCL on retrieval (MCL matters)", diffs, decide(diffs)))
     mi = []
     for r in runs.values():
@@ -328,7 +332,6 @@ def _rows(runs: dict, recipe: str) -> list[str]:
 
 
 def quality_report(runs: dict, size: str, elapsed: float) -> str:
-    import torch
 
     seeds = sorted({r["seed"] for r in runs.values()})
     recipes = list(dict.fromkeys(r["recipe"] for r in runs.values()))
@@ -393,11 +396,6 @@ def attribute_probes(model, world: str, batch_size: int = 256) -> dict[str, dict
     and a linear probe on the same frozen image features (2-fold cross-fitted on those images, so the probe
     sees the same distribution it is scored on). Zero-shot near chance with a probe far above it = suppressed;
     both near chance = absent."""
-
-    from .eval.classification import evaluate_classification
-    from .eval.datasets import load_wds
-    from .eval.features import encode_images
-    from .eval.linear_probe import linear_probe_accuracy
 
     with open(os.path.join(world, "world.json")) as f:
         attributes = json.load(f)["attributes"]

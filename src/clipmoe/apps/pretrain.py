@@ -31,13 +31,17 @@ from dataclasses import dataclass, replace
 
 import torch
 import yaml
-from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from transformers import AutoTokenizer, CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
-from .config import ConfigError, DataConfig, _build
-from .distributed import init_distributed
-from .modeling import ClipMoeModel
-from .processing import ImageTransform, TextTokenizer, build_word_tokenizer
-from .train import TrainConfig, train
+from ..data.collate import ClipCollator
+from ..data.processing import ImageTransform, TextTokenizer, build_word_tokenizer
+from ..data.readers import open_dataset
+from ..dmu.config import ConfigError, DataConfig, TrainConfig, build_section
+from ..eval.datasets import load_wds
+from ..eval.retrieval import evaluate_retrieval
+from ..model.modeling import ClipMoeModel
+from ..train.distributed import init_distributed
+from ..train.loop import train
 
 PRETRAIN_DEFAULTS = {"logit_scale": None, "label_smoothing": 0.0, "lr": 5e-4, "weight_decay": 0.2}
 _MODEL_KEYS = {"image_size", "patch_size", "vision", "text", "projection_dim", "hidden_act"}
@@ -83,12 +87,10 @@ def build_clip(model_cfg: dict, tokenizer) -> ClipMoeModel:
 
 def load_tokenizer(spec: dict, context_length: int):
     if "folder" in spec:
-        from transformers import AutoTokenizer
-
         return AutoTokenizer.from_pretrained(spec["folder"], local_files_only=True)
     if "vocabulary" in spec:
         if spec["vocabulary"] == "world":  # the generated world's closed vocabulary
-            from .data.world import world_vocabulary
+            from ..data.world import world_vocabulary
 
             words = world_vocabulary()
         else:
@@ -125,8 +127,8 @@ def read_pretrain_config(config_path: str, check_paths: bool = True) -> Pretrain
         elif check_paths and not os.path.isdir(curve["eval"]):
             errors.append(f"curve.eval: no such folder: {curve['eval']}")
     errors += [f"{k}: required" for k in ("out", "data") if k not in raw]
-    data = _build(DataConfig, raw.get("data", {}), "data.", errors)
-    tcfg = _build(TrainConfig, {**PRETRAIN_DEFAULTS, **raw.get("train", {})}, "train.", errors)
+    data = build_section(DataConfig, raw.get("data", {}), "data.", errors)
+    tcfg = build_section(TrainConfig, {**PRETRAIN_DEFAULTS, **raw.get("train", {})}, "train.", errors)
     model = raw.get("model", {})
     errors += [f"model.{k}: unknown key (known: {sorted(_MODEL_KEYS)})" for k in sorted(set(model) - _MODEL_KEYS)]
     tok = raw.get("tokenizer", {})
@@ -139,9 +141,6 @@ def read_pretrain_config(config_path: str, check_paths: bool = True) -> Pretrain
 
 def _curve_logger(model: ClipMoeModel, spec: dict, path: str, is_main: bool):
     """``on_step`` callback: every ``spec['every']`` steps, held-out retrieval R@1 and the learned temperature."""
-    from .eval.datasets import load_wds
-    from .eval.retrieval import evaluate_retrieval
-
     dataset = load_wds(spec["eval"])
     done = set()
     if os.path.exists(path):  # a resumed run: keep the points already measured
@@ -178,9 +177,6 @@ def pretrain(config_path: str, preload: bool = False) -> str:
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model.get("text", {}).get("context_length", 32))
     model = build_clip(cfg.model, tokenizer)
-
-    from .data.collate import ClipCollator
-    from .data.readers import open_dataset
 
     d = cfg.data
     dataset = open_dataset(

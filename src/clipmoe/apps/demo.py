@@ -13,12 +13,14 @@ import time
 
 import yaml
 
-from .assets import TINY_CLIP
-from .config import load_config
-from .distributed import init_distributed
-from .pipeline import Pipeline, open_run
+from ..assets import TINY_CLIP
+from ..data.world import WorldConfig, generate_world
+from ..dmu.config import load_config
+from ..dmu.pipeline import Pipeline, open_run
+from ..dmu.report import summary_scores
+from ..train.distributed import init_distributed
 
-DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
 
 
 DEMO_TRAIN_SIZE = 4000  # the demo preset's world with fewer training images, to fit ten minutes on two cores
@@ -28,9 +30,8 @@ def run_demo_pipeline(
     out: str, world_preset: str = "demo", config_path: str = DEMO_CONFIG, train_size: int | None = DEMO_TRAIN_SIZE
 ) -> tuple[Pipeline, str]:
     """Generate the world into ``out/world`` and run the demo config on it in ``out/run``."""
-    from .data.world import WorldConfig, generate_world
-
     t0 = time.perf_counter()
+    out = os.path.abspath(out)  # the config written below names the world by absolute path
     world = os.path.join(out, "world")
     overrides = {"train_size": train_size} if train_size else {}
     generate_world(world, WorldConfig.preset(world_preset, **overrides))
@@ -53,8 +54,6 @@ def run_demo_pipeline(
 
 def summary_table(pipe: Pipeline) -> str:
     """The terminal summary: one line per model with the report's headline numbers."""
-    from .report import summary_scores
-
     results = pipe.results()
     scores = summary_scores(results)
     cols = ["retrieval R@1", "zero-shot top-1", "MMVP"]
