@@ -36,6 +36,7 @@ from transformers import AutoTokenizer, CLIPConfig, CLIPTextConfig, CLIPVisionCo
 from ..data.collate import ClipCollator
 from ..data.processing import ImageTransform, TextTokenizer, build_word_tokenizer
 from ..data.readers import open_dataset
+from ..data.world import world_vocabulary
 from ..dmu.config import ConfigError, DataConfig, TrainConfig, build_section
 from ..eval.datasets import load_wds
 from ..eval.retrieval import evaluate_retrieval
@@ -90,8 +91,6 @@ def load_tokenizer(spec: dict, context_length: int):
         return AutoTokenizer.from_pretrained(spec["folder"], local_files_only=True)
     if "vocabulary" in spec:
         if spec["vocabulary"] == "world":  # the generated world's closed vocabulary
-            from ..data.world import world_vocabulary
-
             words = world_vocabulary()
         else:
             with open(spec["vocabulary"]) as f:
