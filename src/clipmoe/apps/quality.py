@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import yaml
 
-from ..data.world import WorldConfig, generate_world
+from ..data.world import FINETUNE_BACKGROUNDS, FINETUNE_COLORS, WorldConfig, generate_world
 from ..dmu.pipeline import Pipeline, open_run
 from ..eval.classification import evaluate_classification
 from ..eval.datasets import load_wds
@@ -30,10 +30,6 @@ from ..eval.linear_probe import linear_probe_accuracy
 from ..eval.suite import evaluate_suite
 from ..train.distributed import init_distributed
 
-# The fine-tuning images' narrower distribution (docs/quality.md, "What mirrors what"): 6 of 10 colours, 6 of
-# 8 backgrounds. The others appear only in the base's pretraining corpus and in the evaluation sets.
-FINETUNE_COLORS = ("red", "yellow", "green", "cyan", "blue", "purple")
-FINETUNE_BACKGROUNDS = ("white", "gray", "black", "brown", "navy", "teal")
 KNOWN_ATTRIBUTES = ("color", "background", "shape")  # what the base's captions named: the ImageNet analogue
 HIDDEN_ATTRIBUTES = ("size", "position", "texture", "count")
 WORLD_SEED_OFFSET = 100  # fine-tuning worlds never share a seed with the base's pretraining corpus (seed 1)
