@@ -47,7 +47,7 @@ def test_finetuning_world_is_narrow_and_config_follows_the_paper_recipe(tmp_path
     cfg = pipeline_config(str(tmp_path), "paper", size, 1, "builtin:tiny-clip", "cpu")
     assert cfg["mcl"]["lr"] == 1e-5 and cfg["route"]["lr"] == 1e-6 and cfg["mcl"]["small_clusters"] == "drop"
     assert cfg["mcl"]["epochs"] == cfg["route"]["epochs"] == 1
-    assert cfg["mcl"]["warmup_steps"] == 11  # 13% of a 79-step phase, as 200 is of the paper's ~1,500
+    assert cfg["mcl"]["warmup_steps"] == 6  # 13% of a 47-step phase, as 200 is of the paper's ~1,500
     assert cfg["route"]["logit_scale"] == "model"
 
 

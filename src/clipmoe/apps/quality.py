@@ -48,7 +48,7 @@ class Size:
 
 SIZES = {
     "tiny": Size(train_size=96, eval_size=24, mmvp_pairs=2, probe_pairs=2, batch_size=16, experts=3),  # tests
-    "default": Size(train_size=5000, eval_size=1000, mmvp_pairs=30, probe_pairs=30, batch_size=64),
+    "default": Size(train_size=3000, eval_size=1000, mmvp_pairs=30, probe_pairs=30, batch_size=64),
     "large": Size(train_size=50000, eval_size=2000, mmvp_pairs=30, probe_pairs=30, batch_size=64),
 }
 
