@@ -1,5 +1,6 @@
 """clipmoe: turn a pretrained CLIP into a sparse Mixture-of-Experts CLIP by Diversified Multiplet Upcycling."""
 
+from . import moe_kernels  # noqa: F401  (registers the fast expert kernels into moe.EXPERT_KERNELS)
 from .checkpoint import CheckpointError, load
 from .convert import convert_file
 from .modeling import ClipMoeModel, ClipMoeVisionModel, MoESpec

@@ -29,9 +29,7 @@ def vision_tower(model: ClipMoeModel) -> ClipMoeVisionModel:
     config = CLIPVisionConfig.from_dict(model.config.vision_config.to_dict())
     spec = model.moe_spec
     if spec is not None and spec.layers.get("vision"):
-        vision_spec = MoESpec(
-            spec.num_experts, spec.top_k, {"vision": spec.layers["vision"]}, spec.expert_dropout, spec.dispatch
-        )
+        vision_spec = MoESpec(spec.num_experts, spec.top_k, {"vision": spec.layers["vision"]}, spec.expert_dropout)
         config.moe = vision_spec.to_dict()
     tower = ClipMoeVisionModel(config)
     state = {k: v.detach().clone() for k, v in model.vision_model.state_dict().items()}

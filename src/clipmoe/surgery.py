@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .modeling import TOWERS, ClipMoeModel, MoESpec
+from .modeling import TOWERS, ClipMoeModel, MoESpec, tower_config
 from .moe import MoEFeedForward
 
 LayerSelection = str | int | Sequence[int] | Mapping[str, "str | int | Sequence[int]"]
@@ -148,13 +148,14 @@ def _assemble(
     for tower, blocks in chosen.items():
         for i in blocks:
             target = model_ffns[tower][i]
-            _, act, _ = target.parts()
+            # the activation by its config name, as the FFN was built (the fast kernels key closed forms on it)
+            hidden_act = tower_config(model.config, tower).hidden_act
             moe = MoEFeedForward.from_ffns(
-                [e[tower][i] for e in expert_ffns], copy.deepcopy(act), top_k, expert_dropout, dispatch
+                [e[tower][i] for e in expert_ffns], hidden_act, top_k, expert_dropout, dispatch
             )
             parent_path, _, attr = target.path.rpartition(".")
             setattr(model.get_submodule(parent_path), attr, moe)
-    spec = MoESpec(num_experts, top_k, chosen, expert_dropout, dispatch)
+    spec = MoESpec(num_experts, top_k, chosen, expert_dropout)  # dispatch is a run-time choice, not config
     model.config.moe = spec.to_dict()
     for attr in ("tokenizer", "image_processor"):
         if hasattr(base, attr):

@@ -1,7 +1,11 @@
 """Write tests/assets/moe-8efada4: a CLIP-MoE saved by the code at 8efada4 (before the plain-MoE split), and
 the outputs that code computed, so later code must load it unchanged and compute the same."""
 
-import json, os, sys, torch
+import json
+import os
+import sys
+
+import torch
 
 sys.path.insert(0, "tests")
 import clipmoe
