@@ -206,6 +206,27 @@ def test_kernel_matches_eager_in_bf16_on_cpu(kernel):
         torch.testing.assert_close(ours[name].float(), ref[name].float(), atol=1e-1, rtol=5e-2, msg=name)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "autocast-bf16"])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_kernel_matches_eager_on_cuda(kernel, precision):
+    """On a GPU: fp32 weights, bf16 weights, and fp32 weights under bf16 autocast (the training setting),
+    at widths grouped_mm accepts; "auto" runs grouped_mm in both bf16 settings and eager in fp32."""
+    layer = make_layer(dim=64, hidden=256).cuda()
+    x, g = torch.randn(300, 64, device="cuda"), torch.randn(300, 64, device="cuda")
+    if precision == "bf16":
+        layer.bfloat16().router.float()
+        x, g = x.bfloat16(), g.bfloat16()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "autocast-bf16"):
+        assert choose_kernel(layer, x) == ("eager" if precision == "fp32" else "grouped_mm")
+        ours = run_with_grads(layer, kernel, x.requires_grad_(), g)
+        ref = run_with_grads(layer, "eager", x, g)
+    tol = 1e-4 if precision == "fp32" else 1e-1
+    for name in ("y", "x", "w1", "b1", "w2", "b2", "router.weight"):
+        assert ours[name].dtype == ref[name].dtype, name
+        torch.testing.assert_close(ours[name].float(), ref[name].float(), atol=tol, rtol=tol / 2, msg=name)
+
+
 @pytest.mark.parametrize("dispatch", ["eager", *KERNELS])
 def test_dropout_acts_in_training_only_and_survives_checkpointing(dispatch):
     torch.manual_seed(0)
