@@ -28,12 +28,15 @@ grouped_mm against the eager loop, the loop kernel, the official loop and one de
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -164,10 +167,12 @@ def build_layers(
     # Random router of unit-scale logits for unit-scale inputs: load spreads over all experts.
     nn.init.normal_(router.weight, std=dim**-0.5)
     layers: dict[str, nn.Module] = {"dense": experts[0]}
-    # clipmoe's layer takes the activation by its config name (closed forms key on it); an older version's
-    # (--baseline) took the module
+    # clipmoe's layer takes the activation by its config name (closed forms key on it); versions before the
+    # kernel registry (EXPERT_KERNELS) took the module
     versions = [(f"moe[{d}]", MoEFeedForward, d, "quick_gelu") for d in dispatches]
-    versions += [("moe[baseline]", baseline, "loop", experts[0].activation_fn)] if baseline is not None else []
+    if baseline is not None:
+        by_name = hasattr(sys.modules[baseline.__module__], "EXPERT_KERNELS")
+        versions.append(("moe[baseline]", baseline, "loop", "quick_gelu" if by_name else experts[0].activation_fn))
     for name, cls, dispatch, activation in versions:
         moe = cls.from_ffns(
             [(m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias) for m in experts],
@@ -266,8 +271,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--baseline",
-        help="another version's moe.py (e.g. `git show REV:src/clipmoe/moe.py > old_moe.py`), timed as "
-        "moe[baseline] in the same rounds: before/after ratios of a change",
+        help="another version's layer, a git revision (e.g. 8efada4) or an old single-file moe.py, timed as "
+        "moe[baseline] (its loop path) in the same rounds: before/after ratios of a change",
     )
     args = p.parse_args(argv)
     if args.quick:
@@ -284,12 +289,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_baseline(path: str) -> type[nn.Module]:
-    spec = importlib.util.spec_from_file_location("baseline_moe", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
-    spec.loader.exec_module(module)
-    return module.MoEFeedForward
+def load_baseline(source: str) -> type[nn.Module]:
+    """Another version's ``MoEFeedForward``: a git revision (its ``src/clipmoe/moe.py`` and, from the
+    plain-layer split on, ``moe_kernels.py``, imported as a throwaway package) or one old ``moe.py`` file."""
+    folder = tempfile.mkdtemp(prefix="baseline-moe-")
+    package = os.path.join(folder, "baseline_clipmoe")
+    os.makedirs(package)
+    if os.path.isfile(source):
+        shutil.copyfile(source, os.path.join(package, "moe.py"))
+    else:
+        for name in ("moe.py", "moe_kernels.py"):
+            show = subprocess.run(["git", "show", f"{source}:src/clipmoe/{name}"], capture_output=True, text=True)
+            if show.returncode == 0:
+                with open(os.path.join(package, name), "w") as f:
+                    f.write(show.stdout)
+            elif name == "moe.py":
+                raise SystemExit(f"--baseline {source}: neither a file nor a git revision with src/clipmoe/moe.py")
+    kernels = os.path.exists(os.path.join(package, "moe_kernels.py"))
+    with open(os.path.join(package, "__init__.py"), "w") as f:
+        f.write("from . import moe, moe_kernels\n" if kernels else "from . import moe\n")
+    sys.path.insert(0, folder)
+    return importlib.import_module("baseline_clipmoe").moe.MoEFeedForward
 
 
 def main(argv: list[str] | None = None) -> None:
