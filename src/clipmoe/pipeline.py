@@ -72,7 +72,9 @@ class Pipeline:
         return ClipCollator(model.tokenizer, model.image_processor)
 
     def load(self, path: str) -> ClipMoeModel:
-        return checkpoint.load(path, device=self.env.device)
+        model = checkpoint.load(path, device=self.env.device)
+        model.set_moe_dispatch(self.cfg.moe.dispatch)  # a run-time choice: saved models do not carry it
+        return model
 
     def _save(self, model: ClipMoeModel, path: str) -> None:
         state = full_state_dict(model, self.env)  # collective when FSDP left the model sharded; else None
