@@ -36,7 +36,7 @@ def choose_kernel(layer: MoEFeedForward, x: torch.Tensor) -> str:
     if x.is_cuda and dtype == torch.bfloat16 and grouped_mm_supported(layer.w1, dtype):
         return "grouped_mm"  # the fused kernel pays off on CUDA in bf16 only
     if x.device.type == "cpu":
-        return "loop"  # 2-12% faster than eager on CPU, forward and backward (docs/performance.md)
+        return "loop"  # as fast as eager forward, 1-27% faster with backward (docs/performance.md, table 1a)
     return "eager"
 
 
