@@ -227,6 +227,10 @@ def _read_image(path: str, transform) -> torch.Tensor | str:
     """The transformed image, or the reason it cannot be read."""
     try:
         with Image.open(path) as image:
+            # The header gives the size: refuse pixel bombs and extreme aspect ratios before decoding.
+            refused = transform.check(image) if hasattr(transform, "check") else None
+            if refused:
+                return refused
             image.load()
             return transform(image)
     # PIL reports broken files with many exception types (OSError, SyntaxError, ValueError,

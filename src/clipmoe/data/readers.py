@@ -10,7 +10,10 @@ training starts. Tar members are indexed by their byte offset, so a webdataset s
 Bad samples are skipped, counted and named in a ``SkipLog``:
 
 * at indexing time (main process): missing image, missing/empty/unreadable caption, malformed record;
-* at load time: an image that cannot be fully decoded yields ``Sample.image = None`` and ``Sample.error``.
+* at load time: an image that cannot be fully decoded, or whose header already shows more than
+  ``max_pixels`` pixels (checked before decoding), yields ``Sample.image = None`` and ``Sample.error``; an
+  image the model's ``ImageTransform`` refuses (``max_pixels``, ``max_aspect_ratio``: checked before any
+  resize) is turned into an invalid row by ``ClipCollator``.
   Loading may happen in a DataLoader worker, whose memory is thrown away, so ``__getitem__`` never writes to
   the log. Instead ``ClipCollator`` keeps the sample as an invalid row (``valid=False``) and lists it in
   ``batch["skipped"]``; the main process then calls ``dataset.record_skipped(batch)``. The log de-duplicates
@@ -38,6 +41,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 from tqdm import tqdm
+
+from ..processing import MAX_PIXELS, check_image_size
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # preference order when a key has several
 FORMATS = ("files", "webdataset", "csv", "jsonl", "sharegpt4v")
@@ -144,10 +149,13 @@ def _one_line(text: str) -> str:
 class ImageTextDataset(torch.utils.data.Dataset):
     """Map-style image-caption dataset over an index of ``Record``; ``__getitem__`` decodes the image fully."""
 
-    def __init__(self, records: list[Record], skips: SkipLog, source: str = "") -> None:
+    def __init__(
+        self, records: list[Record], skips: SkipLog, source: str = "", max_pixels: int | None = MAX_PIXELS
+    ) -> None:
         self.records = records
         self.skips = skips
         self.source = source
+        self.max_pixels = max_pixels  # images above this are skipped before decoding (None: no cap)
         # Samples the source offered, including those skipped while indexing: the denominator of the
         # skipped fraction.
         self.total = len(records) + len(skips)
@@ -166,6 +174,10 @@ class ImageTextDataset(torch.utils.data.Dataset):
         try:
             data = self._read_bytes(rec)
             image = Image.open(io.BytesIO(data))
+            # The header gives the size: refuse a pixel bomb before decoding it.
+            too_large = check_image_size(image.size, self.max_pixels, None)
+            if too_large:
+                return Sample(index, rec.key, None, rec.caption, too_large)
             # load() decodes every pixel, so a truncated file fails here rather than later in the transform.
             # The mode is left as decoded: colour conversion (and how transparency is flattened) belongs to
             # the model's image transform, so there is one rule for it.
@@ -269,6 +281,7 @@ def open_dataset(
     root: str | os.PathLike | None = None,
     separator: str = "\t",
     max_skipped_fraction: float = 0.01,
+    max_pixels: int | None = MAX_PIXELS,
 ) -> ImageTextDataset:
     """Index an image-caption source and return a map-style dataset.
 
@@ -285,6 +298,7 @@ def open_dataset(
         root: folder that relative image paths are resolved against (default: the index file's folder).
         separator: CSV field separator; tab by default, as open_clip.
         max_skipped_fraction: fail with ``DataError`` when more samples than this are skipped.
+        max_pixels: images with more pixels (read from the header) are skipped before decoding.
     """
     source = os.fspath(source)
     fmt = _detect_format(source) if format == "auto" else format
@@ -312,7 +326,7 @@ def open_dataset(
         else:
             rows = _sharegpt_rows(index_file, image_key or "image")
         records = _index_rows(rows, base, skips)
-    dataset = ImageTextDataset(records, skips, source)
+    dataset = ImageTextDataset(records, skips, source, max_pixels)
     if not records:
         raise DataError(f"no usable samples in {source} ({fmt})" + (f"; {skips.summary()}" if len(skips) else ""))
     skips.check(dataset.total)
