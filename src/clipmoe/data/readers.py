@@ -9,7 +9,10 @@ training starts. Tar members are indexed by their byte offset, so a webdataset s
 
 Bad samples are skipped, counted and named in a ``SkipLog``:
 
-* at indexing time (main process): missing image, missing/empty/unreadable caption, malformed record;
+* at indexing time (main process): missing image, missing/empty/unreadable caption, malformed record, a
+  CSV/TSV/JSONL row or ShareGPT4V record that is not UTF-8 (that row only), a webdataset key with a dot in it
+  (read as webdataset reads it: the first dot of the file name splits key and extension, so ``img.0001.png``
+  is key ``img`` with extension ``0001.png``, which is no image);
 * at load time: an image that cannot be fully decoded, or whose header already shows more than
   ``max_pixels`` pixels (checked before decoding), yields ``Sample.image = None`` and ``Sample.error``; an
   image the model's ``ImageTransform`` refuses (``max_pixels``, ``max_aspect_ratio``: checked before any
@@ -20,7 +23,9 @@ Bad samples are skipped, counted and named in a ``SkipLog``:
   by dataset index, so a second epoch over the same corrupt file does not count it twice.
 
 The run fails (``DataError``) only when the skipped fraction exceeds ``max_skipped_fraction`` (1% by default):
-checked right after indexing and again by ``dataset.end_pass()``.
+checked right after indexing and again by ``dataset.end_pass()``. Data that would be silently wrong rather
+than merely incomplete is an error naming the culprits: a tar member that appears twice (which copy is the
+sample's?), or two samples with the same key.
 """
 
 from __future__ import annotations
@@ -326,6 +331,7 @@ def open_dataset(
         else:
             rows = _sharegpt_rows(index_file, image_key or "image")
         records = _index_rows(rows, base, skips)
+    _check_unique_keys(records, source)
     dataset = ImageTextDataset(records, skips, source, max_pixels)
     if not records:
         raise DataError(f"no usable samples in {source} ({fmt})" + (f"; {skips.summary()}" if len(skips) else ""))
@@ -400,7 +406,10 @@ def _index_files(folder: str, caption: str, skips: SkipLog) -> list[Record]:
             ext = ext[1:].lower()
             # *_stats.json and *.parquet sit beside img2dataset shards and describe them, not a sample.
             if entry.is_file() and (ext in IMAGE_EXTENSIONS or ext in ("txt", "json")) and not stem.endswith("_stats"):
-                groups.setdefault(stem, {})[ext] = entry.path
+                group = groups.setdefault(stem, {})
+                if ext in group:  # a.jpg and a.JPG: which one is the sample's?
+                    raise DataError(f"{d} holds two .{ext} files for key {stem!r}: {group[ext]} and {entry.path}")
+                group[ext] = entry.path
         for stem in sorted(groups):
             files = groups[stem]
             key = os.path.relpath(os.path.join(d, stem), folder).replace(os.sep, "/")
@@ -468,6 +477,8 @@ def _index_tars(source: str, caption: str, skips: SkipLog) -> list[Record]:
     records: list[Record] = []
     for path in tqdm(_tar_paths(source), desc="indexing shards", unit="tar", disable=None, leave=False):
         groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+        dotted: dict[str, list[str]] = {}  # key -> members whose extension has a dot and ends as a sample file
+        duplicates: list[str] = []
         try:
             # "r:" (no compression): random access by offset needs the raw tar, not a gzip stream.
             with tarfile.open(path, "r:") as tar:
@@ -476,13 +487,35 @@ def _index_tars(source: str, caption: str, skips: SkipLog) -> list[Record]:
                         continue
                     key, ext = _split_member(member.name)
                     if ext in IMAGE_EXTENSIONS or ext in ("txt", "json"):
-                        groups.setdefault(key, {})[ext] = member
+                        group = groups.setdefault(key, {})
+                        if ext in group:
+                            duplicates.append(f"{group[ext].name} and {member.name}")
+                        group[ext] = member
+                    elif ext.rpartition(".")[2] in (*IMAGE_EXTENSIONS, "txt", "json"):
+                        dotted.setdefault(key, []).append(member.name)
+                if duplicates:
+                    raise DataError(
+                        f"{path} holds the same sample file twice ({_first(duplicates)}); a key must name one "
+                        "sample: remove the duplicates or rename them"
+                    )
                 contents = {
                     key: {caption_ext: tar.extractfile(m[caption_ext]).read()} if caption_ext in m else {}
                     for key, m in groups.items()
                 }
         except tarfile.TarError as e:
             raise DataError(f"{path} is not a readable uncompressed tar: {e}") from e
+        for key, names in dotted.items():
+            if any(e in groups.get(key, {}) for e in IMAGE_EXTENSIONS):
+                continue  # extra fields of a sample that has its image (e.g. ``key.seg.png``)
+            # One skip per sample the writer meant: the name up to the last dot.
+            for meant in dict.fromkeys(n.rpartition(".")[0] for n in names):
+                example = next(n for n in names if n.rpartition(".")[0] == meant)
+                skips.add(
+                    f"{os.path.basename(path)}/{meant}",
+                    path,
+                    f"dotted key: webdataset reads {example} as key {key!r} with extension "
+                    f"{_split_member(example)[1]!r}; keys must not contain dots",
+                )
         for key, members in groups.items():
             image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
             name = f"{os.path.basename(path)}/{key}"
@@ -496,6 +529,21 @@ def _index_tars(source: str, caption: str, skips: SkipLog) -> list[Record]:
             else:
                 records.append(Record(name, text, path, image.offset_data, image.size))
     return records
+
+
+def _first(items: list[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
+
+
+def _check_unique_keys(records: list[Record], source: str) -> None:
+    """Two samples under one key would be confused by every later step that names samples by key."""
+    counts = Counter(r.key for r in records)
+    repeated = [f"{k} ({n}x)" for k, n in counts.items() if n > 1]
+    if repeated:
+        raise DataError(
+            f"{source} has duplicate sample keys: {_first(repeated)} (e.g. two shards with the same file name "
+            "in different folders); give every sample a unique key"
+        )
 
 
 # A row of a CSV/JSONL/ShareGPT4V index: (key, image path or None, caption or None, problem or None).
@@ -521,8 +569,17 @@ def _index_rows(rows: Iterator[Row], base: Path, skips: SkipLog) -> list[Record]
     return records
 
 
+def _not_utf8(text: str) -> str | None:
+    """Where ``text`` (decoded with ``errors="surrogateescape"``) holds a byte that is not UTF-8, or None."""
+    for i, ch in enumerate(text):
+        if "\udc80" <= ch <= "\udcff":
+            return f"byte 0x{ord(ch) - 0xDC00:02x} at character {i + 1}"
+    return None
+
+
 def _csv_rows(path: Path, image_key: str, caption_key: str, separator: str) -> Iterator[Row]:
-    with open(path, newline="", encoding="utf-8") as f:
+    # surrogateescape: a bad byte spoils its row only, which is then skipped and named.
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         reader = csv.DictReader(f, delimiter=separator)
         columns = reader.fieldnames or []
         missing = [c for c in (image_key, caption_key) if c not in columns]
@@ -532,16 +589,27 @@ def _csv_rows(path: Path, image_key: str, caption_key: str, separator: str) -> I
                 f"or separator (now {separator!r})"
             )
         for row in reader:
+            key = f"{path.name}:{reader.line_num}"
+            bad = next(
+                (f"column {c!r}: {w}" for c, v in row.items() if isinstance(v, str) and (w := _not_utf8(v))), None
+            )
+            if bad:
+                yield key, None, None, f"unreadable row: not UTF-8 ({bad})"
+                continue
             # DictReader fills absent trailing cells with None; a short row simply lacks that field.
-            yield f"{path.name}:{reader.line_num}", row[image_key], row[caption_key], None
+            yield key, row[image_key], row[caption_key], None
 
 
 def _jsonl_rows(path: Path, image_key: str, caption_key: str) -> Iterator[Row]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for line_num, line in enumerate(f, 1):
             if not line.strip():
                 continue
             key = f"{path.name}:{line_num}"
+            bad = _not_utf8(line)
+            if bad:
+                yield key, None, None, f"unreadable row: not UTF-8 ({bad})"
+                continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
@@ -556,7 +624,7 @@ def _jsonl_rows(path: Path, image_key: str, caption_key: str) -> Iterator[Row]:
 
 def _sharegpt_rows(path: Path, image_key: str) -> Iterator[Row]:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise DataError(f"{path} is not valid JSON: {e}") from e
@@ -570,4 +638,8 @@ def _sharegpt_rows(path: Path, image_key: str) -> Iterator[Row]:
             yield key, None, None, "missing caption: no conversations[1].value"
             continue
         image = rec.get(image_key)
+        bad = next((w for v in (text, image) if isinstance(v, str) and (w := _not_utf8(v))), None)
+        if bad:
+            yield key, None, None, f"unreadable record: not UTF-8 ({bad})"
+            continue
         yield key, image if isinstance(image, str) else None, text if isinstance(text, str) else None, None

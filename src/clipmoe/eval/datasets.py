@@ -271,8 +271,9 @@ def _split_key(name: str) -> tuple[str, str]:
 
 def _iter_tar_samples(path: str):
     """Samples of one shard as ``(key, {ext: (offset, size, member)})``, grouping consecutive members by key
-    as webdataset does. Names starting with ``__`` are webdataset metadata and skipped."""
-    key, sample = None, {}
+    as webdataset does. Names starting with ``__`` are webdataset metadata and skipped. A key that comes back
+    after other keys (a duplicate sample) is an error: webdataset would silently yield it twice."""
+    key, sample, seen = None, {}, set()
     try:
         tar = tarfile.open(path, "r:")  # uncompressed only: images are read later by byte offset
     except tarfile.ReadError as e:
@@ -285,6 +286,9 @@ def _iter_tar_samples(path: str):
             if k != key:
                 if sample:
                     yield key, sample
+                if k in seen:
+                    raise ValueError(f"{path}: sample {k!r} appears twice (again at member {member.name!r})")
+                seen.add(k)
                 key, sample = k, {}
             if ext in sample:
                 raise ValueError(f"{path}: sample {k!r} has two '.{ext}' files")
