@@ -1,7 +1,9 @@
 """Opening models from disk: HF CLIP folders (dense or CLIP-MoE) and, via ``convert``, single files.
 
 Loading is strict: a missing or unexpected key is an error that names the keys, never a silently random
-layer. Files are read with safetensors or ``torch.load(weights_only=True)``; nothing pickled is executed.
+layer; a tensor that is not floating point where the model has floating-point weights (e.g. int64, which
+``load_state_dict`` would silently cast), or that holds NaN or inf, is an error naming the tensor. Files are
+read with safetensors or ``torch.load(weights_only=True)``; nothing pickled is executed.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Mapping
 import torch
 from transformers import CLIPConfig
 
+from .fileio import atomic_write
 from .modeling import ClipMoeModel
 from .processing import ImageTransform, TextTokenizer
 
@@ -50,8 +53,37 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+def check_weights(
+    state_dict: Mapping[str, torch.Tensor], source: str, expected: Mapping[str, torch.Tensor] | None = None
+) -> None:
+    """Refuse a tensor that is not floating point (where ``expected``, the model's state dict, has a floating
+    point tensor under that name) or that holds a NaN or inf, naming it; other dtypes are cast on load."""
+    for name, tensor in state_dict.items():
+        want = expected.get(name) if expected is not None else None
+        if want is not None and not want.is_floating_point():
+            continue  # an integer buffer of the model
+        if not tensor.is_floating_point():
+            raise CheckpointError(
+                f"{source}: tensor {name} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
+                "weights must be floating point (is this file a model checkpoint?)"
+            )
+        if tensor.numel() and not bool(torch.isfinite(tensor).all()):
+            nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+            raise CheckpointError(
+                f"{source}: tensor {name} holds {nan} NaN and {inf} inf value(s) of {tensor.numel()}; "
+                "refusing a model with non-finite weights"
+            )
+
+
+def save_file_atomically(obj, path: str | os.PathLike) -> None:
+    """``torch.save(obj)`` to a temporary sibling, renamed to ``path``: a kill leaves the previous file, and
+    a full disk removes the temporary and raises one ``fileio.WriteError`` naming ``path``."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
 def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict(strict=True)`` with an error that lists what is missing, extra or mis-shaped."""
+    """``load_state_dict(strict=True)`` with an error that lists what is missing, extra or mis-shaped, or
+    names a tensor that is not floating point or not finite."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -67,6 +99,7 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torc
                 shown = ", ".join(keys[:10]) + (f", ... ({len(keys)} in all)" if len(keys) > 10 else "")
                 parts.append(f"{label} keys: {shown}")
         raise CheckpointError(f"{source} does not match the model built from its config; " + "; ".join(parts))
+    check_weights(state_dict, source, expected)
     model.load_state_dict(state_dict, strict=True)
 
 
