@@ -194,3 +194,17 @@ def test_eval_webdataset_reader_refuses_a_key_that_comes_back(tmp_path):
     write_tar(split / "0.tar", members)
     with pytest.raises(ValueError, match=r"0\.tar: sample 's0' appears twice \(again at member 's0\.png'\)"):
         load_wds(tmp_path)
+
+
+def test_skip_log_escapes_control_characters_in_names(tmp_path):
+    from clipmoe.data import SkipLog
+
+    log = SkipLog()
+    log.add("a\nb", "dir/x\ty.png", "unreadable image: bad\r\n")
+    log.add("c\\d", "\udcffname.png", "empty caption")  # a backslash; a non-UTF-8 byte in a file name
+    log.write(tmp_path / "skips.tsv")
+    assert (tmp_path / "skips.tsv").read_text(encoding="utf-8").splitlines() == [
+        "key\tpath\treason",
+        "a\\nb\tdir/x\\ty.png\tunreadable image: bad\\r\\n",
+        "c\\\\d\t\\xffname.png\tempty caption",
+    ]

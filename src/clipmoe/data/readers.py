@@ -37,7 +37,6 @@ import json
 import os
 import re
 import tarfile
-import tempfile
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ..fileio import atomic_write, escape_field
 from ..processing import MAX_PIXELS, check_image_size
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # preference order when a key has several
@@ -133,22 +133,15 @@ class SkipLog:
         raise DataError(f"{self.summary(total)}. First skipped: {examples}")
 
     def write(self, path: str | os.PathLike) -> None:
-        """Write ``key<TAB>path<TAB>reason`` lines atomically (temp file, then rename)."""
-        path = os.fspath(path)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".skips-")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write("key\tpath\treason\n")
-                for e in self.entries:
-                    f.write("\t".join(_one_line(x) for x in (e.key, e.path, e.reason)) + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        """Write ``key<TAB>path<TAB>reason`` lines atomically (temp file, then rename). Control characters
+        and backslashes are written as C-style escapes, so a file name with a newline stays on its line."""
 
+        def write(f) -> None:
+            f.write("key\tpath\treason\n")
+            for e in self.entries:
+                f.write("\t".join(escape_field(x) for x in (e.key, e.path, e.reason)) + "\n")
 
-def _one_line(text: str) -> str:
-    return text.replace("\t", " ").replace("\n", " ")
+        atomic_write(path, write, "w", encoding="utf-8")
 
 
 class ImageTextDataset(torch.utils.data.Dataset):
