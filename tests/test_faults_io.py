@@ -69,6 +69,7 @@ def in_child_with_file_size_limit(limit: int, fn) -> tuple[str, str] | None:
         code = 0
         try:
             os.close(read_end)
+            torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork(): no parallel regions
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
             try:
