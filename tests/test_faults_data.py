@@ -208,3 +208,13 @@ def test_skip_log_escapes_control_characters_in_names(tmp_path):
         "a\\nb\tdir/x\\ty.png\tunreadable image: bad\\r\\n",
         "c\\\\d\t\\xffname.png\tempty caption",
     ]
+
+
+def test_eval_names_an_image_the_transform_refuses(tmp_path, tiny_clip):
+    from clipmoe.eval.features import encode_images
+
+    Image.new("RGB", (30, 30)).save(tmp_path / "ok.png")
+    Image.new("RGB", (1, 4000)).save(tmp_path / "strip.png")
+    paths = [str(tmp_path / "ok.png"), str(tmp_path / "strip.png")]
+    with pytest.raises(processing.ImageRejected, match=rf"{tmp_path}/strip\.png: extreme aspect ratio: 1x4000"):
+        encode_images(tiny_clip, paths)
