@@ -12,9 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from clipmoe import processing
-from clipmoe.data import ClipCollator, DataError, open_dataset
-from clipmoe.processing import ImageTransform, TextTokenizer, build_word_tokenizer
+from clipmoe.data import ClipCollator, DataError, open_dataset, processing
+from clipmoe.data.processing import ImageTransform, TextTokenizer, build_word_tokenizer
 from conftest import WORDS
 
 
@@ -123,6 +122,13 @@ def test_duplicate_tar_member_is_an_error_naming_it(tmp_path):
         open_dataset(tmp_path / "a.tar")
 
 
+def test_a_key_that_comes_back_in_a_training_shard_is_an_error_naming_it(tmp_path):
+    """webdataset groups consecutive members: 0001 coming back after 0002 would be a second sample 0001."""
+    write_tar(tmp_path / "a.tar", numbered(1) + numbered(2) + [("0001.json", b"{}")])
+    with pytest.raises(DataError, match=r"a\.tar: sample '0001' appears twice \(again at member '0001\.json'\)"):
+        open_dataset(tmp_path / "a.tar")
+
+
 def test_duplicate_keys_across_shards_are_an_error_naming_them(tmp_path):
     for folder in ("x", "y"):
         (tmp_path / folder).mkdir()
@@ -133,8 +139,8 @@ def test_duplicate_keys_across_shards_are_an_error_naming_them(tmp_path):
 
 def test_dotted_keys_are_read_as_webdataset_does_and_counted(tmp_path):
     members = [m for i in range(8) for m in numbered(i)]
+    members.insert(8, ("0003.seg.png", png(5, 5)))  # an extra field of a sample that has its image: not a skip
     members += [("img.0001.png", png(30, 12)), ("img.0001.txt", b"dotted one"), ("img.0002.png", png(31, 12))]
-    members += [("0003.seg.png", png(5, 5))]  # an extra field of a sample that has its image: not a skip
     write_tar(tmp_path / "a.tar", members)
     ds = open_dataset(tmp_path / "a.tar", max_skipped_fraction=0.5)
     assert len(ds) == 8 and ds.total == 10

@@ -14,9 +14,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import clipmoe
-from clipmoe import checkpoint
-from clipmoe.checkpoint import CheckpointError
+from clipmoe.formats import state_dict
+from clipmoe.formats.state_dict import CheckpointError
+from clipmoe.train.loop import CHECKPOINT, METRICS, train
 from conftest import make_tiny_clip
+from test_train import Synthetic, cfg, make_collate
 
 
 @pytest.fixture(scope="module")
@@ -108,10 +110,26 @@ def test_disk_full_while_writing_a_checkpoint_file_is_one_line_and_leaves_no_tem
     state = {"weights": torch.randn(50_000), "step": 3}
     path = tmp_path / "checkpoint.pt"
     kind, message, is_value_error = in_child_with_file_size_limit(
-        20_000, lambda: checkpoint.save_file_atomically(state, path)
+        20_000, lambda: state_dict.save_file_atomically(state, path)
     )
     assert kind == "WriteError" and is_value_error
     assert message.startswith(f"could not write {path}: File too large; removed the partial {tmp_path}/.checkpoint.pt.")
     assert os.listdir(tmp_path) == []
-    checkpoint.save_file_atomically(state, path)  # with room, it is written
+    state_dict.save_file_atomically(state, path)  # with room, it is written
     assert torch.equal(torch.load(path)["weights"], state["weights"])
+
+
+def test_disk_full_while_writing_a_training_checkpoint_is_one_line_and_leaves_no_temporary(tmp_path):
+    """The metrics fit under the limit, the checkpoint (weights and optimizer state) does not."""
+    model = make_tiny_clip()
+    run = tmp_path / "run"
+    kind, message, is_value_error = in_child_with_file_size_limit(
+        50_000, lambda: train(model, Synthetic(16), make_collate(model), cfg(steps=4), str(run))
+    )
+    assert kind == "WriteError" and is_value_error
+    assert message.startswith(
+        f"could not write {run / CHECKPOINT}: File too large; removed the partial {run}/.{CHECKPOINT}."
+    )
+    assert "\n" not in message
+    assert sorted(os.listdir(run)) == [METRICS]  # no checkpoint, no temporary
+    train(model, Synthetic(16), make_collate(model), cfg(steps=4), str(tmp_path / "roomy"))  # with room, it runs

@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 import clipmoe
-from clipmoe import cli, search
-from clipmoe.search import ImageIndex, build_index
+from clipmoe import cli
+from clipmoe.apps import search
+from clipmoe.apps.search import ImageIndex, build_index
 from conftest import make_tiny_clip
 from test_faults_io import in_child_with_file_size_limit
 
@@ -39,11 +40,6 @@ def images(tmp_path):
     noise(1).save(root / "b.bmp")  # uncompressed: a new picture of the same size has the same byte size
     noise(2).save(root / "c.jpg")
     return root
-
-
-@pytest.fixture
-def use_cli(monkeypatch):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", {"index": "clipmoe.search", "search": "clipmoe.search"})
 
 
 def features_of(model_dir: str, path) -> np.ndarray:
@@ -106,7 +102,7 @@ def test_extreme_aspect_image_is_skipped_by_the_indexer(model_dir, images, tmp_p
     assert path == "strip.png" and reason.startswith("extreme aspect ratio: 1x4000")
 
 
-def test_newlines_in_file_names_do_not_break_search_output_or_skipped_log(model_dir, images, tmp_path, capsys, use_cli):
+def test_newlines_in_file_names_do_not_break_search_output_or_skipped_log(model_dir, images, tmp_path, capsys):
     noise(5).save(images / "two\nlines.png")
     (images / "bad\tname\n0.9999\tforged.jpg").write_bytes(b"not an image")
     out = str(tmp_path / "index")
@@ -124,7 +120,7 @@ def test_newlines_in_file_names_do_not_break_search_output_or_skipped_log(model_
     assert f"{images}/two\nlines.png" in [r["path"] for r in json.loads(capsys.readouterr().out)["results"]]
 
 
-def test_empty_search_query_is_refused_with_one_line(model_dir, images, tmp_path, capsys, use_cli):
+def test_empty_search_query_is_refused_with_one_line(model_dir, images, tmp_path, capsys):
     out = str(tmp_path / "index")
     build_index(images, model_dir, out, progress=False)
     for query in ("", "   "):
@@ -178,7 +174,7 @@ CORRUPTIONS = {
 
 
 @pytest.mark.parametrize("case", list(CORRUPTIONS))
-def test_corrupt_index_files_give_one_clear_message_each(built, tmp_path, case, capsys, use_cli, model_dir):
+def test_corrupt_index_files_give_one_clear_message_each(built, tmp_path, case, capsys, model_dir):
     folder = tmp_path / "index"
     shutil.copytree(built, folder)
     corrupt, message = CORRUPTIONS[case]

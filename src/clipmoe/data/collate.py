@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from PIL import Image
 
-from ..processing import ImageRejected, TextTokenizer
+from .processing import ImageRejected, TextTokenizer
 from .readers import Sample
 
 

@@ -24,8 +24,9 @@ Bad samples are skipped, counted and named in a ``SkipLog``:
 
 The run fails (``DataError``) only when the skipped fraction exceeds ``max_skipped_fraction`` (1% by default):
 checked right after indexing and again by ``dataset.end_pass()``. Data that would be silently wrong rather
-than merely incomplete is an error naming the culprits: a tar member that appears twice (which copy is the
-sample's?), or two samples with the same key.
+than merely incomplete is an error naming the culprits: a tar member that appears twice, or a key that comes
+back after other keys (``webdataset.index_tar``: which copy is the sample's?), two files of one kind for one
+key in a ``files`` folder (``a.jpg`` and ``a.JPG``), or two samples with the same key.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import io
 import json
 import os
 import re
-import tarfile
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,11 +46,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ..fileio import atomic_write, escape_field
-from ..processing import MAX_PIXELS, check_image_size
+from ..utils.images import IMAGE_EXTENSIONS
+from ..utils.io import atomic_file, escape_field
+from ..utils.keys import first_few
+from .processing import MAX_PIXELS, check_image_size
+from .webdataset import Member, TarError, index_tar, read_member
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # preference order when a key has several
 FORMATS = ("files", "webdataset", "csv", "jsonl", "sharegpt4v")
+_SAMPLE_FILES = (*IMAGE_EXTENSIONS, "txt", "json")  # the extensions a sample's files are read from
 # Open tar handles kept per process; bounded so thousands of shards never exhaust file descriptors.
 _MAX_OPEN_SHARDS = 16
 
@@ -135,13 +138,10 @@ class SkipLog:
     def write(self, path: str | os.PathLike) -> None:
         """Write ``key<TAB>path<TAB>reason`` lines atomically (temp file, then rename). Control characters
         and backslashes are written as C-style escapes, so a file name with a newline stays on its line."""
-
-        def write(f) -> None:
+        with atomic_file(path, encoding="utf-8") as f:
             f.write("key\tpath\treason\n")
             for e in self.entries:
                 f.write("\t".join(escape_field(x) for x in (e.key, e.path, e.reason)) + "\n")
-
-        atomic_write(path, write, "w", encoding="utf-8")
 
 
 class ImageTextDataset(torch.utils.data.Dataset):
@@ -159,9 +159,28 @@ class ImageTextDataset(torch.utils.data.Dataset):
         self.total = len(records) + len(skips)
         self._shards: OrderedDict[str, io.BufferedReader] = OrderedDict()
         self._pid = os.getpid()
+        self._cache: list[bytes | None] | None = None  # image bytes, after preload()
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def preload(self, threads: int = 16) -> None:
+        """Read every image's bytes into memory once (decoding stays per sample). For small images on a file
+        system that serves small files slowly; a file that cannot be read is left to fail at decode time."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def read(rec: Record) -> bytes | None:
+            try:
+                with open(rec.path, "rb") as f:
+                    if rec.offset >= 0:
+                        f.seek(rec.offset)
+                        return f.read(rec.size)
+                    return f.read()
+            except OSError:
+                return None
+
+        with ThreadPoolExecutor(threads) as pool:
+            self._cache = list(pool.map(read, self.records, chunksize=256))
 
     def __getitem__(self, index: int) -> Sample:
         index = int(index)  # samplers may hand numpy or tensor integers; Sample.index is a plain int
@@ -170,7 +189,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
         index %= len(self.records)
         rec = self.records[index]
         try:
-            data = self._read_bytes(rec)
+            data = self._read_bytes(rec, index)
             image = Image.open(io.BytesIO(data))
             # The header gives the size: refuse a pixel bomb before decoding it.
             too_large = check_image_size(image.size, self.max_pixels, None)
@@ -184,7 +203,9 @@ class ImageTextDataset(torch.utils.data.Dataset):
             return Sample(index, rec.key, None, rec.caption, f"unreadable image: {type(e).__name__}: {e}")
         return Sample(index, rec.key, image, rec.caption)
 
-    def _read_bytes(self, rec: Record) -> bytes:
+    def _read_bytes(self, rec: Record, index: int | None = None) -> bytes:
+        if self._cache is not None and index is not None and self._cache[index] is not None:
+            return self._cache[index]
         if rec.offset < 0:
             with open(rec.path, "rb") as f:
                 return f.read()
@@ -214,28 +235,6 @@ class ImageTextDataset(torch.utils.data.Dataset):
         state["_shards"] = OrderedDict()  # file handles cannot be pickled (spawned workers)
         return state
 
-    def iter_shard(
-        self, rank: int = 0, world_size: int = 1, worker_id: int = 0, num_workers: int = 1
-    ) -> Iterator[Sample]:
-        """Stream this part's samples in index order.
-
-        The index range is cut into ``world_size * num_workers`` contiguous parts, so each reader walks its
-        tars sequentially (no seeking back and forth) and the parts together cover every index exactly once.
-        """
-        parts = world_size * num_workers
-        if not (0 <= rank < world_size and 0 <= worker_id < num_workers):
-            raise ValueError(
-                f"need 0 <= rank < world_size and 0 <= worker_id < num_workers, got {rank, world_size, worker_id, num_workers}"
-            )
-        part = rank * num_workers + worker_id
-        n = len(self.records)
-        for i in range(n * part // parts, n * (part + 1) // parts):
-            yield self[i]
-
-    def streaming(self, rank: int = 0, world_size: int = 1) -> StreamingShard:
-        """An ``IterableDataset`` over this rank's part; DataLoader workers split it further."""
-        return StreamingShard(self, rank, world_size)
-
     def record_skipped(self, batch: dict) -> int:
         """Log the invalid rows of a collated batch (main process); returns how many there were."""
         invalid = (~batch["valid"]).nonzero().flatten().tolist()
@@ -251,18 +250,6 @@ class ImageTextDataset(torch.utils.data.Dataset):
             self.skips.write(log_path)
         self.skips.check(self.total)
         return self.skips.summary(self.total)
-
-
-class StreamingShard(torch.utils.data.IterableDataset):
-    """Index-order streaming of one rank's part of an ``ImageTextDataset``, split across DataLoader workers."""
-
-    def __init__(self, dataset: ImageTextDataset, rank: int = 0, world_size: int = 1) -> None:
-        self.dataset, self.rank, self.world_size = dataset, rank, world_size
-
-    def __iter__(self) -> Iterator[Sample]:
-        info = torch.utils.data.get_worker_info()
-        worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return self.dataset.iter_shard(self.rank, self.world_size, worker_id, num_workers)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -398,7 +385,7 @@ def _index_files(folder: str, caption: str, skips: SkipLog) -> list[Record]:
             stem, ext = os.path.splitext(entry.name)
             ext = ext[1:].lower()
             # *_stats.json and *.parquet sit beside img2dataset shards and describe them, not a sample.
-            if entry.is_file() and (ext in IMAGE_EXTENSIONS or ext in ("txt", "json")) and not stem.endswith("_stats"):
+            if entry.is_file() and ext in _SAMPLE_FILES and not stem.endswith("_stats"):
                 group = groups.setdefault(stem, {})
                 if ext in group:  # a.jpg and a.JPG: which one is the sample's?
                     raise DataError(f"{d} holds two .{ext} files for key {stem!r}: {group[ext]} and {entry.path}")
@@ -457,58 +444,21 @@ def _tar_paths(source: str) -> list[str]:
     return paths
 
 
-def _split_member(name: str) -> tuple[str, str]:
-    """webdataset's convention: the key is the path up to the first dot of the file name."""
-    folder, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), ext.lower()
-
-
 def _index_tars(source: str, caption: str, skips: SkipLog) -> list[Record]:
     """webdataset shards: one pass over each tar's headers, reading only the small caption members."""
     caption_ext = "txt" if caption == "txt" else "json"
     records: list[Record] = []
     for path in tqdm(_tar_paths(source), desc="indexing shards", unit="tar", disable=None, leave=False):
-        groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-        dotted: dict[str, list[str]] = {}  # key -> members whose extension has a dot and ends as a sample file
-        duplicates: list[str] = []
         try:
-            # "r:" (no compression): random access by offset needs the raw tar, not a gzip stream.
-            with tarfile.open(path, "r:") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, ext = _split_member(member.name)
-                    if ext in IMAGE_EXTENSIONS or ext in ("txt", "json"):
-                        group = groups.setdefault(key, {})
-                        if ext in group:
-                            duplicates.append(f"{group[ext].name} and {member.name}")
-                        group[ext] = member
-                    elif ext.rpartition(".")[2] in (*IMAGE_EXTENSIONS, "txt", "json"):
-                        dotted.setdefault(key, []).append(member.name)
-                if duplicates:
-                    raise DataError(
-                        f"{path} holds the same sample file twice ({_first(duplicates)}); a key must name one "
-                        "sample: remove the duplicates or rename them"
-                    )
-                contents = {
-                    key: {caption_ext: tar.extractfile(m[caption_ext]).read()} if caption_ext in m else {}
-                    for key, m in groups.items()
-                }
-        except tarfile.TarError as e:
-            raise DataError(f"{path} is not a readable uncompressed tar: {e}") from e
-        for key, names in dotted.items():
-            if any(e in groups.get(key, {}) for e in IMAGE_EXTENSIONS):
-                continue  # extra fields of a sample that has its image (e.g. ``key.seg.png``)
-            # One skip per sample the writer meant: the name up to the last dot.
-            for meant in dict.fromkeys(n.rpartition(".")[0] for n in names):
-                example = next(n for n in names if n.rpartition(".")[0] == meant)
-                skips.add(
-                    f"{os.path.basename(path)}/{meant}",
-                    path,
-                    f"dotted key: webdataset reads {example} as key {key!r} with extension "
-                    f"{_split_member(example)[1]!r}; keys must not contain dots",
-                )
+            groups = index_tar(path)
+        except TarError as e:
+            raise DataError(str(e)) from e
+        with open(path, "rb") as f:
+            contents = {
+                key: {caption_ext: read_member(f, m[caption_ext])} if caption_ext in m else {}
+                for key, m in groups.items()
+            }
+        _skip_dotted_keys(path, groups, skips)
         for key, members in groups.items():
             image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
             name = f"{os.path.basename(path)}/{key}"
@@ -520,12 +470,26 @@ def _index_tars(source: str, caption: str, skips: SkipLog) -> list[Record]:
             if reason:
                 skips.add(name, path, reason)
             else:
-                records.append(Record(name, text, path, image.offset_data, image.size))
+                records.append(Record(name, text, path, image.offset, image.size))
     return records
 
 
-def _first(items: list[str], n: int = 5) -> str:
-    return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
+def _skip_dotted_keys(path: str, groups: dict[str, dict[str, Member]], skips: SkipLog) -> None:
+    """Count a sample whose key has a dot in it as webdataset reads it: ``img.0001.png`` is key ``img`` with
+    extension ``0001.png``, which is no image. One skip per sample the writer meant (the name up to its last
+    dot); a dotted extension of a sample that has its image (``key.seg.png``) is an extra field, not a skip."""
+    for key, members in groups.items():
+        if any(e in members for e in IMAGE_EXTENSIONS):
+            continue
+        dotted = [(m.name, ext) for ext, m in members.items() if "." in ext and ext.rpartition(".")[2] in _SAMPLE_FILES]
+        for meant in dict.fromkeys(name.rpartition(".")[0] for name, _ in dotted):
+            example, ext = next((n, e) for n, e in dotted if n.rpartition(".")[0] == meant)
+            skips.add(
+                f"{os.path.basename(path)}/{meant}",
+                path,
+                f"dotted key: webdataset reads {example} as key {key!r} with extension {ext!r}; "
+                "keys must not contain dots",
+            )
 
 
 def _check_unique_keys(records: list[Record], source: str) -> None:
@@ -534,7 +498,7 @@ def _check_unique_keys(records: list[Record], source: str) -> None:
     repeated = [f"{k} ({n}x)" for k, n in counts.items() if n > 1]
     if repeated:
         raise DataError(
-            f"{source} has duplicate sample keys: {_first(repeated)} (e.g. two shards with the same file name "
+            f"{source} has duplicate sample keys: {first_few(repeated, 5)} (e.g. two shards with the same file name "
             "in different folders); give every sample a unique key"
         )
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..processing import ImageRejected
+from ..data.processing import ImageRejected
 from .datasets import ImageRef
 
 # Called after each batch's forward pass with the batch's sample indices and, for text, its attention mask;

@@ -16,7 +16,7 @@ skipped. The finished folder is written next to INDEX and renamed into place, so
 half-written index; a write that fails (disk full) removes its temporaries and names the file.
 
 Every file of an index is validated when opened: a corrupt or foreign file is one ``IndexFileError`` naming
-it. File names are printed and logged with C-style escapes for control characters (``fileio.escape_field``),
+it. File names are printed and logged with C-style escapes for control characters (``utils.io.escape_field``),
 so a name with a newline cannot forge a line of output.
 """
 
@@ -28,7 +28,6 @@ import os
 import shutil
 import stat
 import sys
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,9 +38,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .checkpoint import WEIGHT_FILES, load
-from .export import DTYPES
-from .fileio import atomic_write, escape_field, io_failure, write_error
+from ..formats.load import WEIGHT_FILES, load
+from ..utils.dtypes import DTYPES, torch_dtype
+from ..utils.images import IMAGE_EXTENSIONS, is_image_file
+from ..utils.io import atomic_file, atomic_folder, escape_field, io_failure, write_error, write_json
 
 CLI_INDEX_HELP = """Embed a folder of images into a text-searchable faiss index (resumable).
 
@@ -56,7 +56,6 @@ characters and backslashes in paths written as C-style escapes, or JSON (paths a
 is refused.
 """
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 INDEX_FILE, META_FILE, SKIPPED_FILE, PARTIAL_DIR = "index.faiss", "index.json", "skipped.log", "partial"
 FORMAT_VERSION = 1
 Stamp = tuple[int, int]  # (size in bytes, mtime in ns) of an image file when it was embedded
@@ -98,7 +97,7 @@ def scan_images(images_dir: str) -> tuple[dict[str, Stamp], list[tuple[str, str]
     for root, dirs, files in os.walk(images_dir):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in files:
-            if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+            if not is_image_file(name):
                 continue
             path = os.path.join(root, name)
             rel = os.path.relpath(path, images_dir)
@@ -147,9 +146,7 @@ def resolve_device(device: str | None) -> str:
 
 def load_for_inference(model_path: str, device: str | None = None, dtype: str = "float32"):
     """Open a model for feature extraction: on ``device``, weights in ``dtype``, routers kept fp32."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    model = load(model_path, device=resolve_device(device), dtype=DTYPES[dtype])
+    model = load(model_path, device=resolve_device(device), dtype=torch_dtype(dtype))
     for part in ("tokenizer", "image_processor"):
         if getattr(model, part, None) is None:
             raise ValueError(f"{model_path} has no {part.replace('_', ' ')} files; text-to-image search needs both")
@@ -183,7 +180,7 @@ def build_index(
         raise ValueError("batch_size, chunk_size and workers must be >= 1")
     files, irregular = scan_images(images_dir)
     if not files:
-        raise ValueError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {images_dir}")
+        raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {images_dir}")
     settings = {"model": model_path, "model_fingerprint": model_fingerprint(model_path), "dtype": dtype}
     partial = os.path.join(out, PARTIAL_DIR)
     _prepare_out(out, settings)
@@ -248,7 +245,7 @@ def _prepare_out(out: str, settings: dict) -> None:
             )
     os.makedirs(partial, exist_ok=True)
     if not os.path.exists(manifest):
-        _write_json(manifest, settings)
+        write_json(manifest, settings)
 
 
 def _done_features(out: str) -> dict[str, tuple[np.ndarray, Stamp | None]]:
@@ -358,27 +355,17 @@ def _normalise(x: torch.Tensor) -> np.ndarray:
 
 def _save_chunk(path: str, features: np.ndarray, paths: list[str], stamps: list[Stamp]) -> None:
     sizes, mtimes = (np.array([s[i] for s in stamps], dtype=np.int64) for i in (0, 1))
-    atomic_write(
-        path,
-        lambda f: np.savez(
-            f, features=features.astype(np.float32), paths=np.array(paths, dtype=str), sizes=sizes, mtimes=mtimes
-        ),
-    )
-
-
-def _write_json(path: str, obj) -> None:
-    atomic_write(path, lambda f: json.dump(obj, f, indent=1), "w", encoding="utf-8")
+    with atomic_file(path, "wb") as f:
+        np.savez(f, features=features.astype(np.float32), paths=np.array(paths, dtype=str), sizes=sizes, mtimes=mtimes)
 
 
 def _write_index(out: str, features: np.ndarray, meta: dict, skipped: list[tuple[str, str]]) -> None:
     """Write the finished index into a sibling temp folder, then swap it in (dropping ``partial/``)."""
-    parent = os.path.dirname(out)
-    tmp = tempfile.mkdtemp(prefix=".index-", dir=parent)
-    try:
+    with atomic_folder(out) as tmp:
         index = faiss.IndexFlatIP(features.shape[1])
         index.add(np.ascontiguousarray(features, dtype=np.float32))
         blob = faiss.serialize_index(index)  # written by Python, so a full disk is an OSError, not a C++ abort
-        target = INDEX_FILE
+        target = INDEX_FILE  # a failed write names the file; atomic_folder removes the temporary folder
         try:
             with open(os.path.join(tmp, INDEX_FILE), "wb") as f:
                 f.write(blob.tobytes())
@@ -389,15 +376,7 @@ def _write_index(out: str, features: np.ndarray, meta: dict, skipped: list[tuple
             with open(os.path.join(tmp, SKIPPED_FILE), "w", encoding="utf-8") as f:
                 f.writelines(f"{escape_field(path)}\t{escape_field(reason)}\n" for path, reason in skipped)
         except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
             raise write_error(os.path.join(out, target), io_failure(e) or str(e), tmp) from e
-        old = tempfile.mkdtemp(prefix=".old-index-", dir=parent)
-        os.replace(out, os.path.join(old, "x"))
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
 
 
 class ImageIndex:

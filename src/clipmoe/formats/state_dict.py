@@ -1,23 +1,15 @@
-"""Opening models from disk: HF CLIP folders (dense or CLIP-MoE) and, via ``convert``, single files.
-
-Loading is strict: a missing or unexpected key is an error that names the keys, never a silently random
-layer; a tensor that is not floating point where the model has floating-point weights (e.g. int64, which
-``load_state_dict`` would silently cast), or that holds NaN or inf, is an error naming the tensor. Files are
-read with safetensors or ``torch.load(weights_only=True)``; nothing pickled is executed.
-"""
+"""State dicts on disk: read one without executing pickled code, load one strictly (naming every mismatch and
+every tensor that is not floating point or not finite), write a torch file atomically."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 
 import torch
-from transformers import CLIPConfig
 
-from .fileio import atomic_write
-from .modeling import ClipMoeModel
-from .processing import ImageTransform, TextTokenizer
+from ..utils.io import atomic_file
+from ..utils.keys import key_mismatch
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -77,8 +69,9 @@ def check_weights(
 
 def save_file_atomically(obj, path: str | os.PathLike) -> None:
     """``torch.save(obj)`` to a temporary sibling, renamed to ``path``: a kill leaves the previous file, and
-    a full disk removes the temporary and raises one ``fileio.WriteError`` naming ``path``."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    a full disk removes the temporary and raises one ``utils.io.WriteError`` naming ``path``."""
+    with atomic_file(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
@@ -93,64 +86,7 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torc
         if k in state_dict and state_dict[k].shape != v.shape
     ]
     if missing or unexpected or mis_shaped:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped)):
-            if keys:
-                shown = ", ".join(keys[:10]) + (f", ... ({len(keys)} in all)" if len(keys) > 10 else "")
-                parts.append(f"{label} keys: {shown}")
-        raise CheckpointError(f"{source} does not match the model built from its config; " + "; ".join(parts))
+        problems = key_mismatch(missing=missing, unexpected=unexpected, **{"wrong shape": mis_shaped})
+        raise CheckpointError(f"{source} does not match the model built from its config; {problems}")
     check_weights(state_dict, source, expected)
     model.load_state_dict(state_dict, strict=True)
-
-
-def load(
-    path: str | os.PathLike,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-) -> ClipMoeModel:
-    """Open a CLIP or CLIP-MoE: an HF folder, or a checkpoint file (OpenAI, open_clip, official CLIP-MoE).
-
-    The returned model has ``.tokenizer`` (``TextTokenizer``) and ``.image_processor`` (``ImageTransform``)
-    when the folder provides them. Routers stay fp32 when ``dtype`` is a half type.
-    """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        model = _load_folder(path)
-    elif os.path.isfile(path):
-        from .convert import convert_file
-
-        model = convert_file(path)
-    else:
-        raise FileNotFoundError(f"no model at {path}")
-    model.to(device=device)
-    if dtype is not None:
-        model.to(dtype=dtype)
-        for m in model.moe_layers():
-            m.router.float()
-    return model.eval()
-
-
-def _load_folder(folder: str) -> ClipMoeModel:
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.exists(config_path):
-        raise CheckpointError(f"{folder} has no config.json; is it an HF CLIP folder?")
-    with open(config_path) as f:
-        model_type = json.load(f).get("model_type")
-    if model_type != "clip":
-        raise CheckpointError(f"{folder} holds a {model_type!r} model; clipmoe.load opens full CLIP models ('clip')")
-    config = CLIPConfig.from_pretrained(folder, local_files_only=True)
-    weights = next((os.path.join(folder, w) for w in WEIGHT_FILES if os.path.exists(os.path.join(folder, w))), None)
-    if weights is None:
-        raise CheckpointError(f"{folder} has no weights ({' or '.join(WEIGHT_FILES)})")
-    model = ClipMoeModel(config)
-    load_state_dict_strict(model, read_state_dict(weights), weights)
-    attach_processing(model, folder)
-    return model
-
-
-def attach_processing(model: ClipMoeModel, folder: str) -> None:
-    """Give the model the tokenizer and image transform its folder describes, where present."""
-    if os.path.exists(os.path.join(folder, "preprocessor_config.json")):
-        model.image_processor = ImageTransform.from_folder(folder)
-    if any(os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
-        model.tokenizer = TextTokenizer.from_folder(folder, model.config.text_config.max_position_embeddings)
