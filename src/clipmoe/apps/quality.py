@@ -137,7 +137,7 @@ def run_quality(
             runs[name] = {"recipe": recipe, "seed": seed, "run_dir": run_dir, "results": pipe.results()}
             runs[name]["init_routing"] = _init_routing(pipe)
             runs[name]["stages"] = _stage_plans(pipe)
-            with open(pipe.timings_path()) as f:
+            with open(pipe.timings_path) as f:
                 runs[name]["seconds"] = sum(json.load(f).values())
     elapsed = time.perf_counter() - t0
     path = os.path.join(out, "quality.md")
