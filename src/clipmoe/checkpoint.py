@@ -11,7 +11,6 @@ import os
 from collections.abc import Mapping
 
 import torch
-from transformers import CLIPConfig
 
 from .modeling import ClipMoeModel
 from .processing import ImageTransform, TextTokenizer
@@ -103,16 +102,29 @@ def _load_folder(folder: str) -> ClipMoeModel:
         raise CheckpointError(f"{folder} has no config.json; is it an HF CLIP folder?")
     with open(config_path) as f:
         model_type = json.load(f).get("model_type")
-    if model_type != "clip":
-        raise CheckpointError(f"{folder} holds a {model_type!r} model; clipmoe.load opens full CLIP models ('clip')")
-    config = CLIPConfig.from_pretrained(folder, local_files_only=True)
+    model_class = model_class_for(model_type, folder)
+    config = model_class.config_class.from_pretrained(folder, local_files_only=True)
     weights = next((os.path.join(folder, w) for w in WEIGHT_FILES if os.path.exists(os.path.join(folder, w))), None)
     if weights is None:
         raise CheckpointError(f"{folder} has no weights ({' or '.join(WEIGHT_FILES)})")
-    model = ClipMoeModel(config)
+    model = model_class(config)
     load_state_dict_strict(model, read_state_dict(weights), weights)
     attach_processing(model, folder)
     return model
+
+
+def model_class_for(model_type: str | None, folder: str = "the folder"):
+    """The clipmoe class that opens a full model of this ``model_type`` (config.json): CLIP, SigLIP, SigLIP 2."""
+    if model_type == "clip":
+        return ClipMoeModel
+    from .modeling_siglip import FAMILIES
+
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    raise CheckpointError(
+        f"{folder} holds a {model_type!r} model; clipmoe.load opens full CLIP, SigLIP and SigLIP 2 models "
+        f"('clip', {', '.join(repr(t) for t in FAMILIES)})"
+    )
 
 
 def attach_processing(model: ClipMoeModel, folder: str) -> None:
@@ -120,4 +132,6 @@ def attach_processing(model: ClipMoeModel, folder: str) -> None:
     if os.path.exists(os.path.join(folder, "preprocessor_config.json")):
         model.image_processor = ImageTransform.from_folder(folder)
     if any(os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
-        model.tokenizer = TextTokenizer.from_folder(folder, model.config.text_config.max_position_embeddings)
+        model.tokenizer = TextTokenizer.from_folder(
+            folder, model.config.text_config.max_position_embeddings, getattr(model, "text_padding", "longest")
+        )

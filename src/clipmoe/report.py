@@ -65,14 +65,15 @@ def evaluate_row(model: ClipMoeModel, cfg: PipelineConfig, name: str) -> dict:
 
 def phase_parameters(cfg: PipelineConfig) -> dict[str, dict[str, int]]:
     """Trainable / total / active parameters of each phase, from the base model's config (no weights read)."""
-    from transformers import CLIPConfig
-
+    from .checkpoint import model_class_for
     from .surgery import find_ffns, resolve_layers
 
     folder = resolve_model_path(cfg.base_model)
-    config = CLIPConfig.from_pretrained(folder, local_files_only=True)
+    with open(os.path.join(folder, "config.json")) as f:
+        model_class = model_class_for(json.load(f).get("model_type"), folder)  # CLIP, SigLIP or SigLIP 2
+    config = model_class.config_class.from_pretrained(folder, local_files_only=True)
     with torch.device("meta"):
-        base = ClipMoeModel(config)
+        base = model_class(config)
     total = sum(p.numel() for p in base.parameters())
     ffns = find_ffns(base)
     chosen = resolve_layers(cfg.moe.layers, {t: len(f) for t, f in ffns.items()})

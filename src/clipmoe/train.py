@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .distributed import DistEnv, barrier
-from .loss import ClipLoss, global_router_losses
+from .loss import global_router_losses
+from .loss_sigmoid import LOSSES, contrastive_loss, resolve_loss
 from .moe import load_balancing_loss, router_z_loss
 from .samplers import GlobalBatchSampler
 
@@ -51,6 +52,12 @@ class TrainConfig:
     # Fixed scale (the paper: 100, OpenAI CLIP's learned value); "model" = the model's own learned scale, kept
     # fixed (for bases whose temperature is not 100); None = learn it.
     logit_scale: float | str | None = 100.0
+    # The contrastive loss: softmax (CLIP's InfoNCE) | sigmoid (SigLIP's pairwise loss) | auto = the family the
+    # base was trained with (SigLIP / SigLIP 2: sigmoid). label_smoothing applies to softmax only.
+    loss: str = "auto"
+    # Sigmoid loss only: a fixed bias; None = the model's own logit_bias (learned when logit_scale is None, else
+    # kept at its value), -10 for a model without one (see loss_sigmoid.contrastive_loss).
+    logit_bias: float | None = None
     balance_weight: float = 0.0  # x (image balance + text_balance_factor x text balance)
     text_balance_factor: float = 0.5
     balance_mask_padding: bool = True  # False reproduces the official code (padding counted)
@@ -79,6 +86,7 @@ class TrainConfig:
             "steps": self.steps >= 0,
             "epochs": self.epochs > 0,
             "logit_scale": not isinstance(self.logit_scale, str) or self.logit_scale == "model",
+            "loss": self.loss in LOSSES,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -201,9 +209,8 @@ def train(
     params = [p for _, p in named]
     optimizer = torch.optim.AdamW(_param_groups(named, cfg), lr=cfg.lr, betas=cfg.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(cfg.warmup_steps, total_steps))
-    loss_fn = ClipLoss(cfg.label_smoothing)
-
-    fixed_scale = model.logit_scale.exp().item() if cfg.logit_scale == "model" else cfg.logit_scale
+    loss_fn = contrastive_loss(model, cfg)  # softmax or sigmoid, temperature (and bias) per cfg
+    clamp_scale = cfg.logit_scale is None and resolve_loss(cfg.loss, model) == "softmax"
     step = 0
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
     if os.path.exists(ckpt_path):
@@ -233,9 +240,8 @@ def train(
                         batch["input_ids"].to(env.device),
                         batch["attention_mask"].to(env.device),
                     )
-                    scale = fixed_scale if fixed_scale is not None else model.logit_scale.exp()
                     valid = batch.get("valid")
-                    clip = loss_fn(img, txt, scale, None if valid is None else valid.to(env.device))
+                    clip = loss_fn(img, txt, None if valid is None else valid.to(env.device))
                     loss = clip
                     if cfg.balance_weight:
                         bal = balance_loss(model, batch["attention_mask"].to(env.device), cfg)
@@ -250,9 +256,9 @@ def train(
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             scheduler.step()
-            if cfg.logit_scale is None:
+            if clamp_scale:  # open_clip's cap on a learned softmax temperature (SigLIP's go higher, uncapped)
                 with torch.no_grad():
-                    model.logit_scale.clamp_(0, math.log(100))  # open_clip's cap on the learned temperature
+                    model.logit_scale.clamp_(0, math.log(100))
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
