@@ -181,10 +181,13 @@ class TextTokenizer:
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, context_length: int, padding: str = "longest") -> TextTokenizer:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
         try:
-            tok = AutoTokenizer.from_pretrained(os.fspath(folder), local_files_only=True)
+            # A folder that declares the generic tokenizers backend (clipmoe's word tokenizers) gets exactly its
+            # tokenizer.json: AutoTokenizer would swap in the model type's own class for some types (SigLIP 2).
+            loader = PreTrainedTokenizerFast if _declares_generic_tokenizer(folder) else AutoTokenizer
+            tok = loader.from_pretrained(os.fspath(folder), local_files_only=True)
         except Exception as e:
             raise FileNotFoundError(f"cannot load a tokenizer from {folder}: {e}") from e
         return cls(tok, context_length, padding)
@@ -210,6 +213,15 @@ class TextTokenizer:
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         self.hf.save_pretrained(os.fspath(folder))
+
+
+def _declares_generic_tokenizer(folder: str | os.PathLike) -> bool:
+    path = os.path.join(folder, "tokenizer_config.json")
+    if not os.path.exists(path) or not os.path.exists(os.path.join(folder, "tokenizer.json")):
+        return False
+    with open(path) as f:
+        declared = json.load(f).get("tokenizer_class")
+    return declared in ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 def build_word_tokenizer(words: list[str], context_length: int):
