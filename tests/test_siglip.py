@@ -429,3 +429,66 @@ def test_exported_towers_load_in_stock_transformers(tmp_path, version):
         torch.testing.assert_close(out["text"], moe.encode_text(**tokens), atol=1e-5, rtol=0)
     torch.testing.assert_close(out["pooled"], ours.pooler_output, atol=1e-5, rtol=0)
     torch.testing.assert_close(out["hidden"], ours.hidden_states[-2], atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from clipmoe.data.world import WorldConfig, generate_world
+
+    out = tmp_path_factory.mktemp("w") / "world"
+    generate_world(out, WorldConfig.preset("test", train_size=64), verbose=False)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", [1, 2])
+def test_clipmoe_run_end_to_end(tmp_path, world, version):
+    """``clipmoe run`` on a tiny SigLIP / SigLIP 2: MCL with the base's own sigmoid loss, temperature and bias,
+    DMU assembly, router training, the baselines, evaluation and the report."""
+    import yaml
+
+    from clipmoe import cli
+    from clipmoe.data.world import world_vocabulary
+
+    base = make_tiny_siglip(version, words=world_vocabulary(), width=64, image_size=48, patch_size=16, context=48)
+    with torch.no_grad():
+        base.logit_scale.fill_(math.log(20.0))
+        base.logit_bias.fill_(-5.0)
+    base.save_pretrained(tmp_path / "base")
+    train = {"steps": 3, "batch_size": 16, "lr": 1e-3, "warmup_steps": 1, "checkpoint_every": 2, "min_batch": 4}
+    raw = {
+        "base_model": str(tmp_path / "base"),
+        "data": {"train": str(world / "train"), "eval": str(world / "eval")},
+        "device": "cpu",
+        "cluster": {"image_clusters": 2, "text_clusters": 2},
+        "mcl": {**train, "logit_scale": "model"},  # the paper's fixed temperature, transposed: the base's own
+        "moe": {"experts": 2, "top_k": 2},
+        "route": {**train, "lr": 1e-2, "logit_scale": "model"},
+        "baselines": {"stages": False},
+        "eval": {"batch_size": 64, "throughput_batch": 4},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    run_dir = tmp_path / "run"
+    assert cli.main(["run", str(tmp_path / "cfg.yaml"), "--run-dir", str(run_dir)]) == 0
+    report = (run_dir / "report.md").read_text()
+    for row in ("| base |", "| dense fine-tune |", "| sparse upcycling |", "| expert soup |", "| DMU CLIP-MoE |"):
+        assert row in report, row
+    for phase in ("stage1", "moe"):  # loss: auto chose the base's family
+        assert json.loads((run_dir / phase / "train_stats.json").read_text())["loss"] == "sigmoid"
+
+    cls = SiglipMoeModel if version == 1 else Siglip2MoeModel
+    base_sd = clipmoe.load(run_dir / "base").state_dict()
+    stage = clipmoe.load(run_dir / "stage1" / "model")
+    changed = {k for k, v in stage.state_dict().items() if not torch.equal(v, base_sd[k])}
+    assert changed and all(".encoder.layers." in k and ".mlp." in k for k in changed)  # MCL: block FFNs only
+    moe = clipmoe.load(run_dir / "moe" / "model")
+    assert type(moe) is cls and len(moe.moe_layers("vision")) == len(moe.moe_layers("text")) == 2
+    assert moe.logit_scale.exp().item() == pytest.approx(20.0) and moe.logit_bias.item() == pytest.approx(-5.0)
+    torch.testing.assert_close(
+        moe.text_model.encoder.layers[0].mlp.w1[1], stage.state_dict()["text_model.encoder.layers.0.mlp.fc1.weight"]
+    )
+    metrics = json.loads((run_dir / "eval" / "dmu_clip_moe.json").read_text())["metrics"]
+    assert any(k.startswith("retrieval_") for k in metrics) and any(k.startswith("cls_") for k in metrics)

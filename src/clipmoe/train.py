@@ -286,6 +286,7 @@ def train(
             print(f"{desc}: {summary}")
     return {
         "steps": total_steps,
+        "loss": resolve_loss(cfg.loss, model),  # the contrastive loss this phase used (softmax | sigmoid)
         "batches_per_epoch": per_epoch,
         "plan": asdict(sampler.stats()),
         "skipped_samples": skipped,
