@@ -492,3 +492,62 @@ def test_clipmoe_run_end_to_end(tmp_path, world, version):
     )
     metrics = json.loads((run_dir / "eval" / "dmu_clip_moe.json").read_text())["metrics"]
     assert any(k.startswith("retrieval_") for k in metrics) and any(k.startswith("cls_") for k in metrics)
+
+
+# ------------------------------------------------------------------------------------------ distributed
+
+
+@pytest.fixture(scope="module")
+def sigmoid_runs(tmp_path_factory):
+    """The sigmoid scenarios under torchrun (2 gloo processes) and, as the reference, in this process."""
+    import signal
+
+    import siglip_dist_worker
+    from clipmoe.distributed import DistEnv
+    from test_distributed import Runs
+
+    out = str(tmp_path_factory.mktemp("sigmoid-ddp"))
+    worker = os.path.join(os.path.dirname(__file__), "siglip_dist_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", worker, out]
+    with open(os.path.join(out, "torchrun.log"), "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            reference = {
+                name: scenario(os.path.join(out, "reference", name), DistEnv())
+                for name, scenario in siglip_dist_worker.SCENARIOS.items()
+            }
+            returncode = proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            returncode = None
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return Runs(out, reference, returncode)
+
+
+@pytest.mark.parametrize("scenario", ["sigmoid_mcl", "sigmoid_learned"])
+def test_two_processes_equal_one_for_the_sigmoid_loss(sigmoid_runs, scenario):
+    from dist_worker import LABELS
+    from test_distributed import assert_ranks_identical, assert_same_grads, assert_same_weights, assert_trained
+
+    r0, r1 = sigmoid_runs.ranks(scenario)
+    ref = sigmoid_runs.reference[scenario]
+    assert r0["loss_family"] == ref["loss_family"] == "sigmoid"  # loss: auto chose the base's family
+    for key, value in ref["loss"].items():  # the first global batch's loss: 1e-6 relative
+        torch.testing.assert_close(r0["loss"][key], value, rtol=1e-6, atol=0, msg=key)
+    assert_same_grads(ref["grads"], r0["grads"])
+    assert_same_weights(ref, r0)
+    assert_ranks_identical(r0, r1)
+    assert_trained(r0)
+    if scenario == "sigmoid_mcl":
+        assert all(".encoder.layers." in n and ".mlp." in n for n in r0["weights"])
+        per_rank, seen = 4, r0["seen"]  # every global batch from one cluster: MCL's sampler unchanged
+        for t in range(len(seen) // per_rank):
+            batch = seen[t * per_rank : (t + 1) * per_rank] + r1["seen"][t * per_rank : (t + 1) * per_rank]
+            assert len({int(LABELS[i]) for i in batch}) == 1
+    else:
+        assert {"logit_scale", "logit_bias"} <= set(r0["weights"])
+        assert "balance" in r0["loss"]
+        for name in ("logit_scale", "logit_bias"):  # learned, identically on both ranks
+            assert (r0["weights"][name] - r0["initial"][name]).abs().item() > 5e-5
