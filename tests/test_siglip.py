@@ -344,6 +344,30 @@ def test_zero_shot_ranking_is_the_sigmoid_scores_ranking(version):
     assert torch.equal(scores.argsort(dim=0), out.logits_per_image.argsort(dim=0))
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_image_search_with_a_siglip_moe(tmp_path, version):
+    from clipmoe.search import ImageIndex, build_index
+
+    moe = sparse_upcycle(make_tiny_siglip(version), 3, 2, noise=0.05)
+    _spread_routers(moe)
+    moe.save_pretrained(tmp_path / "moe")
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
+    build_index(tmp_path / "images", tmp_path / "moe", tmp_path / "index", batch_size=4, progress=False)
+    index = ImageIndex(tmp_path / "index")
+    hits = index.search("a red cube on the left", top_k=6)[0]
+    with torch.no_grad():
+        pixels = torch.stack([moe.image_processor(Image.open(tmp_path / "images" / p)) for p in index.relative_paths])
+        img = F.normalize(moe.encode_image(pixels), dim=-1)
+        txt = F.normalize(moe.encode_text(**moe.tokenizer(["a red cube on the left"])), dim=-1)
+    scores = (img @ txt[0]).numpy()
+    order = np.argsort(-scores)
+    assert [os.path.basename(h.path) for h in hits] == [index.relative_paths[i] for i in order]
+    np.testing.assert_allclose([h.score for h in hits], scores[order], atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ export
 
 STANDALONE = textwrap.dedent(
