@@ -368,6 +368,15 @@ def test_image_search_with_a_siglip_moe(tmp_path, version):
     np.testing.assert_allclose([h.score for h in hits], scores[order], atol=1e-5)
 
 
+def test_throughput_measurement_with_siglip_special_token_ids():
+    from clipmoe.report import measure_throughput
+
+    model = make_tiny_siglip(1)
+    model.config.text_config.bos_token_id, model.config.text_config.eos_token_id = 49406, 49407  # SigLIP's defaults
+    rates = measure_throughput(model, batch=2, repeats=1)
+    assert rates["images_per_s"] > 0 and rates["texts_per_s"] > 0
+
+
 # ------------------------------------------------------------------------------------------ export
 
 STANDALONE = textwrap.dedent(
@@ -469,7 +478,7 @@ def world(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("version", [1, 2])
-def test_clipmoe_run_end_to_end(tmp_path, world, version):
+def test_clipmoe_run_end_to_end(tmp_path, world, version, capsys):
     """``clipmoe run`` on a tiny SigLIP / SigLIP 2: MCL with the base's own sigmoid loss, temperature and bias,
     DMU assembly, router training, the baselines, evaluation and the report."""
     import yaml
@@ -496,6 +505,8 @@ def test_clipmoe_run_end_to_end(tmp_path, world, version):
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
     run_dir = tmp_path / "run"
+    assert cli.main(["run", str(tmp_path / "cfg.yaml"), "--run-dir", str(run_dir), "--dry-run"]) == 0
+    assert "parameter counts unavailable" not in capsys.readouterr().out and not run_dir.exists()
     assert cli.main(["run", str(tmp_path / "cfg.yaml"), "--run-dir", str(run_dir)]) == 0
     report = (run_dir / "report.md").read_text()
     for row in ("| base |", "| dense fine-tune |", "| sparse upcycling |", "| expert soup |", "| DMU CLIP-MoE |"):

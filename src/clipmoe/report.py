@@ -30,10 +30,15 @@ def measure_throughput(model: ClipMoeModel, batch: int = 32, repeats: int = 5) -
     crop = model.image_processor.crop_size
     device = next(model.parameters()).device
     pixels = torch.randn(batch, 3, crop, crop, device=device)
-    ids = torch.full((batch, model.config.text_config.max_position_embeddings), model.config.text_config.pad_token_id)
-    ids[:, 0] = model.config.text_config.bos_token_id
-    ids[:, 1:9] = torch.randint(4, model.config.text_config.vocab_size, (batch, 8))
-    ids[:, 9] = model.config.text_config.eos_token_id
+    tc = model.config.text_config
+
+    def special(token_id: int | None) -> int:  # SigLIP configs carry CLIP's bos/eos ids, beyond their vocabulary
+        return token_id if token_id is not None and 0 <= token_id < tc.vocab_size else 1
+
+    ids = torch.full((batch, tc.max_position_embeddings), special(tc.pad_token_id))
+    ids[:, 0] = special(tc.bos_token_id)
+    ids[:, 1:9] = torch.randint(4, tc.vocab_size, (batch, 8))
+    ids[:, 9] = special(tc.eos_token_id)
     mask = torch.zeros_like(ids)
     mask[:, :10] = 1
     out = {}
