@@ -14,9 +14,9 @@ them unchanged. What differs from CLIP, and where it is handled:
   MoE layers (routing pads cannot be skipped without changing the model's output). Whether pads are
   *attended to* follows the checkpoint's tokenizer: when it returns an ``attention_mask`` (SigLIP 2's Gemma
   tokenizer, tokenizers that list it in ``model_input_names``) the model gets it and the router's balance
-  and z losses count real tokens only; when it does not (original SigLIP checkpoints, trained without a
-  mask, ``model_input_names: ["input_ids"]``), ``TextTokenizer`` returns an all-ones mask, the model
-  attends to pads as in training, and the router losses count every position, pads included.
+  and z losses count real tokens only; when it does not (``model_input_names: ["input_ids"]``; SigLIP was
+  trained without a text mask, and open_clip passes none), ``TextTokenizer`` returns an all-ones mask, the
+  model attends to pads as in training, and the router losses count every position, pads included.
 - **Vision.** No CLS token; the pooled feature is the attention-pooling (MAP) head's output. SigLIP 2
   (NaFlex) takes patchified pixels with a patch mask and the patch grid; ``Siglip2MoeModel.encode_image``
   also accepts ordinary ``[B, 3, H, W]`` images and patchifies them exactly as ``Siglip2ImageProcessor``
