@@ -63,7 +63,14 @@ def sigmoid_learned(out_dir: str, env: DistEnv) -> dict:
     return run_training(sparse_upcycle(make_tiny_siglip(2), 4, 2, noise=0.01), cfg, out_dir, env)
 
 
-SCENARIOS = {f.__name__: f for f in (sigmoid_mcl, sigmoid_learned)}
+def sigmoid_fsdp(out_dir: str, env: DistEnv) -> dict:
+    """``sigmoid_learned`` on a SigLIP under FSDP2 with gradient checkpointing (the 1-element temperature and
+    bias of a SigLIP stay replicated)."""
+    cfg = config(steps=2, trainable="all", logit_scale=None, parallel="fsdp", grad_checkpointing=True)
+    return run_training(sparse_upcycle(make_tiny_siglip(1), 4, 2, noise=0.01), cfg, out_dir, env)
+
+
+SCENARIOS = {f.__name__: f for f in (sigmoid_mcl, sigmoid_learned, sigmoid_fsdp)}
 
 
 def main(argv: list[str]) -> int:

@@ -349,9 +349,10 @@ def _wrap_parallel(module: nn.Module, cfg: TrainConfig, env: DistEnv) -> nn.Modu
         from .modeling import tower_layers
 
         mesh = init_device_mesh(env.device.type, (env.world_size,))
-        # fully_shard cannot shard 0-dim parameters (CLIP's logit_scale): keep them replicated and average
-        # their gradients over ranks ourselves, as DDP would.
-        scalars = {p for p in module.parameters() if p.ndim == 0}
+        # fully_shard cannot shard 0-dim parameters (CLIP's logit_scale) and would split SigLIP's 1-element
+        # logit_scale / logit_bias into padded DTensor shards: keep them replicated and average their gradients
+        # over ranks ourselves, as DDP would.
+        scalars = {p for p in module.parameters() if p.ndim == 0 or p.numel() == 1}
         for p in scalars:
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(_average_grad_over_ranks)
