@@ -60,14 +60,14 @@ def sigmoid_learned(out_dir: str, env: DistEnv) -> dict:
     """A SigLIP 2 CLIP-MoE, everything trainable with a learned temperature and bias and the balance loss on
     real text tokens only (global statistics)."""
     cfg = config(steps=2, trainable="all", logit_scale=None, balance_weight=0.01)
-    return run_training(sparse_upcycle(make_tiny_siglip(2), 4, 2, noise=0.01), cfg, out_dir, env)
+    return run_training(sparse_upcycle(make_tiny_siglip(2), 4, top_k=2, noise=0.01), cfg, out_dir, env)
 
 
 def sigmoid_fsdp(out_dir: str, env: DistEnv) -> dict:
     """``sigmoid_learned`` on a SigLIP under FSDP2 with gradient checkpointing (the 1-element temperature and
     bias of a SigLIP stay replicated)."""
     cfg = config(steps=2, trainable="all", logit_scale=None, parallel="fsdp", grad_checkpointing=True)
-    return run_training(sparse_upcycle(make_tiny_siglip(1), 4, 2, noise=0.01), cfg, out_dir, env)
+    return run_training(sparse_upcycle(make_tiny_siglip(1), 4, top_k=2, noise=0.01), cfg, out_dir, env)
 
 
 SCENARIOS = {f.__name__: f for f in (sigmoid_mcl, sigmoid_learned, sigmoid_fsdp)}

@@ -145,7 +145,7 @@ def test_siglip_preprocessing_matches_the_hf_processors(tmp_path):
 
 
 def test_strict_loading_names_missing_and_unexpected_keys(tmp_path):
-    moe = sparse_upcycle(make_tiny_siglip(1), 3, 2, layers={"vision": [1], "text": [0]})
+    moe = sparse_upcycle(make_tiny_siglip(1), 3, top_k=2, layers={"vision": [1], "text": [0]})
     moe.save_pretrained(tmp_path / "moe")
     weights = tmp_path / "moe" / "model.safetensors"
     state = load_file(weights)
@@ -197,7 +197,7 @@ def test_dmu_assembly_both_towers_and_round_trip(tmp_path, version):
 def test_identical_experts_reproduce_the_dense_model(version):
     """Sparse upcycling without noise: every token's k expert outputs are the base FFN's, weights sum to 1."""
     base = make_tiny_siglip(version)
-    moe = sparse_upcycle(base, 4, 2)
+    moe = sparse_upcycle(base, 4, top_k=2)
     _spread_routers(moe)
     pixels, tokens = _pixels(), base.tokenizer(TEXTS)
     with torch.no_grad():
@@ -229,14 +229,14 @@ def test_mcl_trains_block_ffns_only():
     moe.set_trainable("ffn")
     trainable = {n for n, p in moe.named_parameters() if p.requires_grad}
     assert trainable and all(".encoder.layers." in n and ".mlp." in n for n in trainable)
-    moe = sparse_upcycle(make_tiny_siglip(2), 3, 2)
+    moe = sparse_upcycle(make_tiny_siglip(2), 3, top_k=2)
     moe.set_trainable("router")
     assert {n.rsplit(".", 2)[-2] for n, p in moe.named_parameters() if p.requires_grad} == {"router"}
 
 
 def test_text_router_losses_count_real_tokens_only_where_a_mask_exists():
     for version in (1, 2):
-        moe = sparse_upcycle(make_tiny_siglip(version), 4, 2, layers={"text": "all"})
+        moe = sparse_upcycle(make_tiny_siglip(version), 4, top_k=2, layers={"text": "all"})
         _spread_routers(moe)
         tokens = moe.tokenizer(TEXTS)
         with torch.no_grad():
@@ -325,7 +325,7 @@ def test_learned_temperature_and_bias_get_gradients():
 
 @pytest.mark.parametrize("version", [1, 2])
 def test_zero_shot_ranking_is_the_sigmoid_scores_ranking(version):
-    model = sparse_upcycle(make_tiny_siglip(version), 3, 2, noise=0.05)
+    model = sparse_upcycle(make_tiny_siglip(version), 3, top_k=2, noise=0.05)
     _spread_routers(model)
     pixels = _pixels(6)
     texts = [f"a photo of a {c} {s}" for c in ("red", "green", "blue") for s in ("cube", "sphere")]
@@ -348,7 +348,7 @@ def test_zero_shot_ranking_is_the_sigmoid_scores_ranking(version):
 def test_image_search_with_a_siglip_moe(tmp_path, version):
     from clipmoe.search import ImageIndex, build_index
 
-    moe = sparse_upcycle(make_tiny_siglip(version), 3, 2, noise=0.05)
+    moe = sparse_upcycle(make_tiny_siglip(version), 3, top_k=2, noise=0.05)
     _spread_routers(moe)
     moe.save_pretrained(tmp_path / "moe")
     rng = np.random.default_rng(0)
@@ -420,7 +420,7 @@ def test_exported_towers_load_in_stock_transformers(tmp_path, version):
         torch.testing.assert_close(stock(**_image_inputs(version, pixels)).pooler_output, dense.encode_image(pixels))
 
     # MoE: the same features through the folders' own code, with transformers alone.
-    moe = sparse_upcycle(dense, 4, 2, noise=0.05, layers={"vision": "all", "text": [1]})
+    moe = sparse_upcycle(dense, 4, top_k=2, noise=0.05, layers={"vision": "all", "text": [1]})
     _spread_routers(moe)
     moe.save_pretrained(tmp_path / "full")
     export_vision_tower(moe, tmp_path / "tower")
