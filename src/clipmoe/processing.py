@@ -124,7 +124,8 @@ def _siglip_transform(cls, cfg: dict) -> ImageTransform | None:
         side = grid * patch
         return cls(side, side, mean, std, int(cfg.get("resample", 2)), "siglip2", patch)
     size = cfg.get("size")
-    if kind.startswith("Siglip") or (isinstance(size, dict) and "height" in size and "shortest_edge" not in size):
+    squash = isinstance(size, dict) and "height" in size and "shortest_edge" not in size
+    if kind.startswith("Siglip") or (squash and not cfg.get("do_center_crop", False)):
         side = int(size["height"]) if isinstance(size, dict) else int(size or 224)
         return cls(side, side, mean, std, int(cfg.get("resample", 3)), "siglip")
     return None
