@@ -21,8 +21,8 @@ import time
 import numpy as np
 import torch
 
-from clipmoe.cluster import cluster_features
-from clipmoe.embed import DONE, FeatureStore
+from clipmoe.dmu.cluster import cluster_features
+from clipmoe.dmu.embed import DONE, FeatureStore
 
 
 def fake_features(n: int, dim: int, seed: int) -> np.ndarray:

@@ -7,7 +7,7 @@ Two workloads, written to a webdataset tar in a temporary folder and read throug
 
 Three collators run over the same dataset and DataLoader settings, so only the preprocessing differs:
 
-- ``clipmoe``: ``ClipCollator`` with ``clipmoe.processing.ImageTransform``;
+- ``clipmoe``: ``ClipCollator`` with ``clipmoe.data.processing.ImageTransform``;
 - ``hf``: the reference, HF ``CLIPImageProcessor`` (PIL backend) with the same settings and tokenizer;
 - ``decode``: reading and fully decoding only, the floor both share.
 
@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from clipmoe.data import ClipCollator, open_dataset
-from clipmoe.processing import ImageTransform, TextTokenizer, build_word_tokenizer
+from clipmoe.data.processing import ImageTransform, TextTokenizer, build_word_tokenizer
 
 WORDS = "a photo of red green blue cube sphere cone small large left right".split()
 

@@ -25,9 +25,9 @@ from tqdm import tqdm
 import clipmoe
 from bench_model import vit_b16_config
 from bench_moe import environment, interleaved_times, median_ratio
+from clipmoe.data.processing import ImageTransform, TextTokenizer, build_word_tokenizer
 from clipmoe.eval import encode_images, encode_texts
-from clipmoe.modeling import ClipMoeModel
-from clipmoe.processing import ImageTransform, TextTokenizer, build_word_tokenizer
+from clipmoe.model.modeling import ClipMoeModel
 
 WORDS = (
     "a photo of the red green blue yellow small large cube sphere cone on left right of next to striped dotted".split()

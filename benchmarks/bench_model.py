@@ -1,7 +1,7 @@
 """Benchmark a whole CLIP-MoE against the dense CLIP it was upcycled from: encoding and training steps.
 
 The dense model is a ViT-B/16-shaped HF ``CLIPModel`` (vision 768/3072 x 12 blocks at 224 px, text 512/2048 x
-12 blocks at 77 tokens) with random weights; the MoE model is ``clipmoe.sparse_upcycle(dense, 4, 2)`` with
+12 blocks at 77 tokens) with random weights; the MoE model is ``clipmoe.sparse_upcycle(dense, 4, top_k=2)`` with
 random routers made to spread the load over all experts, as trained, balanced routers do (routing does not
 change the FLOPs of a dropless layer, but the measured expert shares are printed to show it).
 
@@ -32,7 +32,7 @@ from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
 import clipmoe
 from bench_moe import CLOCKS, environment, interleaved_times, median_ratio
-from clipmoe.modeling import ClipMoeModel
+from clipmoe.model.modeling import ClipMoeModel
 
 
 def vit_b16_config(layers: int, **text_overrides: object) -> CLIPConfig:
@@ -65,7 +65,7 @@ def vit_b16_config(layers: int, **text_overrides: object) -> CLIPConfig:
 def build_models(layers: int, seed: int) -> tuple[ClipMoeModel, ClipMoeModel]:
     torch.manual_seed(seed)
     dense = ClipMoeModel(vit_b16_config(layers))
-    moe = clipmoe.sparse_upcycle(dense, 4, 2)
+    moe = clipmoe.sparse_upcycle(dense, 4, top_k=2)
     spread_routers(moe, torch.randn(2, 3, 224, 224), torch.randint(0, dense.config.text_config.vocab_size, (8, 77)))
     return dense, moe
 

@@ -37,7 +37,7 @@ from transformers import CLIPVisionConfig
 from transformers.models.clip.modeling_clip import CLIPMLP
 
 import clipmoe
-from clipmoe.moe import MoEFeedForward
+from clipmoe.model.moe import MoEFeedForward
 
 WIDTHS = {"B/16": (768, 3072), "L/14": (1024, 4096)}  # CLIP ViT (hidden, intermediate)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
-from clipmoe.modeling import ClipMoeModel
-from clipmoe.processing import ImageTransform, TextTokenizer, build_word_tokenizer
+from clipmoe.data.processing import ImageTransform, TextTokenizer, build_word_tokenizer
+from clipmoe.model.modeling import ClipMoeModel
 
 WORDS = "a photo of red green blue cube sphere cone small large left right on the".split()
 

@@ -2,7 +2,7 @@
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist_worker.py OUT_DIR [SCENARIO ...]
 
-Each scenario trains a tiny real HF CLIP or CLIP-MoE with ``clipmoe.train.train`` on a synthetic,
+Each scenario trains a tiny real HF CLIP or CLIP-MoE with ``clipmoe.train.loop.train`` on a synthetic,
 cluster-labelled dataset and writes ``OUT_DIR/SCENARIO/rank{r}.pt``: the trainable weights before and after
 training, the gradients every optimizer step applied (DDP-averaged; unsharded under FSDP), the loss of the
 first global batch at the initial weights, the dataset indices this rank read, and the tokens each expert
@@ -22,7 +22,8 @@ import torch
 from torch.utils.data import Dataset
 
 from clipmoe import sparse_upcycle
-from clipmoe.distributed import (
+from clipmoe.train.config import TrainConfig
+from clipmoe.train.distributed import (
     DistEnv,
     all_reduce_sum,
     barrier,
@@ -30,9 +31,9 @@ from clipmoe.distributed import (
     init_distributed,
     shutdown_distributed,
 )
-from clipmoe.loss import ClipLoss
-from clipmoe.samplers import GlobalBatchSampler
-from clipmoe.train import TrainConfig, balance_loss, train
+from clipmoe.train.loop import balance_loss, train
+from clipmoe.train.loss import ClipLoss
+from clipmoe.train.samplers import GlobalBatchSampler
 from conftest import WORDS, make_tiny_clip
 
 N = 48  # samples
@@ -82,7 +83,7 @@ def config(**kw) -> TrainConfig:
 
 
 def tiny_moe(layers="all"):
-    return sparse_upcycle(make_tiny_clip(), 4, 2, layers=layers, noise=0.01)
+    return sparse_upcycle(make_tiny_clip(), 4, top_k=2, layers=layers, noise=0.01)
 
 
 # ------------------------------------------------------------------------------------------ measurements
@@ -269,7 +270,7 @@ def fsdp(out_dir: str, env: DistEnv) -> dict:
 
 def embed(out_dir: str, env: DistEnv) -> dict:
     """Sharded embedding of a CLIP-MoE: chunks of 5 samples interleave over ranks into one on-disk store."""
-    from clipmoe.embed import embed_dataset
+    from clipmoe.dmu.embed import embed_dataset
 
     model = tiny_moe()
     data = ClusterData()

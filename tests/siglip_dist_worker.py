@@ -13,10 +13,11 @@ import traceback
 import torch
 
 from clipmoe import sparse_upcycle
-from clipmoe.distributed import DistEnv, all_reduce_sum, init_distributed, shutdown_distributed
-from clipmoe.loss_sigmoid import contrastive_loss
-from clipmoe.samplers import GlobalBatchSampler
-from clipmoe.train import TrainConfig, balance_loss, train
+from clipmoe.train.config import TrainConfig
+from clipmoe.train.distributed import DistEnv, all_reduce_sum, init_distributed, shutdown_distributed
+from clipmoe.train.loop import balance_loss, train
+from clipmoe.train.loss_sigmoid import contrastive_loss
+from clipmoe.train.samplers import GlobalBatchSampler
 from dist_worker import LABELS, ClusterData, GradRecorder, N, config, make_collate, trainable_weights
 from tiny_siglip import make_tiny_siglip
 

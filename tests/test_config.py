@@ -3,8 +3,8 @@ import glob
 import pytest
 import torch
 
-from clipmoe.config import ConfigError, config_from_dict, diff_configs, load_config
-from clipmoe.prepare import stretch_text_positions, stretched_positions
+from clipmoe.dmu.config import ConfigError, config_from_dict, diff_configs, load_config
+from clipmoe.model.stretch import stretch_text_positions, stretched_positions
 from conftest import make_tiny_clip
 
 
@@ -14,14 +14,14 @@ def test_shipped_configs_validate():
     for path in paths:
         cfg = load_config(path, check_paths=False)
         assert cfg.moe.top_k <= cfg.moe.experts
-    from clipmoe.pretrain import read_pretrain_config
+    from clipmoe.apps.pretrain import read_pretrain_config
 
-    cfg = read_pretrain_config("configs/pretrain-tiny-clip.yaml")
-    assert cfg.train.logit_scale is None and cfg.data.caption == "json:short"
+    cfg = read_pretrain_config("configs/pretrain-tiny-clip.yaml", check_paths=False)
+    assert cfg.train.logit_scale is None and cfg.data.caption == "json:web" and cfg.curve["every"] > 0
 
 
 def test_bad_pretrain_config(tmp_path):
-    from clipmoe.pretrain import read_pretrain_config
+    from clipmoe.apps.pretrain import read_pretrain_config
 
     p = tmp_path / "p.yaml"
     p.write_text("data: {train: x, colour: 1}\nmodel: {depth: 3}\ntrain: {lr: fast}\n")
@@ -35,6 +35,12 @@ def test_bad_pretrain_config(tmp_path):
         "tokenizer: give",
     ):
         assert needle in str(e.value)
+    p.write_text("out: o\ndata: {train: x}\ntokenizer: {vocabulary: world}\ncurve: {eval: nowhere, every: 0}\n")
+    with pytest.raises(ConfigError, match="curve.every: expected a positive integer"):
+        read_pretrain_config(str(p))
+    p.write_text("out: o\ndata: {train: x}\ntokenizer: {vocabulary: world}\ncurve: {eval: nowhere, every: 5}\n")
+    with pytest.raises(ConfigError, match="curve.eval: no such folder: nowhere"):
+        read_pretrain_config(str(p))
 
 
 def test_paper_recipe_defaults():

@@ -25,9 +25,9 @@ import torch
 
 import clipmoe
 import dist_worker
-from clipmoe.distributed import DistEnv
-from clipmoe.loss import global_router_losses
-from clipmoe.moe import load_balancing_loss, router_z_loss
+from clipmoe.model.moe import load_balancing_loss, router_z_loss
+from clipmoe.train.distributed import DistEnv
+from clipmoe.train.loss import global_router_losses
 
 WORLD = 2
 TIMEOUT_S = 300  # the run takes about 20 s; a hang (a collective that never matches) ends here

@@ -151,4 +151,38 @@ def test_image_folder_classification(tmp_path):
     # Image i (in the red folder when odd) gets the feature of class i % 2 of ["blue", "red"].
     model = _lookup_model([0, 1, 0, 1, 0, 1], ["blue", "red"], ["a {c}"], image_noise=0.0)
     result = evaluate_classification(model, data)
-    assert result == {"top1": 100.0, "mean_per_class_recall": 100.0, "num_images": 6, "num_classes": 2}
+    assert result == {
+        "top1": 100.0,
+        "mean_per_class_recall": 100.0,
+        "per_class_recall/blue": 100.0,
+        "per_class_recall/red": 100.0,
+        "num_images": 6,
+        "num_classes": 2,
+    }
+
+
+def test_per_class_recall_names_the_class_a_model_misses(tmp_path):
+    for i in range(6):
+        path = tmp_path / ("red" if i % 2 else "blue") / f"{i}.png"
+        path.parent.mkdir(exist_ok=True)
+        id_image(i).save(path)
+    data = load_image_folder(tmp_path, templates=["a {c}"])
+    # Every image looks like class 0 ("blue"): blue is always recalled, red never.
+    model = _lookup_model([0, 0, 0, 0, 0, 0], ["blue", "red"], ["a {c}"], image_noise=0.0)
+    result = evaluate_classification(model, data)
+    assert result["per_class_recall/blue"] == 100.0 and result["per_class_recall/red"] == 0.0
+    assert result["mean_per_class_recall"] == 50.0
+
+
+def test_linear_probe_reads_a_linear_attribute_and_not_noise():
+    from clipmoe.eval.linear_probe import linear_probe_accuracy
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (600,), generator=g)
+    centres = torch.randn(3, 16, generator=g) * 3
+    features = centres[labels] + torch.randn(600, 16, generator=g)
+    acc = linear_probe_accuracy(features[:400], labels[:400], features[400:], labels[400:], 3)
+    assert acc > 95
+    noise = torch.randn(600, 16, generator=g)
+    chance = linear_probe_accuracy(noise[:400], labels[:400], noise[400:], labels[400:], 3)
+    assert chance < 50  # chance is 33%: nothing to read

@@ -22,7 +22,7 @@ from clipmoe.eval.datasets import (
     load_flickr_captions,
     load_image_folder,
     load_wds,
-    open_dataset,
+    open_eval_set,
 )
 
 # --- shared writers --------------------------------------------------------------------------------------
@@ -142,7 +142,7 @@ def test_coco_captions_sorted_by_image_id_with_captions_in_file_order(tmp_path):
         ],
     }
     (tmp_path / "coco_test_karpathy.json").write_text(json.dumps(ann))
-    ds = open_dataset(tmp_path)  # the CLIP_benchmark root layout: images under val2014/
+    ds = open_eval_set(tmp_path)  # the CLIP_benchmark root layout: images under val2014/
     assert isinstance(ds, RetrievalDataset)
     assert [os.path.basename(r.path) for r in ds.images] == ["im3.jpg", "im5.jpg", "im7.jpg"]
     assert ds.captions == [["three"], ["five a", "five b"], ["seven"]]
@@ -165,7 +165,7 @@ def test_flickr_captions_grouped_per_image_and_commas_kept(tmp_path):
         _save(tmp_path / name, noise_image(len(name)))
     lines = ["image,caption", "2000.jpg,a dog, running", "1000.jpg,a cat", "2000.jpg,a dog again", ""]
     (tmp_path / "flickr30k_test_karpathy.txt").write_text("\n".join(lines))
-    ds = open_dataset(tmp_path)
+    ds = open_eval_set(tmp_path)
     assert [os.path.basename(r.path) for r in ds.images] == ["2000.jpg", "1000.jpg"]
     assert ds.captions == [["a dog, running", "a dog again"], ["a cat"]]
 
@@ -268,7 +268,7 @@ def test_wds_bad_input_errors(tmp_path):
         load_wds(no_caps)
     with tarfile.open(os.path.join(no_caps, "test", "0.tar"), "w:gz") as tar:  # compressed: offsets meaningless
         _add(tar, "s0000000.txt", b"a caption")
-    with pytest.raises(ValueError, match="not an uncompressed tar shard"):
+    with pytest.raises(ValueError, match="not a readable uncompressed tar"):
         load_wds(no_caps)
 
 

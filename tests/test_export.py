@@ -16,8 +16,8 @@ from transformers import CLIPImageProcessor, CLIPVisionModel
 
 import clipmoe
 from clipmoe import cli, sparse_upcycle
-from clipmoe.export import export_vision_tower, vision_tower
-from clipmoe.modeling import ClipMoeVisionModel
+from clipmoe.formats.export import export_vision_tower, vision_tower
+from clipmoe.model.modeling import ClipMoeVisionModel
 from conftest import make_tiny_clip
 
 # Runs with transformers alone: clipmoe imports are refused, as on a machine without it installed.
@@ -67,7 +67,7 @@ STANDALONE = textwrap.dedent(
 
 
 def _moe(layers="all"):
-    moe = sparse_upcycle(make_tiny_clip(), 4, 2, noise=0.05, layers=layers)
+    moe = sparse_upcycle(make_tiny_clip(), 4, top_k=2, noise=0.05, layers=layers)
     torch.manual_seed(3)
     for m in moe.moe_layers():
         torch.nn.init.normal_(m.router.weight)  # spread tokens over experts so routing matters
@@ -181,7 +181,6 @@ def test_half_precision_tower_keeps_fp32_routers(tmp_path):
 
 
 def test_export_command(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", {"export": "clipmoe.export"})
     moe = _moe()
     moe.save_pretrained(tmp_path / "full")
     assert cli.main(["export", str(tmp_path / "full"), str(tmp_path / "tower"), "--vision-tower"]) == 0

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import GELUActivation, GELUTanh, QuickGELUActivation
 
-from clipmoe.moe import (
+from clipmoe.model.moe import (
     MoEFeedForward,
     QuickGELU,
     _activation,
@@ -129,7 +129,7 @@ def test_loop_gradients_match_reference(monkeypatch, top_k, tokens, chunk_bytes)
     """The hand-written backward agrees with autograd through the official loop, for the input, every
     expert weight and bias and the router; chunk_bytes=1 forces several 64-row chunks per expert."""
     if chunk_bytes is not None:
-        monkeypatch.setattr("clipmoe.moe.CPU_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr("clipmoe.model.moe.CPU_CHUNK_BYTES", chunk_bytes)
     torch.manual_seed(0)
     layer = MoEFeedForward(16, 32, 4, top_k, dispatch="loop")
     with torch.no_grad():

@@ -13,11 +13,11 @@ import torch
 import yaml
 
 import clipmoe
-from clipmoe.cluster import cluster_features
-from clipmoe.config import ConfigError
-from clipmoe.embed import FeatureStore
-from clipmoe.pipeline import Pipeline, open_run, print_plan
-from clipmoe.pretrain import build_clip, load_tokenizer
+from clipmoe.apps.pretrain import build_clip, load_tokenizer
+from clipmoe.dmu.cluster import cluster_features
+from clipmoe.dmu.config import ConfigError
+from clipmoe.dmu.embed import FeatureStore
+from clipmoe.dmu.pipeline import Pipeline, open_run, print_plan
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +84,12 @@ def test_whole_pipeline_writes_every_artifact(tmp_path, world, base_dir):
         "stage2/train/metrics.jsonl",
         "moe/init/config.json",
         "moe/model/model.safetensors",
-        "baselines/dense/model/config.json",
-        "baselines/upcycle/model/config.json",
+        "baselines/dense-epoch/model/config.json",
+        "baselines/dense-steps/model/config.json",
+        "baselines/upcycle-epoch/model/config.json",
+        "baselines/upcycle-steps/model/config.json",
+        "baselines/wo_mcl-epoch/model/config.json",
+        "baselines/wo_mcl-steps/ffn/model/config.json",
         "baselines/soup/model/config.json",
         "eval/dmu_clip_moe.json",
         "eval/base.json",
@@ -97,9 +101,14 @@ def test_whole_pipeline_writes_every_artifact(tmp_path, world, base_dir):
     for row in [
         "| base |",
         "| MCL stage 1 |",
-        "| dense fine-tune |",
-        "| sparse upcycling |",
-        "| expert soup |",
+        "| dense fine-tune (1 epoch) | 1 epoch |",
+        "| dense fine-tune (equal steps) | equal steps |",
+        "| sparse upcycling (1 epoch) |",
+        "| sparse upcycling (equal steps) |",
+        "| w/o MCL (1 epoch) |",
+        "| w/o MCL (equal steps) |",
+        "| expert soup | - |",
+        "**1 epoch** (`epoch`): every baseline phase sees the fine-tuning data once",
         "| DMU CLIP-MoE |",
         "Does this run agree with the paper?",
     ]:
@@ -119,9 +128,27 @@ def test_whole_pipeline_writes_every_artifact(tmp_path, world, base_dir):
         torch.testing.assert_close(
             moe.vision_model.encoder.layers[1].mlp.w1[s], stage_sd["vision_model.encoder.layers.1.mlp.fc1.weight"]
         )
-    budget = pipe.budget_steps()
-    dense_steps = [json.loads(line)["step"] for line in open(pipe.path("baselines/dense/train/metrics.jsonl"))]
-    assert budget == 3 * 4 and dense_steps[-1] == budget
+
+    # Budget rules: equal steps = all DMU phases (2 MCL stages + routing, 4 steps each); 1 epoch = 96 / 16.
+    def last_step(run):
+        return [json.loads(line)["step"] for line in open(pipe.path("baselines", run, "train/metrics.jsonl"))][-1]
+
+    assert pipe.budget_steps() == 3 * 4 and pipe.budget_steps("mcl") == 2 * 4
+    assert last_step("dense-steps") == last_step("upcycle-steps") == 12
+    assert last_step("dense-epoch") == last_step("upcycle-epoch") == 96 // 16
+
+    # w/o MCL (the paper's Table 4): a 2-expert MoE of {the base FFN, an FFN fine-tuned directly on random batches
+    # under the budget rule}, routers trained as DMU's routing phase.
+    for rule, ffn_steps in (("epoch", 96 // 16), ("steps", 2 * 4)):
+        wo = clipmoe.load(pipe.path(f"baselines/wo_mcl-{rule}/model"))
+        tuned = clipmoe.load(pipe.path(f"baselines/wo_mcl-{rule}/ffn/model")).state_dict()
+        assert wo.config.moe["num_experts"] == 2 and wo.config.moe["expert_dropout"] == 0.0
+        changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+        assert changed and all(".mlp." in k for k in changed)
+        key = "vision_model.encoder.layers.1.mlp.fc1.weight"
+        torch.testing.assert_close(wo.vision_model.encoder.layers[1].mlp.w1[0], base[key])
+        torch.testing.assert_close(wo.vision_model.encoder.layers[1].mlp.w1[1], tuned[key])
+        assert last_step(f"wo_mcl-{rule}/ffn") == ffn_steps and last_step(f"wo_mcl-{rule}") == 4
 
     # Rerunning is a no-op that skips every finished stage.
     t = time.perf_counter()
@@ -150,7 +177,7 @@ def test_dry_run_predicts_refusal_and_fork_without_writing(tmp_path, world, base
         os.makedirs((run / done).parent, exist_ok=True)
         (run / done).touch()
     changed = write_config(tmp_path, world, base_dir, mcl={"lr": 0.5})
-    cfg = clipmoe.config.load_config(changed)
+    cfg = clipmoe.dmu.config.load_config(changed)
     with pytest.raises(ConfigError, match=r"changed keys: mcl\.lr"):
         print_plan(cfg, str(run))  # as the run itself would refuse
     print_plan(cfg, str(run), fork=str(tmp_path / "fork"))
@@ -159,7 +186,7 @@ def test_dry_run_predicts_refusal_and_fork_without_writing(tmp_path, world, base
     for line in ("[reused] prepare", "[reused] embed 0", "[reused] cluster 0", "[todo] mcl 1", "[todo] route"):
         assert line in out, line
     assert not (tmp_path / "fork").exists()
-    print_plan(clipmoe.config.load_config(write_config(tmp_path, world, base_dir)), str(run))
+    print_plan(clipmoe.dmu.config.load_config(write_config(tmp_path, world, base_dir)), str(run))
     assert "[done] mcl 1" in capsys.readouterr().out
 
 
@@ -185,7 +212,7 @@ def test_kill_mid_stage_then_rerun_matches_uninterrupted(tmp_path, world, base_d
         base_dir,
         experts=2,
         mcl={"steps": 30, "checkpoint_every": 3},
-        baselines={"dense": False, "upcycle": False, "soup": False, "stages": False},
+        baselines={"enabled": [], "stages": False},
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "clipmoe.cli", "run", cfg_path, "--run-dir", str(tmp_path / "killed")]
@@ -224,3 +251,31 @@ def test_impossible_values_for_the_data_stop_before_any_work(tmp_path, world, ba
     with pytest.raises(ConfigError, match="cannot make 500 k-means clusters from 96 training samples"):
         Pipeline(cfg, run_dir).run()
     assert not os.path.exists(os.path.join(run_dir, "base"))
+
+
+def test_epoch_rule_baselines_need_no_dmu_phase_and_wo_mcl_is_a_two_expert_moe(tmp_path, world, base_dir):
+    """The paper's rule (one epoch) and its Table 4 "w/o MCL" row, straight from the baseline registry."""
+    cfg, run_dir = open_run(
+        write_config(tmp_path, world, base_dir, baselines={"enabled": ["dense", "wo_mcl"], "budgets": ["epoch"]}),
+        str(tmp_path / "run"),
+    )
+    pipe = Pipeline(cfg, run_dir)
+    assert [r.id for r in pipe.baseline_runs()] == ["dense-epoch", "wo_mcl-epoch"]
+    for run in pipe.baseline_runs():
+        pipe.baseline(run.id)
+    assert not os.path.exists(pipe.path("moe")) and not os.path.exists(pipe.path("stage1"))  # no DMU phase ran
+
+    def steps(sub):
+        return [json.loads(line)["step"] for line in open(pipe.path("baselines", sub, "metrics.jsonl"))][-1]
+
+    assert steps("dense-epoch/train") == steps("wo_mcl-epoch/ffn/train") == 96 // 16  # one pass over the data
+    assert steps("wo_mcl-epoch/train") == cfg.route.steps  # routing exactly as DMU's routing phase
+    base = clipmoe.load(pipe.stage_model(0)).state_dict()
+    tuned = clipmoe.load(pipe.path("baselines/wo_mcl-epoch/ffn/model")).state_dict()
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    assert changed and all(".mlp." in k for k in changed)  # FFN-only fine-tuning
+    wo = clipmoe.load(pipe.path("baselines/wo_mcl-epoch/model"))
+    assert wo.config.moe["num_experts"] == 2 and wo.config.moe["expert_dropout"] == 0.0
+    key = "text_model.encoder.layers.0.mlp.fc2.weight"
+    torch.testing.assert_close(wo.text_model.encoder.layers[0].mlp.w2[0], base[key])
+    torch.testing.assert_close(wo.text_model.encoder.layers[0].mlp.w2[1], tuned[key])

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from clipmoe.data import ClipCollator, DataError, ImageTextDataset, Record, SkipLog, open_dataset
-from clipmoe.processing import ImageTransform
+from clipmoe.data.processing import ImageTransform
 
 
 def image_bytes(i: int, fmt: str = "JPEG") -> bytes:
@@ -118,7 +118,7 @@ def test_json_caption_key_reads_metadata(tmp_path):
     check_pairs(ds)
 
 
-def test_webdataset_random_access_streaming_and_patterns(tmp_path):
+def test_webdataset_random_access_and_patterns(tmp_path):
     shards = tmp_path / "shards"
     shards.mkdir()
     write_tar(shards / "00000.tar", range(0, 6))
@@ -140,9 +140,6 @@ def test_webdataset_random_access_streaming_and_patterns(tmp_path):
         if s.image is not None:
             assert caption_of(index_of(s)) == s.caption
     assert sum(ds[i].image is None for i in range(len(ds))) == 3
-    # Streaming: ranks x workers cover every index once, each part in index order.
-    parts = [[s.index for s in ds.iter_shard(r, 2, w, 3)] for r in range(2) for w in range(3)]
-    assert [i for p in parts for i in p] == list(range(len(ds)))
     assert open_dataset(shards / "00001.tar", caption="json:short", max_skipped_fraction=1.0)[0].caption == "short 6"
 
 
@@ -173,11 +170,6 @@ def test_dataloader_workers_collate_and_skip_log(tmp_path, tiny_clip):
     assert summary.startswith("skipped 6 of 12 samples") and "unreadable image 3" in summary
     lines = log.read_text().splitlines()
     assert len(lines) == 7 and f"00000.tar/{CORRUPT:09d}\t{shards / '00000.tar'}\tunreadable image" in log.read_text()
-    # The streaming view splits a rank's part across DataLoader workers.
-    stream = torch.utils.data.DataLoader(
-        ds.streaming(rank=1, world_size=2), batch_size=2, num_workers=2, collate_fn=collate
-    )
-    assert sorted(i for b in stream for i in b["index"].tolist()) == list(range(len(ds) // 2, len(ds)))
 
 
 def test_collator_invalid_rows_and_all_invalid_batch(tiny_clip):
@@ -368,3 +360,21 @@ def test_image_transform_matches_hf_clip_image_processor(size, crop, wh, mode):
     got = ours(image)
     assert got.shape == expected.shape == (3, crop, crop)
     assert torch.allclose(got, expected, atol=1e-5), f"max difference {(got - expected).abs().max():.3g}"
+
+
+def test_preloaded_dataset_returns_the_same_samples_without_touching_files(tmp_path):
+    from clipmoe.data.readers import open_dataset
+
+    folder = tmp_path / "files" / "00000"
+    folder.mkdir(parents=True)
+    for i in range(5):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(folder / f"{i:09d}.png")
+        (folder / f"{i:09d}.txt").write_text(f"caption {i}")
+    ds = open_dataset(str(tmp_path / "files"))
+    before = [np.asarray(ds[i].image).copy() for i in range(5)]
+    ds.preload(threads=2)
+    for path in folder.glob("*.png"):
+        path.unlink()  # from now on only the preloaded bytes can serve images
+    after = [ds[i] for i in range(5)]
+    assert all(s.error is None for s in after)
+    assert all(np.array_equal(np.asarray(s.image), b) for s, b in zip(after, before))

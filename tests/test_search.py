@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 import clipmoe
-from clipmoe import cli, search, sparse_upcycle
-from clipmoe.search import ImageIndex, build_index, list_images
+from clipmoe import cli, sparse_upcycle
+from clipmoe.apps import search
+from clipmoe.apps.search import ImageIndex, build_index, list_images
 from conftest import make_tiny_clip
 
 QUERY = "a red cube on the left"
@@ -22,7 +23,7 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     dense = make_tiny_clip()
     dense.save_pretrained(root / "dense")
-    moe = sparse_upcycle(dense, 4, 2, noise=0.1)
+    moe = sparse_upcycle(dense, 4, top_k=2, noise=0.1)
     torch.manual_seed(2)
     for m in moe.moe_layers():
         torch.nn.init.normal_(m.router.weight)
@@ -160,7 +161,6 @@ def test_index_refuses_another_model_and_foreign_folders(models, images, tmp_pat
 
 
 def test_cli_index_and_search(models, images, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", {"index": "clipmoe.search", "search": "clipmoe.search"})
     out = str(tmp_path / "index")
     assert cli.main(["index", images, "--model", models["moe"], "--out", out, "--chunk-size", "6"]) == 0
     printed = capsys.readouterr().out

@@ -45,6 +45,37 @@ def test_base_model_zero_shot_is_well_above_chance_on_short_caption_attributes(h
         assert result["top1"] > 3 * chance, (attribute, result["top1"], chance)
 
 
+def test_base_suppresses_shape_size_and_texture_rather_than_lacking_them(heldout_world):
+    """The testbed's premise (docs/pretraining.md): what web captions rarely name is in the image features
+    (a linear probe reads it) but far less in what zero-shot matching uses."""
+    from clipmoe.apps.quality import attribute_probes
+
+    result = attribute_probes(clipmoe.load(TINY_CLIP), str(heldout_world))
+    for attribute in ("shape", "texture"):
+        r = result[attribute]
+        assert r["linear_probe"] > r["zero_shot"] + 10, (attribute, r)
+    size = result["size"]  # suppressed, not absent: above chance, below what the features hold
+    assert size["chance"] + 5 < size["zero_shot"] < size["linear_probe"], size
+    assert result["color"]["zero_shot"] > 90 and result["background"]["zero_shot"] > 90  # what captions name
+
+
+def test_shipped_tokenizer_fits_every_detailed_caption():
+    """Fine-tuning captions must fit the text context the base was pretrained with (no silent truncation)."""
+    import numpy as np
+
+    from clipmoe.data.world_language import ATTRIBUTE_BY_NAME, DETAILED_TRAIN_TEMPLATES, CaptionPlan
+
+    model = clipmoe.load(TINY_CLIP)
+    rng = np.random.default_rng(0)
+    captions = []
+    for _ in range(500):
+        attributes = {a.name: a.values[rng.integers(len(a.values))] for a in ATTRIBUTE_BY_NAME.values()}
+        template = DETAILED_TRAIN_TEMPLATES[rng.integers(len(DETAILED_TRAIN_TEMPLATES))]
+        captions.append(CaptionPlan.sample(template, rng).render(attributes))
+    lengths = model.tokenizer(captions)["attention_mask"].sum(1)
+    assert int(lengths.max()) < model.config.text_config.max_position_embeddings
+
+
 def test_readme_python_example_runs_as_written(tmp_path):
     text = open(README).read()
     code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
@@ -58,7 +89,7 @@ def test_text_to_image_search_finds_the_described_images(tmp_path, heldout_world
     """End to end on the generated world: a caption retrieves its own image among the top hits."""
     import json
 
-    from clipmoe.search import ImageIndex, build_index
+    from clipmoe.apps.search import ImageIndex, build_index
 
     images = tmp_path / "images"
     images.mkdir()
@@ -84,7 +115,7 @@ def test_text_to_image_search_finds_the_described_images(tmp_path, heldout_world
 
 def test_shipped_model_carries_the_current_remote_code():
     """The folder's modeling.py / moe.py (for trust_remote_code) must be today's package source."""
-    src = os.path.dirname(clipmoe.__file__)
+    src = os.path.join(os.path.dirname(clipmoe.__file__), "model")
     for name in ("modeling.py", "moe.py"):
         with open(os.path.join(TINY_CLIP, name)) as a, open(os.path.join(src, name)) as b:
             assert a.read() == b.read(), f"{name} in the shipped model is stale; re-save the model"

@@ -29,15 +29,16 @@ from transformers import (
 )
 
 import clipmoe
-from clipmoe import sparse_upcycle, upcycle
-from clipmoe.checkpoint import CheckpointError
+from clipmoe import assemble_moe, sparse_upcycle
 from clipmoe.eval.features import encode_texts
-from clipmoe.export import export_vision_tower
-from clipmoe.loss_sigmoid import SigmoidLoss, contrastive_loss, resolve_loss
-from clipmoe.modeling_siglip import Siglip2MoeModel, SiglipMoeModel, patchify
-from clipmoe.moe import MoEFeedForward, load_balancing_loss
-from clipmoe.surgery import find_ffns
-from clipmoe.train import TrainConfig, balance_loss
+from clipmoe.formats.export import export_vision_tower
+from clipmoe.formats.state_dict import CheckpointError
+from clipmoe.model.modeling_siglip import Siglip2MoeModel, SiglipMoeModel, patchify
+from clipmoe.model.moe import MoEFeedForward, load_balancing_loss
+from clipmoe.model.surgery import find_ffns
+from clipmoe.train.config import TrainConfig
+from clipmoe.train.loop import balance_loss
+from clipmoe.train.loss_sigmoid import SigmoidLoss, contrastive_loss, resolve_loss
 from conftest import make_tiny_clip
 from tiny_siglip import make_tiny_siglip
 
@@ -169,7 +170,7 @@ def test_dmu_assembly_both_towers_and_round_trip(tmp_path, version):
     ffns = find_ffns(base)
     assert [len(ffns[t]) for t in ("vision", "text")] == [2, 2]  # the MAP head's mlp is not a block FFN
     experts = [base, _perturb_ffns(base, 1), _perturb_ffns(base, 2)]
-    moe = upcycle(base, experts, top_k=2)
+    moe = assemble_moe(base, experts, top_k=2)
     assert len(moe.moe_layers("vision")) == len(moe.moe_layers("text")) == 2
     assert type(moe.vision_model.head.mlp).__name__ == "SiglipMLP" or version == 2
     layer = moe.text_model.encoder.layers[1].mlp
@@ -211,17 +212,17 @@ def test_experts_may_differ_from_the_base_only_in_block_ffns():
     with torch.no_grad():
         attention.text_model.encoder.layers[0].self_attn.q_proj.weight.add_(1e-3)
     with pytest.raises(ValueError, match=r"non-FFN tensor text_model\.encoder\.layers\.0\.self_attn\.q_proj\.weight"):
-        upcycle(base, [base, attention])
+        assemble_moe(base, [base, attention])
     head = _perturb_ffns(base, 1)
     with torch.no_grad():  # the attention-pooling head's MLP is part of the base, not an expert
         head.vision_model.head.mlp.fc1.weight.add_(1e-3)
     with pytest.raises(ValueError, match=r"non-FFN tensor vision_model\.head\.mlp\.fc1\.weight"):
-        upcycle(base, [base, head])
+        assemble_moe(base, [base, head])
     bias = _perturb_ffns(base, 1)
     with torch.no_grad():
         bias.logit_bias.add_(1.0)
     with pytest.raises(ValueError, match="non-FFN tensor logit_bias"):
-        upcycle(base, [base, bias])
+        assemble_moe(base, [base, bias])
 
 
 def test_mcl_trains_block_ffns_only():
@@ -346,7 +347,7 @@ def test_zero_shot_ranking_is_the_sigmoid_scores_ranking(version):
 
 @pytest.mark.parametrize("version", [1, 2])
 def test_image_search_with_a_siglip_moe(tmp_path, version):
-    from clipmoe.search import ImageIndex, build_index
+    from clipmoe.apps.search import ImageIndex, build_index
 
     moe = sparse_upcycle(make_tiny_siglip(version), 3, top_k=2, noise=0.05)
     _spread_routers(moe)
@@ -369,7 +370,7 @@ def test_image_search_with_a_siglip_moe(tmp_path, version):
 
 
 def test_throughput_measurement_with_siglip_special_token_ids():
-    from clipmoe.report import measure_throughput
+    from clipmoe.dmu.report import measure_throughput
 
     model = make_tiny_siglip(1)
     model.config.text_config.bos_token_id, model.config.text_config.eos_token_id = 49406, 49407  # SigLIP's defaults
@@ -500,8 +501,8 @@ def test_clipmoe_run_end_to_end(tmp_path, world, version, capsys):
         "mcl": {**train, "logit_scale": "model"},  # the paper's fixed temperature, transposed: the base's own
         "moe": {"experts": 2, "top_k": 2},
         "route": {**train, "lr": 1e-2, "logit_scale": "model"},
-        # the MoE baseline and the soup (dense fine-tuning runs the same code as for CLIP)
-        "baselines": {"stages": False, "dense": False},
+        # the MoE baseline and the soup (dense fine-tuning and w/o MCL run the same code as for CLIP)
+        "baselines": {"stages": False, "enabled": ["upcycle", "soup"], "budgets": ["steps"]},
         "eval": {"batch_size": 64, "throughput_batch": 4},
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
@@ -510,7 +511,7 @@ def test_clipmoe_run_end_to_end(tmp_path, world, version, capsys):
     assert "parameter counts unavailable" not in capsys.readouterr().out and not run_dir.exists()
     assert cli.main(["run", str(tmp_path / "cfg.yaml"), "--run-dir", str(run_dir)]) == 0
     report = (run_dir / "report.md").read_text()
-    for row in ("| base |", "| sparse upcycling |", "| expert soup |", "| DMU CLIP-MoE |"):
+    for row in ("| base |", "| sparse upcycling (equal steps) |", "| expert soup |", "| DMU CLIP-MoE |"):
         assert row in report, row
     for phase in ("stage1", "moe"):  # loss: auto chose the base's family
         assert json.loads((run_dir / phase / "train_stats.json").read_text())["loss"] == "sigmoid"
@@ -539,7 +540,7 @@ def sigmoid_runs(tmp_path_factory):
     import signal
 
     import siglip_dist_worker
-    from clipmoe.distributed import DistEnv
+    from clipmoe.train.distributed import DistEnv
     from test_distributed import Runs
 
     out = str(tmp_path_factory.mktemp("sigmoid-ddp"))

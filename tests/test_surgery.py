@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import clipmoe
-from clipmoe import CheckpointError, sparse_upcycle, upcycle
-from clipmoe.surgery import find_ffns, resolve_layers
+from clipmoe import CheckpointError, assemble_moe, sparse_upcycle
+from clipmoe.model.surgery import find_ffns, resolve_layers
 from conftest import make_tiny_clip
 
 
@@ -27,9 +27,9 @@ def test_identical_experts_equal_dense_for_any_router(batch, act):
 
 
 def test_activation_is_copied(tiny_clip):
-    moe = sparse_upcycle(make_tiny_clip(hidden_act="gelu"), 2, 1)
+    moe = sparse_upcycle(make_tiny_clip(hidden_act="gelu"), 2, top_k=1)
     assert type(moe.moe_layers()[0].act).__name__ == "GELUActivation"
-    moe = sparse_upcycle(tiny_clip, 2, 1)
+    moe = sparse_upcycle(tiny_clip, 2, top_k=1)
     assert type(moe.moe_layers()[0].act).__name__ == "QuickGELUActivation"
 
 
@@ -41,7 +41,7 @@ def test_upcycle_uses_each_experts_ffn(tiny_clip, batch):
             with torch.no_grad():
                 f.module.fc1.weight.add_(0.1 * s)
         experts.append(e)
-    moe = upcycle(tiny_clip, experts, top_k=2, layers={"vision": 1, "text": "all"})
+    moe = assemble_moe(tiny_clip, experts, top_k=2, layers={"vision": 1, "text": "all"})
     assert moe.config.moe["layers"] == {"vision": [1], "text": [0, 1]}
     layer = moe.vision_model.encoder.layers[1].mlp
     for s, e in enumerate(experts):
@@ -56,35 +56,35 @@ def test_upcycle_rejects_experts_from_another_base(tiny_clip):
         ValueError,
         match=r"expert 1 is not fine-tuned from this base: non-FFN tensor text_model.embeddings.token_embedding.weight differs \(max \|diff\|",
     ):
-        upcycle(tiny_clip, [tiny_clip, other])
+        assemble_moe(tiny_clip, [tiny_clip, other])
 
 
 def test_upcycle_accepts_state_dicts(tiny_clip):
-    moe = upcycle(tiny_clip, [tiny_clip.state_dict(), tiny_clip.state_dict()], top_k=1)
+    moe = assemble_moe(tiny_clip, [tiny_clip.state_dict(), tiny_clip.state_dict()], top_k=1)
     assert moe.config.moe["num_experts"] == 2
 
 
 def test_bad_selections(tiny_clip):
     with pytest.raises(ValueError, match="top_k=3"):
-        sparse_upcycle(tiny_clip, 2, 3)
+        sparse_upcycle(tiny_clip, 2, top_k=3)
     with pytest.raises(ValueError, match="out of range"):
-        sparse_upcycle(tiny_clip, 2, 1, layers=[0, 5])
+        sparse_upcycle(tiny_clip, 2, top_k=1, layers=[0, 5])
     with pytest.raises(ValueError, match="last 3 blocks"):
-        sparse_upcycle(tiny_clip, 2, 1, layers=3)
+        sparse_upcycle(tiny_clip, 2, top_k=1, layers=3)
     with pytest.raises(ValueError, match="unknown tower"):
         resolve_layers({"audio": 1}, {"vision": 2, "text": 2})
     with pytest.raises(ValueError, match="already a CLIP-MoE"):
-        sparse_upcycle(sparse_upcycle(tiny_clip, 2, 1), 2, 1)
+        sparse_upcycle(sparse_upcycle(tiny_clip, 2, top_k=1), 2, top_k=1)
 
 
 def test_sparse_upcycle_noise_breaks_symmetry(tiny_clip):
-    moe = sparse_upcycle(tiny_clip, 3, 2, noise=0.01)
+    moe = sparse_upcycle(tiny_clip, 3, top_k=2, noise=0.01)
     w1 = moe.moe_layers()[0].w1
     assert not torch.equal(w1[0], w1[1])
 
 
 def test_save_load_roundtrip_is_bitwise(tmp_path, tiny_clip, batch):
-    moe = sparse_upcycle(tiny_clip, 4, 2, noise=0.05)
+    moe = sparse_upcycle(tiny_clip, 4, top_k=2, noise=0.05)
     for m in moe.moe_layers():
         torch.nn.init.normal_(m.router.weight)
     moe.save_pretrained(tmp_path / "moe")
@@ -146,7 +146,7 @@ def test_save_is_atomic(tmp_path, tiny_clip, monkeypatch):
 
 
 def test_trainable_modes(tiny_clip):
-    moe = sparse_upcycle(tiny_clip, 4, 2)
+    moe = sparse_upcycle(tiny_clip, 4, top_k=2)
     moe.set_trainable("router")
     names = {n for n, p in moe.named_parameters() if p.requires_grad}
     assert names and all(n.endswith("router.weight") for n in names)

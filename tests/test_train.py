@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from clipmoe import sparse_upcycle
-from clipmoe.loss import ClipLoss
-from clipmoe.samplers import GlobalBatchSampler
-from clipmoe.train import CHECKPOINT, METRICS, TrainConfig, train
+from clipmoe.train.config import TrainConfig
+from clipmoe.train.loop import CHECKPOINT, METRICS, train
+from clipmoe.train.loss import ClipLoss
+from clipmoe.train.samplers import GlobalBatchSampler
 from conftest import WORDS, make_tiny_clip
 
 
@@ -60,7 +61,7 @@ def test_ffn_only_training_changes_only_ffns(tmp_path):
 
 
 def test_router_training_with_balance_loss(tmp_path):
-    moe = sparse_upcycle(make_tiny_clip(), 4, 2, noise=0.01)
+    moe = sparse_upcycle(make_tiny_clip(), 4, top_k=2, noise=0.01)
     before = copy.deepcopy(moe.state_dict())
     train(moe, Synthetic(), make_collate(moe), cfg(trainable="router", balance_weight=0.01), str(tmp_path))
     changed = {k for k, v in moe.state_dict().items() if not torch.equal(v, before[k])}
@@ -140,7 +141,7 @@ def test_clip_loss_masks_invalid_samples():
 def test_grad_checkpointing_gives_the_same_step(tmp_path):
     results = []
     for ckpt in (False, True):
-        moe = sparse_upcycle(make_tiny_clip(), 4, 2, noise=0.01)
+        moe = sparse_upcycle(make_tiny_clip(), 4, top_k=2, noise=0.01)
         train(
             moe,
             Synthetic(),

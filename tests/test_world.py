@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from clipmoe.data import world as world_module
+from clipmoe.data.processing import build_word_tokenizer
 from clipmoe.data.world import (
     WorldConfig,
     add_world_arguments,
@@ -25,10 +26,18 @@ from clipmoe.data.world import (
     run_world,
     world_vocabulary,
 )
-from clipmoe.data.world_language import ATTRIBUTE_BY_NAME, MMVP_PROMPT, SLOT_RE, words
+from clipmoe.data.world_language import (
+    ATTRIBUTE_BY_NAME,
+    DETAILED_TRAIN_TEMPLATES,
+    MMVP_PROMPT,
+    SLOT_RE,
+    WEB_MENTION_RATE,
+    CaptionPlan,
+    web_caption,
+    words,
+)
 from clipmoe.data.world_probe import probe_world
 from clipmoe.data.world_render import BACKGROUND_RGB, OBJECT_RGB, QUADRANTS, SIZE_FRACTION, Layout, dot_rgb, render
-from clipmoe.processing import build_word_tokenizer
 
 CONFIG = WorldConfig.preset("test")
 
@@ -130,7 +139,7 @@ def test_every_training_sample_matches_its_captions_and_split(world):
             assert path.endswith(os.path.join(f"{shard:05d}", f"{shard * 100 + key:07d}.json"))  # img2dataset keys
             with open(path) as f:
                 record = json.load(f)
-            assert sorted(record) == ["attributes", "detailed", "key", "short"]
+            assert sorted(record) == ["attributes", "detailed", "key", "short", "web", "web_names"]
             assert record["key"] == os.path.basename(path)[:-5]
             with open(path[:-5] + ".txt") as f:
                 assert f.read() == record["detailed"]
@@ -140,6 +149,7 @@ def test_every_training_sample_matches_its_captions_and_split(world):
             )
             assert_describes(record["detailed"], attributes, manifest, all_names)
             assert_describes(record["short"], attributes, manifest, short_names)
+            assert_describes(record["web"], attributes, manifest, record["web_names"])
             assert (attributes["color"], attributes["shape"]) not in heldout
             assert len(matching(record["detailed"], manifest["templates"]["detailed_train"])) >= 1, record["detailed"]
             assert not matching(record["detailed"], manifest["templates"]["detailed_eval"])
@@ -351,6 +361,8 @@ def test_failure_leaves_nothing_behind(tmp_path, monkeypatch):
         ({"image_size": 16}, "image_size"),
         ({"captions_per_image": 9}, "captions_per_image"),
         ({"train_size": 0}, "train_size"),
+        ({"train_colors": ("red", "mauve")}, "train_colors"),
+        ({"train_backgrounds": ("white", "white")}, "train_backgrounds"),
     ],
 )
 def test_bad_config_is_rejected(overrides, message):
@@ -371,7 +383,7 @@ def test_cli_applies_preset_and_overrides(tmp_path, capsys):
     assert run_world(args) == 0
     with open(os.path.join(out, "world.json")) as f:
         manifest = json.load(f)
-    assert manifest["config"] == asdict(WorldConfig.preset("test", seed=3, train_size=10))
+    assert manifest["config"] == json.loads(json.dumps(asdict(WorldConfig.preset("test", seed=3, train_size=10))))
     assert len(glob.glob(os.path.join(out, "train", "*", "*.png"))) == 10
     assert "train 10" in capsys.readouterr().out
 
@@ -415,3 +427,67 @@ def test_render_draws_the_size_asked(size, shape, texture):
     assert -1.6 <= extent - SIDE[shape] * SIZE_FRACTION[size] * CONFIG.image_size <= 0.6
     centre = pixels[rows.min() + (np.ptp(rows) // 2), cols.min() + (np.ptp(cols) // 2)]
     assert near(centre, OBJECT_RGB["red"] if texture == "solid" else BACKGROUND_RGB["white"], 2)
+
+
+def test_web_captions_name_what_the_corpus_promises():
+    """Web alt-text: the easy attributes almost always, the hidden ones rarely but not never, and what a
+    caption names is exactly what it says it names."""
+    rng = np.random.default_rng(0)
+    values = {a.name: a.values for a in ATTRIBUTE_BY_NAME.values()}
+    manifest = {
+        "attributes": [
+            {"name": a.name, "keywords": {v: list(k) for v, k in a.keywords.items()}}
+            for a in ATTRIBUTE_BY_NAME.values()
+        ]
+    }
+    counts = dict.fromkeys(values, 0)
+    draws = 3000
+    for _ in range(draws):
+        attributes = {name: vs[rng.integers(len(vs))] for name, vs in values.items()}
+        caption, named = web_caption(attributes, rng)
+        assert parse(caption, manifest) == {n: {attributes[n]} for n in named}, caption
+        for n in named:
+            counts[n] += 1
+    for name, rate in WEB_MENTION_RATE.items():
+        assert abs(counts[name] / draws - rate) < 0.03, (name, counts[name] / draws)
+    assert all(counts[n] / draws < 0.15 for n in ("size", "position", "texture", "count"))
+
+
+def test_web_captions_train_every_text_position_detailed_captions_use():
+    """Pretraining on web captions must reach every token position that the fine-tuning (detailed) captions
+    occupy, or those positions' embeddings stay at their random initialisation."""
+    rng = np.random.default_rng(1)
+    values = {a.name: a.values for a in ATTRIBUTE_BY_NAME.values()}
+    web, detailed = [], []
+    for _ in range(3000):
+        attributes = {name: vs[rng.integers(len(vs))] for name, vs in values.items()}
+        web.append(len(words(web_caption(attributes, rng)[0])))
+        template = DETAILED_TRAIN_TEMPLATES[rng.integers(len(DETAILED_TRAIN_TEMPLATES))]
+        detailed.append(len(words(CaptionPlan.sample(template, rng).render(attributes))))
+    longest = max(detailed)
+    # every position up to the longest detailed caption is reached by at least 1% of web captions
+    assert np.mean(np.asarray(web) >= longest) >= 0.01, (longest, np.percentile(web, [50, 99, 100]))
+
+
+def test_narrow_train_distribution_and_broad_evaluation(tmp_path):
+    config = WorldConfig.preset("test", train_colors=("red", "blue"), train_backgrounds=("white",), train_size=40)
+    out = str(tmp_path / "narrow")
+    manifest = generate_world(out, config, verbose=False)
+    assert manifest["splits"]["train"]["colors"] == ["red", "blue"]
+    for path in glob.glob(os.path.join(out, "train", "*", "*.json")) + glob.glob(
+        os.path.join(out, "val", "*", "*.json")
+    ):
+        with open(path) as f:
+            attributes = json.load(f)["attributes"]
+        assert attributes["color"] in ("red", "blue") and attributes["background"] == "white"
+    with open(os.path.join(out, "eval", "attributes.jsonl")) as f:
+        seen = [json.loads(line)["attributes"] for line in f]
+    assert {a["color"] for a in seen} - {"red", "blue"} and {a["background"] for a in seen} - {"white"}
+    assert generate_world(out, config, verbose=False) == manifest  # same config: recognised as complete
+
+
+def test_parallel_generation_writes_the_same_bytes(tmp_path):
+    config = WorldConfig.preset("test", train_size=600)  # several chunks of 256 samples
+    generate_world(str(tmp_path / "one"), config, verbose=False)
+    generate_world(str(tmp_path / "two"), config, verbose=False, workers=2)
+    assert all_files(str(tmp_path / "one")) == all_files(str(tmp_path / "two"))

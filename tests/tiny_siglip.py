@@ -15,8 +15,8 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from clipmoe.modeling_siglip import Siglip2MoeModel, SiglipMoeModel
-from clipmoe.processing import SIGLIP_MEAN, SIGLIP_STD, ImageTransform, TextTokenizer, build_word_tokenizer
+from clipmoe.data.processing import SIGLIP_MEAN, SIGLIP_STD, ImageTransform, TextTokenizer, build_word_tokenizer
+from clipmoe.model.modeling_siglip import Siglip2MoeModel, SiglipMoeModel
 
 WORDS = "a photo of red green blue cube sphere cone small large left right on the".split()
 

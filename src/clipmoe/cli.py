@@ -1,49 +1,265 @@
 """clipmoe command line: turn a pretrained CLIP into a sparse Mixture-of-Experts CLIP (DMU).
 
-Each subcommand NAME lives in the module that does the work, which defines ``add_NAME_arguments(parser)``,
-``run_NAME(args) -> int | None`` and its help text (``CLI_NAME_HELP`` or the module docstring)."""
+Every subcommand is a pair of functions here, ``add_NAME`` (its arguments) and ``run_NAME`` (what it does, by
+calling library functions); the pipeline's stage subcommands (``prepare`` ... ``report``) come from the stage
+registry ``clipmoe.dmu.stages.STAGES`` and run through ``run_stage``. Heavy modules (torch, transformers) are
+imported inside those functions, and only the chosen subcommand's arguments are built, so ``clipmoe --help``
+answers at once.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
-# subcommand -> module. Order is the order shown in --help (the pipeline's order).
-COMMAND_MODULES: dict[str, str] = {
-    "demo": "clipmoe.demo",
-    "run": "clipmoe.pipeline",
-    "prepare": "clipmoe.pipeline",
-    "embed": "clipmoe.pipeline",
-    "cluster": "clipmoe.pipeline",
-    "mcl": "clipmoe.pipeline",
-    "build": "clipmoe.pipeline",
-    "route": "clipmoe.pipeline",
-    "baselines": "clipmoe.pipeline",
-    "report": "clipmoe.pipeline",
-    "world": "clipmoe.data.world",
-    "pretrain": "clipmoe.pretrain",
-    "eval": "clipmoe.eval.cli",
-    "export": "clipmoe.export",
-    "index": "clipmoe.search",
-    "search": "clipmoe.search",
-    "convert": "clipmoe.convert",
-}
+from .dmu.stages import STAGE_BY_NAME, STAGES, Stage
+
+# ------------------------------------------------------------------------------------------ pipeline commands
+
+
+def add_run(p: argparse.ArgumentParser) -> None:
+    _add_config_arguments(p)
+    p.add_argument("--fork", metavar="NEW_RUN_DIR", help="start a new run reusing the unchanged finished stages")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the plan; do nothing")
+
+
+def run_run(args: argparse.Namespace) -> None:
+    pipe = _open_pipeline(args)
+    if pipe is not None:
+        report = pipe.run()
+        pipe.log(f"report: {report}")
+        _close(pipe)
+
+
+def add_status(p: argparse.ArgumentParser) -> None:
+    _add_config_arguments(p)
+
+
+def run_status(args: argparse.Namespace) -> None:
+    from .dmu.config import load_config
+    from .dmu.pipeline import default_run_dir, print_plan
+
+    print_plan(load_config(args.config), args.run_dir or default_run_dir(args.config))
+
+
+def add_stage(p: argparse.ArgumentParser, stage: Stage) -> None:
+    _add_config_arguments(p)
+    if stage.argument == "stage":
+        p.add_argument("--stage", type=int, required=True, help="stage number")
+    elif stage.argument == "only":
+        p.add_argument("--only", metavar="RUN", help="only this run (for example dense-epoch); default: all")
+
+
+def run_stage(args: argparse.Namespace) -> None:
+    """A stage subcommand: the stage named ``args.command`` of the registry, for one instance or all."""
+    stage = STAGE_BY_NAME[args.command]
+    pipe = _open_pipeline(args)
+    selected = getattr(args, stage.argument, None) if stage.argument else None
+    for instance in [selected] if selected is not None else list(stage.instances(pipe)):
+        pipe.log(pipe.run_stage(stage, instance))
+    _close(pipe)
+
+
+def _add_config_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="pipeline YAML")
+    p.add_argument("--run-dir", help="run directory (default: CONFIG without extension + '-run')")
+
+
+def _open_pipeline(args: argparse.Namespace):
+    from .dmu.config import load_config
+    from .dmu.pipeline import Pipeline, default_run_dir, open_run, print_plan
+    from .train.distributed import init_distributed
+
+    if getattr(args, "dry_run", False):
+        print_plan(load_config(args.config), args.run_dir or default_run_dir(args.config), args.fork)
+        return None
+    cfg, run_dir = open_run(args.config, args.run_dir, getattr(args, "fork", None))
+    return Pipeline(cfg, run_dir, init_distributed(cfg.device))
+
+
+def _close(pipe) -> None:
+    from .train.distributed import shutdown_distributed
+
+    shutdown_distributed(pipe.env)
+
+
+# ------------------------------------------------------------------------------------------ other commands
+# Each delegates to the module that owns the work; its arguments are defined there, next to the code they feed.
+
+
+def add_demo(p: argparse.ArgumentParser) -> None:
+    from .apps.demo import add_demo_arguments
+
+    add_demo_arguments(p)
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from .apps.demo import run_demo
+
+    return run_demo(args)
+
+
+def add_world(p: argparse.ArgumentParser) -> None:
+    from .data.world import __doc__ as doc
+    from .data.world import add_world_arguments
+
+    p.description = doc
+    add_world_arguments(p)
+
+
+def run_world(args: argparse.Namespace):
+    from .data.world import run_world
+
+    return run_world(args)
+
+
+def add_pretrain(p: argparse.ArgumentParser) -> None:
+    from .apps.pretrain import CLI_PRETRAIN_HELP, add_pretrain_arguments
+
+    p.description = CLI_PRETRAIN_HELP
+    add_pretrain_arguments(p)
+
+
+def run_pretrain(args: argparse.Namespace):
+    from .apps.pretrain import run_pretrain
+
+    return run_pretrain(args)
+
+
+def add_eval(p: argparse.ArgumentParser) -> None:
+    from .eval.cli import __doc__ as doc
+    from .eval.cli import add_eval_arguments
+
+    p.description = doc
+    add_eval_arguments(p)
+
+
+def run_eval(args: argparse.Namespace):
+    from .eval.cli import run_eval
+
+    return run_eval(args)
+
+
+def add_export(p: argparse.ArgumentParser) -> None:
+    from .formats.export import __doc__ as doc
+    from .formats.export import add_export_arguments
+
+    p.description = doc
+    add_export_arguments(p)
+
+
+def run_export(args: argparse.Namespace):
+    from .formats.export import run_export
+
+    return run_export(args)
+
+
+def add_index(p: argparse.ArgumentParser) -> None:
+    from .apps.search import CLI_INDEX_HELP, add_index_arguments
+
+    p.description = CLI_INDEX_HELP
+    add_index_arguments(p)
+
+
+def run_index(args: argparse.Namespace):
+    from .apps.search import run_index
+
+    return run_index(args)
+
+
+def add_search(p: argparse.ArgumentParser) -> None:
+    from .apps.search import CLI_SEARCH_HELP, add_search_arguments
+
+    p.description = CLI_SEARCH_HELP
+    add_search_arguments(p)
+
+
+def run_search(args: argparse.Namespace):
+    from .apps.search import run_search
+
+    return run_search(args)
+
+
+def add_convert(p: argparse.ArgumentParser) -> None:
+    from .formats.convert import CLI_CONVERT_HELP, add_convert_arguments
+
+    p.description = CLI_CONVERT_HELP
+    add_convert_arguments(p)
+
+
+def run_convert(args: argparse.Namespace):
+    from .formats.convert import run_convert
+
+    return run_convert(args)
+
+
+# ------------------------------------------------------------------------------------------ the command table
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str  # one line, shown by ``clipmoe --help``
+    add: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+
+
+def _stage_command(stage: Stage) -> Command:
+    return Command(stage.name, stage.help, lambda p: add_stage(p, stage), run_stage)
+
+
+# In the order --help shows them: the demo, the pipeline (the stage registry's order), then the tools.
+COMMANDS: tuple[Command, ...] = (
+    Command("demo", "Run the whole DMU pipeline on a generated world from the shipped tiny CLIP.", add_demo, run_demo),
+    Command(
+        "run",
+        "Run the whole DMU pipeline from a config file (skips finished stages, resumes the rest).",
+        add_run,
+        run_run,
+    ),
+    Command("status", "Show which stages of a run are done and what is left (writes nothing).", add_status, run_status),
+    *(_stage_command(stage) for stage in STAGES),
+    Command(
+        "world", "Generate a world: images with known attributes, captions, evaluation sets.", add_world, run_world
+    ),
+    Command("pretrain", "Train a CLIP from scratch on image-caption data (resumable).", add_pretrain, run_pretrain),
+    Command(
+        "eval", "Evaluate a CLIP or CLIP-MoE: retrieval, classification, MMVP, probes, routing.", add_eval, run_eval
+    ),
+    Command(
+        "export", "Copy a model folder, or export its vision tower as a CLIPVisionModel folder.", add_export, run_export
+    ),
+    Command("index", "Embed a folder of images into a text-searchable faiss index (resumable).", add_index, run_index),
+    Command("search", "Find the images of an index that best match a text query.", add_search, run_search),
+    Command(
+        "convert",
+        "Convert a checkpoint file (OpenAI, open_clip, official CLIP-MoE) to a clipmoe folder.",
+        add_convert,
+        run_convert,
+    ),
+)
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser; only the subcommand named in ``argv`` gets its arguments (and imports its module)."""
+    parser = argparse.ArgumentParser(prog="clipmoe", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help, description=command.help)
+        if command.name == chosen:
+            command.add(p)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="clipmoe", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    modules = {}
-    for name, module_name in COMMAND_MODULES.items():
-        module = importlib.import_module(module_name)
-        command_doc = getattr(module, f"CLI_{name.upper().replace('-', '_')}_HELP", None) or module.__doc__
-        p = sub.add_parser(name, help=command_doc.strip().splitlines()[0], description=command_doc)
-        getattr(module, f"add_{name.replace('-', '_')}_arguments")(p)
-        modules[name] = module
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    run = next(c.run for c in COMMANDS if c.name == args.command)
     try:
-        return getattr(modules[args.command], f"run_{args.command.replace('-', '_')}")(args) or 0
+        return run(args) or 0
     except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
         print(f"clipmoe {args.command}: error: {e}", file=sys.stderr)
         return 2

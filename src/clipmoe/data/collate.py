@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from PIL import Image
 
-from ..processing import TextTokenizer
+from .processing import TextTokenizer
 from .readers import Sample
 
 

@@ -28,8 +28,6 @@ import io
 import json
 import os
 import re
-import tarfile
-import tempfile
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,7 +37,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # preference order when a key has several
+from ..utils.images import IMAGE_EXTENSIONS
+from ..utils.io import atomic_file
+from .webdataset import TarError, index_tar, read_member
+
 FORMATS = ("files", "webdataset", "csv", "jsonl", "sharegpt4v")
 # Open tar handles kept per process; bounded so thousands of shards never exhaust file descriptors.
 _MAX_OPEN_SHARDS = 16
@@ -124,17 +125,10 @@ class SkipLog:
 
     def write(self, path: str | os.PathLike) -> None:
         """Write ``key<TAB>path<TAB>reason`` lines atomically (temp file, then rename)."""
-        path = os.fspath(path)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".skips-")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write("key\tpath\treason\n")
-                for e in self.entries:
-                    f.write("\t".join(_one_line(x) for x in (e.key, e.path, e.reason)) + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        with atomic_file(path, encoding="utf-8") as f:
+            f.write("key\tpath\treason\n")
+            for e in self.entries:
+                f.write("\t".join(_one_line(x) for x in (e.key, e.path, e.reason)) + "\n")
 
 
 def _one_line(text: str) -> str:
@@ -153,9 +147,28 @@ class ImageTextDataset(torch.utils.data.Dataset):
         self.total = len(records) + len(skips)
         self._shards: OrderedDict[str, io.BufferedReader] = OrderedDict()
         self._pid = os.getpid()
+        self._cache: list[bytes | None] | None = None  # image bytes, after preload()
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def preload(self, threads: int = 16) -> None:
+        """Read every image's bytes into memory once (decoding stays per sample). For small images on a file
+        system that serves small files slowly; a file that cannot be read is left to fail at decode time."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def read(rec: Record) -> bytes | None:
+            try:
+                with open(rec.path, "rb") as f:
+                    if rec.offset >= 0:
+                        f.seek(rec.offset)
+                        return f.read(rec.size)
+                    return f.read()
+            except OSError:
+                return None
+
+        with ThreadPoolExecutor(threads) as pool:
+            self._cache = list(pool.map(read, self.records, chunksize=256))
 
     def __getitem__(self, index: int) -> Sample:
         index = int(index)  # samplers may hand numpy or tensor integers; Sample.index is a plain int
@@ -164,7 +177,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
         index %= len(self.records)
         rec = self.records[index]
         try:
-            data = self._read_bytes(rec)
+            data = self._read_bytes(rec, index)
             image = Image.open(io.BytesIO(data))
             # load() decodes every pixel, so a truncated file fails here rather than later in the transform.
             # The mode is left as decoded: colour conversion (and how transparency is flattened) belongs to
@@ -174,7 +187,9 @@ class ImageTextDataset(torch.utils.data.Dataset):
             return Sample(index, rec.key, None, rec.caption, f"unreadable image: {type(e).__name__}: {e}")
         return Sample(index, rec.key, image, rec.caption)
 
-    def _read_bytes(self, rec: Record) -> bytes:
+    def _read_bytes(self, rec: Record, index: int | None = None) -> bytes:
+        if self._cache is not None and index is not None and self._cache[index] is not None:
+            return self._cache[index]
         if rec.offset < 0:
             with open(rec.path, "rb") as f:
                 return f.read()
@@ -204,28 +219,6 @@ class ImageTextDataset(torch.utils.data.Dataset):
         state["_shards"] = OrderedDict()  # file handles cannot be pickled (spawned workers)
         return state
 
-    def iter_shard(
-        self, rank: int = 0, world_size: int = 1, worker_id: int = 0, num_workers: int = 1
-    ) -> Iterator[Sample]:
-        """Stream this part's samples in index order.
-
-        The index range is cut into ``world_size * num_workers`` contiguous parts, so each reader walks its
-        tars sequentially (no seeking back and forth) and the parts together cover every index exactly once.
-        """
-        parts = world_size * num_workers
-        if not (0 <= rank < world_size and 0 <= worker_id < num_workers):
-            raise ValueError(
-                f"need 0 <= rank < world_size and 0 <= worker_id < num_workers, got {rank, world_size, worker_id, num_workers}"
-            )
-        part = rank * num_workers + worker_id
-        n = len(self.records)
-        for i in range(n * part // parts, n * (part + 1) // parts):
-            yield self[i]
-
-    def streaming(self, rank: int = 0, world_size: int = 1) -> StreamingShard:
-        """An ``IterableDataset`` over this rank's part; DataLoader workers split it further."""
-        return StreamingShard(self, rank, world_size)
-
     def record_skipped(self, batch: dict) -> int:
         """Log the invalid rows of a collated batch (main process); returns how many there were."""
         invalid = (~batch["valid"]).nonzero().flatten().tolist()
@@ -241,18 +234,6 @@ class ImageTextDataset(torch.utils.data.Dataset):
             self.skips.write(log_path)
         self.skips.check(self.total)
         return self.skips.summary(self.total)
-
-
-class StreamingShard(torch.utils.data.IterableDataset):
-    """Index-order streaming of one rank's part of an ``ImageTextDataset``, split across DataLoader workers."""
-
-    def __init__(self, dataset: ImageTextDataset, rank: int = 0, world_size: int = 1) -> None:
-        self.dataset, self.rank, self.world_size = dataset, rank, world_size
-
-    def __iter__(self) -> Iterator[Sample]:
-        info = torch.utils.data.get_worker_info()
-        worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return self.dataset.iter_shard(self.rank, self.world_size, worker_id, num_workers)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -441,34 +422,20 @@ def _tar_paths(source: str) -> list[str]:
     return paths
 
 
-def _split_member(name: str) -> tuple[str, str]:
-    """webdataset's convention: the key is the path up to the first dot of the file name."""
-    folder, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), ext.lower()
-
-
 def _index_tars(source: str, caption: str, skips: SkipLog) -> list[Record]:
     """webdataset shards: one pass over each tar's headers, reading only the small caption members."""
     caption_ext = "txt" if caption == "txt" else "json"
     records: list[Record] = []
     for path in tqdm(_tar_paths(source), desc="indexing shards", unit="tar", disable=None, leave=False):
-        groups: dict[str, dict[str, tarfile.TarInfo]] = {}
         try:
-            # "r:" (no compression): random access by offset needs the raw tar, not a gzip stream.
-            with tarfile.open(path, "r:") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, ext = _split_member(member.name)
-                    if ext in IMAGE_EXTENSIONS or ext in ("txt", "json"):
-                        groups.setdefault(key, {})[ext] = member
-                contents = {
-                    key: {caption_ext: tar.extractfile(m[caption_ext]).read()} if caption_ext in m else {}
-                    for key, m in groups.items()
-                }
-        except tarfile.TarError as e:
-            raise DataError(f"{path} is not a readable uncompressed tar: {e}") from e
+            groups = index_tar(path)
+        except TarError as e:
+            raise DataError(str(e)) from e
+        with open(path, "rb") as f:
+            contents = {
+                key: {caption_ext: read_member(f, m[caption_ext])} if caption_ext in m else {}
+                for key, m in groups.items()
+            }
         for key, members in groups.items():
             image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
             name = f"{os.path.basename(path)}/{key}"
@@ -480,7 +447,7 @@ def _index_tars(source: str, caption: str, skips: SkipLog) -> list[Record]:
             if reason:
                 skips.add(name, path, reason)
             else:
-                records.append(Record(name, text, path, image.offset_data, image.size))
+                records.append(Record(name, text, path, image.offset, image.size))
     return records
 
 

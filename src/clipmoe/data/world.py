@@ -34,18 +34,21 @@ from .world_language import (
     SHORT_ATTRIBUTES,
     SHORT_EVAL_TEMPLATES,
     SHORT_TRAIN_TEMPLATES,
+    WEB_MENTION_RATE,
     CaptionPlan,
     sample_captions,
     vocabulary,
+    web_caption,
 )
 from .world_render import Layout, render
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: web alt-text captions, train/val colour and background subsets
 MANIFEST = "world.json"
 MIN_IMAGE_SIZE = 32  # at 32 px stripes are already 1 px and dots 3 px across; smaller would blur them away
 # Independent random streams per part of the world: sample i of a split is the same whatever else changes.
 _STREAMS = {"train": 0, "val": 1, "eval": 2, "mmvp": 3, "probes": 4}
 HELDOUT_ATTRIBUTES = ("color", "shape")
+_CHUNK = 256  # samples per job when several processes write a split
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,10 @@ class WorldConfig:
     shard_size: int = 10000
     color_jitter: int = 12  # per-channel random offset of object and background colours
     noise: float = 0.0  # std of Gaussian pixel noise (0-255 scale): a difficulty knob
+    # A narrower train/val image distribution (the fine-tuning data of the quality testbed): object colours and
+    # backgrounds drawn from these values only; empty = all. Evaluation sets always cover every value.
+    train_colors: tuple[str, ...] = ()
+    train_backgrounds: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         checks = [
@@ -78,6 +85,10 @@ class WorldConfig:
             ("color_jitter", 0 <= self.color_jitter <= 20, "must be in [0, 20] (colours would overlap)"),
             ("noise", self.noise >= 0, "must be >= 0"),
         ]
+        for name, attribute in (("train_colors", "color"), ("train_backgrounds", "background")):
+            values, known = getattr(self, name), ATTRIBUTE_BY_NAME[attribute].values
+            bad = [v for v in values if v not in known]
+            checks.append((name, not bad and len(set(values)) == len(values), f"must be distinct values of {known}"))
         most = min(len(SHORT_EVAL_TEMPLATES), len(DETAILED_EVAL_TEMPLATES))
         checks.append(("captions_per_image", 1 <= self.captions_per_image <= most, f"must be in [1, {most}]"))
         for name, ok, why in checks:
@@ -92,12 +103,27 @@ class WorldConfig:
         unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"unknown WorldConfig field(s) {unknown}")
-        return replace(cls(**PRESETS[name]), **overrides)
+        return replace(
+            cls(**PRESETS[name]), **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+        )
 
+
+# The fine-tuning images of the quality testbed and the demo (docs/quality.md): 6 of the 10 colours on 6 of the 8
+# backgrounds, a narrower distribution than the base's pretraining corpus, as ShareGPT4V is narrower than web
+# data. Their evaluation sets cover every value.
+FINETUNE_COLORS = ("red", "yellow", "green", "cyan", "blue", "purple")
+FINETUNE_BACKGROUNDS = ("white", "gray", "black", "brown", "navy", "teal")
 
 PRESETS: dict[str, dict] = {
     "test": {"train_size": 48, "val_size": 16, "eval_size": 24, "mmvp_pairs": 2, "probe_pairs": 2, "shard_size": 32},
-    "demo": {},
+    "broad": {},  # every colour and background in training: the defaults
+    # the demo: the testbed's fine-tuning world at ten-minute size
+    "demo": {
+        "train_size": 4000,
+        "val_size": 0,
+        "train_colors": FINETUNE_COLORS,
+        "train_backgrounds": FINETUNE_BACKGROUNDS,
+    },
     "large": {"train_size": 100_000, "val_size": 5000, "eval_size": 2000, "mmvp_pairs": 30, "probe_pairs": 50},
 }
 
@@ -135,10 +161,14 @@ def build_manifest(config: WorldConfig) -> dict:
         "mmvp": {"path": "eval/mmvp", "size": config.mmvp_pairs * len(ATTRIBUTES), "unit": "pairs"},
         "probes": {"path": "eval/probes/probes.jsonl", "size": 2 * config.probe_pairs * len(ATTRIBUTES)},
     }
+    narrow = {
+        "colors": list(config.train_colors or ATTRIBUTE_BY_NAME["color"].values),
+        "backgrounds": list(config.train_backgrounds or ATTRIBUTE_BY_NAME["background"].values),
+    }
     return {
         "format_version": FORMAT_VERSION,
         "seed": config.seed,
-        "config": asdict(config),
+        "config": json.loads(json.dumps(asdict(config))),  # tuples as lists, as read back
         "image_size": config.image_size,
         "attributes": [
             {
@@ -151,10 +181,17 @@ def build_manifest(config: WorldConfig) -> dict:
             for a in ATTRIBUTES
         ],
         "short_attributes": list(SHORT_ATTRIBUTES),
+        "web_mention_rate": dict(WEB_MENTION_RATE),
         "heldout": {"attributes": list(HELDOUT_ATTRIBUTES), "combinations": [list(c) for c in heldout_combinations()]},
         "splits": {
-            "train": {"path": "train", "size": config.train_size, "combinations": "seen", "templates": "train"},
-            "val": {"path": "val", "size": config.val_size, "combinations": "seen", "templates": "train"},
+            "train": {
+                "path": "train",
+                "size": config.train_size,
+                "combinations": "seen",
+                "templates": "train",
+                **narrow,
+            },
+            "val": {"path": "val", "size": config.val_size, "combinations": "seen", "templates": "train", **narrow},
             "eval": {"path": "eval", "size": config.eval_size, "combinations": "heldout", "templates": "eval"},
         },
         "eval_sets": eval_sets,
@@ -172,15 +209,19 @@ def _rng(config: WorldConfig, stream: str, index: int) -> np.random.Generator:
     return np.random.default_rng([config.seed, _STREAMS[stream], index])
 
 
-def _sample_attributes(rng: np.random.Generator, combinations: Sequence[tuple[str, str]]) -> dict[str, str]:
-    """Uniform over ``combinations`` of (colour, shape), every other attribute uniform and independent."""
+def _sample_attributes(
+    rng: np.random.Generator, combinations: Sequence[tuple[str, str]], backgrounds: Sequence[str] = ()
+) -> dict[str, str]:
+    """Uniform over ``combinations`` of (colour, shape) and over ``backgrounds`` (empty: all), every other
+    attribute uniform and independent."""
     color, shape = combinations[rng.integers(len(combinations))]
     attributes = {}
     for a in ATTRIBUTES:
         if a.name in HELDOUT_ATTRIBUTES:
             attributes[a.name] = color if a.name == "color" else shape
         else:
-            attributes[a.name] = a.values[rng.integers(len(a.values))]
+            values = backgrounds if a.name == "background" and backgrounds else a.values
+            attributes[a.name] = values[rng.integers(len(values))]
     return attributes
 
 
@@ -193,22 +234,50 @@ def _image(config: WorldConfig, attributes: dict[str, str], layout: Layout) -> I
     return render(attributes, layout, config.image_size, config.noise)
 
 
-def _write_captioned_split(folder: str, stream: str, size: int, config: WorldConfig, verbose: bool) -> None:
-    """img2dataset "files" layout: ``00000/000000000.png`` + ``.txt`` (detailed caption) + ``.json``."""
-    seen = _seen_combinations()
-    for i in tqdm(range(size), desc=f"world {stream}", unit="img", disable=not verbose):
+def _write_captioned_split(
+    folder: str, stream: str, size: int, config: WorldConfig, verbose: bool, workers: int = 1
+) -> None:
+    """img2dataset "files" layout: ``00000/000000000.png`` + ``.txt`` (detailed caption) + ``.json`` (short, web
+    and detailed captions, the attributes, and which attributes the web caption names). Every sample depends on
+    its index alone, so ``workers`` processes can write disjoint index ranges with the same bytes as one."""
+    chunks = [range(start, min(start + _CHUNK, size)) for start in range(0, size, _CHUNK)]
+    bar = tqdm(total=size, desc=f"world {stream}", unit="img", disable=not verbose)
+    if workers > 1 and len(chunks) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            for n in pool.imap_unordered(_write_captioned_chunk, [(folder, stream, c, config) for c in chunks]):
+                bar.update(n)
+    else:
+        for chunk in chunks:
+            bar.update(_write_captioned_chunk((folder, stream, chunk, config)))
+    bar.close()
+
+
+def _write_captioned_chunk(job: tuple[str, str, range, WorldConfig]) -> int:
+    folder, stream, indices, config = job
+    seen = [(c, s) for c, s in _seen_combinations() if not config.train_colors or c in config.train_colors]
+    for i in indices:
         rng = _rng(config, stream, i)
-        attributes = _sample_attributes(rng, seen)
+        attributes = _sample_attributes(rng, seen, config.train_backgrounds)
         layout = Layout.sample(rng, config.color_jitter)
         short = CaptionPlan.sample(SHORT_TRAIN_TEMPLATES[rng.integers(len(SHORT_TRAIN_TEMPLATES))], rng)
         detailed = CaptionPlan.sample(DETAILED_TRAIN_TEMPLATES[rng.integers(len(DETAILED_TRAIN_TEMPLATES))], rng)
+        web, web_names = web_caption(attributes, rng)
         shard, key = img2dataset_key(i, config.shard_size)
         os.makedirs(os.path.join(folder, shard), exist_ok=True)
         stem = os.path.join(folder, shard, key)
-        record = {"key": key, "short": short.render(attributes), "detailed": detailed.render(attributes)}
+        record = {
+            "key": key,
+            "short": short.render(attributes),
+            "web": web,
+            "web_names": web_names,
+            "detailed": detailed.render(attributes),
+        }
         write_file(stem + ".png", png_bytes(_image(config, attributes, layout)))
         write_file(stem + ".txt", record["detailed"])
         write_file(stem + ".json", json_text({**record, "attributes": attributes}))
+    return len(indices)
 
 
 def _write_eval_pool(folder: str, config: WorldConfig, verbose: bool) -> None:
@@ -324,7 +393,7 @@ def _existing_world(out: str, config: WorldConfig) -> dict | None:
         old = manifest["config"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a readable world manifest: {e}") from e
-    new = asdict(config)
+    new = json.loads(json.dumps(asdict(config)))  # tuples as the manifest stores them (lists)
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{out} holds world format {manifest.get('format_version')}, this is format {FORMAT_VERSION}")
     if old != new:
@@ -337,12 +406,15 @@ def _existing_world(out: str, config: WorldConfig) -> dict | None:
     return manifest
 
 
-def generate_world(out_dir: str | os.PathLike, config: WorldConfig | None = None, *, verbose: bool = True) -> dict:
+def generate_world(
+    out_dir: str | os.PathLike, config: WorldConfig | None = None, *, verbose: bool = True, workers: int = 1
+) -> dict:
     """Write a world to ``out_dir`` and return its manifest (``world.json``).
 
     Everything is written into ``<out_dir>.tmp-*`` and renamed into place at the end, so ``out_dir`` either
-    holds a complete world or nothing. Same config (seed included) -> byte-identical files. If ``out_dir``
-    already holds a complete world of the same config this is a no-op; a different config is an error.
+    holds a complete world or nothing. Same config (seed included) -> byte-identical files, whatever the
+    number of ``workers`` (processes writing the train/val splits). If ``out_dir`` already holds a complete
+    world of the same config this is a no-op; a different config is an error.
     """
     config = config or WorldConfig()
     out = os.path.abspath(os.fspath(out_dir))
@@ -355,9 +427,9 @@ def generate_world(out_dir: str | os.PathLike, config: WorldConfig | None = None
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
     try:
-        _write_captioned_split(os.path.join(tmp, "train"), "train", config.train_size, config, verbose)
+        _write_captioned_split(os.path.join(tmp, "train"), "train", config.train_size, config, verbose, workers)
         if config.val_size:
-            _write_captioned_split(os.path.join(tmp, "val"), "val", config.val_size, config, verbose)
+            _write_captioned_split(os.path.join(tmp, "val"), "val", config.val_size, config, verbose, workers)
         _write_eval_pool(os.path.join(tmp, "eval"), config, verbose)
         _write_mmvp(os.path.join(tmp, "eval", "mmvp"), config, verbose)
         _write_probes(os.path.join(tmp, "eval", "probes"), config, verbose)
@@ -386,7 +458,12 @@ def add_world_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="OUT_DIR",
         help="folder to create (must be absent, empty, or a world made with the same config)",
     )
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="size preset (default: demo)")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="broad",
+        help="preset (default: broad; demo = the demo's narrower fine-tuning world; test; large)",
+    )
     parser.add_argument("--seed", type=int, help="random seed (default 0)")
     for name, kind, text in [
         ("train-size", int, "training images (short + detailed captions)"),
@@ -399,15 +476,22 @@ def add_world_arguments(parser: argparse.ArgumentParser) -> None:
         ("shard-size", int, "samples per shard folder / tar"),
         ("color-jitter", int, "per-channel colour jitter"),
         ("noise", float, "Gaussian pixel noise std (0-255)"),
+        ("train-colors", _names, "comma-separated object colours of train/val images (default: all)"),
+        ("train-backgrounds", _names, "comma-separated backgrounds of train/val images (default: all)"),
     ]:
         parser.add_argument(f"--{name}", type=kind, help=f"{text} (overrides the preset)")
+    parser.add_argument("--workers", type=int, default=1, help="processes writing the train/val splits (default 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
 def run_world(args: argparse.Namespace) -> int:
     overrides = {f.name: getattr(args, f.name) for f in fields(WorldConfig) if getattr(args, f.name, None) is not None}
     config = WorldConfig.preset(args.preset, **overrides)
-    manifest = generate_world(args.out_dir, config, verbose=not args.quiet)
+    manifest = generate_world(args.out_dir, config, verbose=not args.quiet, workers=args.workers)
     splits = ", ".join(f"{name} {manifest['splits'][name]['size']}" for name in ("train", "val", "eval"))
     print(f"{args.out_dir}: {splits} images; {len(manifest['eval_sets'])} eval sets")
     return 0

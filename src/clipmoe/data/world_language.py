@@ -214,7 +214,7 @@ def sample_captions(templates: Sequence[str], count: int, rng: np.random.Generat
 
 def vocabulary() -> list[str]:
     """Every word a caption, template, class name or prompt of the world can contain (sorted, lowercase)."""
-    texts: list[str] = [MMVP_PROMPT, "an"]
+    texts: list[str] = [MMVP_PROMPT, "an", *WEB_PREFIXES, *WEB_FILLERS, *WEB_NOUNS, *WEB_SEPARATORS, "with background"]
     for template in SHORT_TRAIN_TEMPLATES + SHORT_EVAL_TEMPLATES + DETAILED_TRAIN_TEMPLATES + DETAILED_EVAL_TEMPLATES:
         texts.append(SLOT_RE.sub(" ", template))
     for attr in ATTRIBUTES:
@@ -222,3 +222,85 @@ def vocabulary() -> list[str]:
         texts += [p for per_value in attr.forms.values() for phrases in per_value.values() for p in phrases]
         texts += [t.replace("{c}", " ") for t in CLASSIFICATION_TEMPLATES[attr.name]]
     return sorted({w for t in texts for w in words(t)})
+
+
+# ---------------------------------------------------------------------------------------- web alt-text
+# The broad pretraining corpus (issue: a base pretrained like a web CLIP). Web alt-text names what covers
+# the picture almost always (the object, its colour, the backdrop) and everything else rarely; word order,
+# length and filler vary wildly. The rare mentions are what make the base *suppress* size, position, texture
+# and count (weak signal, learned a little) rather than never see them, and the filler makes captions as long
+# as the detailed ones, so every text position the fine-tuning phases use is trained during pretraining.
+WEB_MENTION_RATE: dict[str, float] = {
+    "color": 0.9,
+    "background": 0.8,
+    "shape": 0.95,
+    "size": 0.1,
+    "position": 0.1,
+    "texture": 0.1,
+    "count": 0.1,
+}
+WEB_PREFIXES = ("a photo of", "image of", "picture of", "close up of", "an illustration of", "stock image :", "view of")
+# Filler never contains an attribute keyword, so what a web caption names can still be read back from its words.
+WEB_FILLERS = (
+    "stock photo",
+    "high quality",
+    "hd wallpaper",
+    "free download",
+    "vector illustration",
+    "clipart",
+    "simple flat icon",
+    "royalty free image",
+    "digital art",
+    "for sale",
+    "new design",
+    "best price",
+    "graphic element",
+    "jpg",
+    "png",
+    "# art",
+    "| sticker",
+    "cute minimal poster",
+    "abstract print",
+    "template for web",
+    "isolated object",
+    "by an unknown artist",
+    "from our shop",
+    "download now",
+)
+WEB_NOUNS = ("shape", "object", "figure")  # when the caption does not name the shape
+WEB_SEPARATORS = (" ", ", ", " - ", " | ")
+WEB_MAX_FILLERS = 8
+
+
+def web_caption(attributes: Mapping[str, str], rng: np.random.Generator) -> tuple[str, list[str]]:
+    """A web alt-text caption of a scene and the attributes it names (drawn with ``WEB_MENTION_RATE``)."""
+    named = [a.name for a in ATTRIBUTES if rng.random() < WEB_MENTION_RATE[a.name]]
+
+    def phrase(attribute: str, form: str) -> str:
+        options = ATTRIBUTE_BY_NAME[attribute].forms[form][attributes[attribute]]
+        return options[rng.integers(len(options))]
+
+    adjectives = [phrase(a, "adj") for a in ("size", "texture", "color") if a in named]
+    rng.shuffle(adjectives)
+    noun = phrase("shape", "noun") if "shape" in named else WEB_NOUNS[rng.integers(len(WEB_NOUNS))]
+    clauses = []
+    if "background" in named:
+        clauses.append(
+            phrase("background", "pp") if rng.random() < 0.6 else phrase("background", "bare") + " background"
+        )
+    if "position" in named:
+        clauses.append(phrase("position", "pp"))
+    if "count" in named:
+        clauses.append(("with " if rng.random() < 0.5 else "") + phrase("count", "np"))
+    rng.shuffle(clauses)
+    parts = [" ".join([*adjectives, noun])]
+    for clause in clauses:  # each clause goes before or after the object, so word order varies
+        parts.insert(0, clause) if rng.random() < 0.3 else parts.append(clause)
+    text = WEB_SEPARATORS[rng.integers(2)].join(parts)
+    if rng.random() < 0.5:
+        text = f"{WEB_PREFIXES[rng.integers(len(WEB_PREFIXES))]} {text}"
+    for _ in range(rng.integers(WEB_MAX_FILLERS + 1)):
+        filler = WEB_FILLERS[rng.integers(len(WEB_FILLERS))]
+        sep = WEB_SEPARATORS[rng.integers(len(WEB_SEPARATORS))]
+        text = f"{text}{sep}{filler}" if rng.random() < 0.8 else f"{filler}{sep}{text}"
+    return _finish(text), named

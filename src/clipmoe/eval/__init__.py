@@ -10,7 +10,7 @@ from .datasets import (
     load_flickr_captions,
     load_image_folder,
     load_wds,
-    open_dataset,
+    open_eval_set,
 )
 from .features import encode_images, encode_texts, topk_similarity
 from .mmvp import MMVPPair, evaluate_mmvp, load_mmvp
@@ -42,7 +42,7 @@ __all__ = [
     "load_mmvp",
     "load_probes",
     "load_wds",
-    "open_dataset",
+    "open_eval_set",
     "plot_routing",
     "retrieval_metrics",
     "topk_similarity",

@@ -98,4 +98,9 @@ def evaluate_classification(
         **kw,
     )
     metrics = classification_metrics(features, classifier, dataset.targets)
+    if dataset.targets.dim() == 1:  # recall per class name: which classes a model keeps or forgets
+        pred = (features @ classifier.T).argmax(dim=1)
+        for c in dataset.targets.unique().tolist():
+            hit = (pred[dataset.targets == c] == c).float().mean().item()
+            metrics[f"per_class_recall/{dataset.classnames[c]}"] = 100.0 * hit
     return {**metrics, "num_images": len(features), "num_classes": len(dataset.classnames)}

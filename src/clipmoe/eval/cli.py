@@ -10,22 +10,23 @@ classification dataset (classification images and prompts are grouped by class).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import tempfile
 
 import torch
 
+from ..formats.load import load
+from ..utils.dtypes import DTYPE_CHOICES, torch_dtype
+from ..utils.io import write_json
+from .classification import class_prompts, evaluate_classification
+from .datasets import ClassificationDataset, RetrievalDataset, open_eval_set, wds_splits
+from .mmvp import evaluate_mmvp
+from .probes import evaluate_probes
+from .retrieval import evaluate_retrieval
+from .routing import analyze_routing, plot_routing
+from .suite import evaluate_suite, find_eval_sets
+
 TASKS = ("retrieval", "classification", "mmvp", "probes", "routing", "suite")
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,56 +40,41 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=0, help="image decoding worker processes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights and compute dtype")
+    parser.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="weights and compute dtype")
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from ..checkpoint import load
-
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
     if args.plot and args.task not in ("routing", "suite"):
         raise ValueError("--plot is for --task routing or suite")
     if not os.path.exists(args.data):
         raise FileNotFoundError(f"no data at {args.data}")
-    dtype = DTYPES[args.dtype]
+    dtype = torch_dtype(args.dtype)
     model = load(args.model, device=args.device, dtype=None if dtype == torch.float32 else dtype)
     kw = {"batch_size": args.batch_size, "device": args.device}
     results = _run_task(model, args, kw)
     if args.out:
-        _write_json(results, args.out)
+        write_json(args.out, results, indent=2)
     routing = results.get("routing") if args.task == "suite" else results if args.task == "routing" else None
     if args.plot and routing:
-        from .routing import plot_routing
-
         plot_routing(routing, args.plot)
     print(format_table(results))
     return 0
 
 
 def _run_task(model, args: argparse.Namespace, kw: dict) -> dict:
-    from .datasets import ClassificationDataset, RetrievalDataset, open_dataset
-
     task = args.task
     if task == "mmvp":
-        from .mmvp import evaluate_mmvp
-
         return evaluate_mmvp(model, args.data, **kw)
     if task == "probes":
-        from .probes import evaluate_probes
-
         return evaluate_probes(model, args.data, **kw)
     if task == "suite" or (task == "routing" and _is_eval_folder(args.data)):
-        from .suite import evaluate_suite
-
         results = evaluate_suite(model, args.data, num_workers=args.num_workers, routing=task == "routing" or None)
         return results["routing"] if task == "routing" else results
-    data = open_dataset(args.data, args.split, args.images)
+    data = open_eval_set(args.data, args.split, args.images)
     kw["num_workers"] = args.num_workers
     if task == "routing":
-        from .classification import class_prompts
-        from .routing import analyze_routing
-
         if isinstance(data, RetrievalDataset):
             return analyze_routing(model, data.images, [c for caps in data.captions for c in caps], **kw)
         if data.multilabel:
@@ -107,18 +93,12 @@ def _run_task(model, args: argparse.Namespace, kw: dict) -> dict:
         other = "classification" if task == "retrieval" else "retrieval"
         raise ValueError(f"{args.data} is a {other} dataset; use --task {other}")
     if task == "retrieval":
-        from .retrieval import evaluate_retrieval
-
         return evaluate_retrieval(model, data, **kw)
-    from .classification import evaluate_classification
 
     return evaluate_classification(model, data, **kw)
 
 
 def _is_eval_folder(path: str) -> bool:
-    from .datasets import wds_splits
-    from .suite import find_eval_sets
-
     if not os.path.isdir(path) or wds_splits(path):
         return False
     try:
@@ -126,19 +106,6 @@ def _is_eval_folder(path: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _write_json(results: dict, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(results, f, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def format_table(results: dict) -> str:

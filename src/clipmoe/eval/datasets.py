@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -25,10 +24,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..data.webdataset import index_tar, read_member
+from ..utils.images import IMAGE_EXTENSIONS, is_image_file
+
 # torchvision's ImageFolder extensions (compared lower-case).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # CLIP_benchmark's webdataset reader takes the first of these present in a sample.
-WDS_IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")
 # CLIP_benchmark falls back to its packaged prompts; without them the single most common CLIP prompt.
 DEFAULT_TEMPLATES = ("a photo of a {c}.",)
 
@@ -204,7 +204,7 @@ def load_image_folder(root: str | os.PathLike, templates: Sequence[str] | None =
     for label, cls in enumerate(classes):
         found = []
         for dirpath, _, fnames in sorted(os.walk(os.path.join(root, cls), followlinks=True)):
-            found += [os.path.join(dirpath, n) for n in sorted(fnames) if n.lower().endswith(IMAGE_EXTENSIONS)]
+            found += [os.path.join(dirpath, n) for n in sorted(fnames) if is_image_file(n)]
         if not found:
             raise ValueError(f"class {cls!r} has no images (folder {os.path.join(root, cls)})")
         refs += [ImageRef(p) for p in found]
@@ -262,43 +262,6 @@ def wds_dataset_type(root: str | os.PathLike) -> str:
         return f.read().strip().lower()
 
 
-def _split_key(name: str) -> tuple[str, str]:
-    """webdataset's key/extension rule: the extension starts at the first dot of the base name."""
-    directory, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    return (f"{directory}/{stem}" if directory else stem), (ext.lower() if dot else "")
-
-
-def _iter_tar_samples(path: str):
-    """Samples of one shard as ``(key, {ext: (offset, size, member)})``, grouping consecutive members by key
-    as webdataset does. Names starting with ``__`` are webdataset metadata and skipped."""
-    key, sample = None, {}
-    try:
-        tar = tarfile.open(path, "r:")  # uncompressed only: images are read later by byte offset
-    except tarfile.ReadError as e:
-        raise ValueError(f"{path} is not an uncompressed tar shard: {e}") from None
-    with tar:
-        for member in tar:
-            if not member.isfile() or os.path.basename(member.name).startswith("__"):
-                continue
-            k, ext = _split_key(member.name)
-            if k != key:
-                if sample:
-                    yield key, sample
-                key, sample = k, {}
-            if ext in sample:
-                raise ValueError(f"{path}: sample {k!r} has two '.{ext}' files")
-            sample[ext] = (member.offset_data, member.size, member.name)
-    if sample:
-        yield key, sample
-
-
-def _read_member(path: str, offset: int, size: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(size)
-
-
 def load_wds(root: str | os.PathLike, split: str | None = None) -> RetrievalDataset | ClassificationDataset:
     """A CLIP_benchmark webdataset folder: retrieval (``.txt``, one caption per line), classification
     (``.cls``) or multi-label (``.npy``) samples, each with one image (``webp``, ``png``, ``jpg``, ``jpeg``)."""
@@ -319,17 +282,18 @@ def load_wds(root: str | os.PathLike, split: str | None = None) -> RetrievalData
         path = os.path.join(root, split, f"{shard}.tar")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{name}: shard {path} is missing (nshards.txt says {text})")
-        for key, sample in _iter_tar_samples(path):
-            image_ext = next((e for e in WDS_IMAGE_EXTENSIONS if e in sample), None)
-            if image_ext is None or label_ext not in sample:
-                raise ValueError(
-                    f"{path}: sample {key!r} needs an image ({'/'.join(WDS_IMAGE_EXTENSIONS)}) and a '.{label_ext}' "
-                    f"file; it has {sorted(sample)}"
-                )
-            offset, size, member = sample[image_ext]
-            refs.append(ImageRef(path, offset, size, member))
-            raw = _read_member(path, *sample[label_ext][:2])
-            labels.append(_decode_label(raw, label_ext, f"{path}:{sample[label_ext][2]}"))
+        with open(path, "rb") as f:
+            samples = index_tar(path)
+            for key, sample in samples.items():
+                image_ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+                if image_ext is None or label_ext not in sample:
+                    raise ValueError(
+                        f"{path}: sample {key!r} needs an image ({'/'.join(IMAGE_EXTENSIONS)}) and a '.{label_ext}' "
+                        f"file; it has {sorted(sample)}"
+                    )
+                image, label = sample[image_ext], sample[label_ext]
+                refs.append(ImageRef(path, image.offset, image.size, image.name))
+                labels.append(_decode_label(read_member(f, label), label_ext, f"{path}:{label.name}"))
     if not refs:
         raise ValueError(f"{name}: the split is empty (no samples in {text} shard(s))")
     if dataset_type == "retrieval":
@@ -360,7 +324,7 @@ def _decode_label(raw: bytes, ext: str, where: str):
 # --- one entry point for the CLI -----------------------------------------------------------------------
 
 
-def open_dataset(
+def open_eval_set(
     path: str | os.PathLike, split: str | None = None, images: str | os.PathLike | None = None
 ) -> RetrievalDataset | ClassificationDataset:
     """Open whichever layout ``path`` is: a webdataset folder, a COCO JSON or Flickr caption file (images

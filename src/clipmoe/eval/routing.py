@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -24,8 +23,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..modeling import tower_layers
-from ..moe import MoEFeedForward
+from ..model.modeling import tower_layers
+from ..model.moe import MoEFeedForward
+from ..utils.io import atomic_file
 from .datasets import ImageRef
 from .features import BatchHook, encode_images, encode_texts
 
@@ -205,14 +205,5 @@ def plot_routing(result: dict, out_png: str | os.PathLike) -> None:
             fig.colorbar(im, ax=ax)
         for ax in row[len(panels) :]:
             ax.axis("off")
-    out_png = os.fspath(out_png)
-    folder = os.path.dirname(os.path.abspath(out_png))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, out_png)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_file(out_png, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)

@@ -1,4 +1,4 @@
-"""Opening models from disk: HF CLIP folders (dense or CLIP-MoE) and, via ``convert``, single files.
+"""Opening models from disk: HF CLIP, SigLIP and SigLIP 2 folders (dense or MoE) and, via ``convert``, single files.
 
 Loading is strict: a missing or unexpected key is an error that names the keys, never a silently random
 layer. Files are read with safetensors or ``torch.load(weights_only=True)``; nothing pickled is executed.
@@ -8,65 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
 
 import torch
 
-from .modeling import ClipMoeModel
-from .processing import ImageTransform, TextTokenizer
+from ..data.processing import ImageTransform, TextTokenizer
+from ..model.modeling import ClipMoeModel
+from .convert import convert_file
+from .state_dict import WEIGHT_FILES, CheckpointError, load_state_dict_strict, read_state_dict
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as asked (wrong format, keys, shapes, truncated file)."""
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file or a plain torch state-dict pickle (weights only)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such checkpoint file: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path)
-        except Exception as e:
-            raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(
-            f"{path} cannot be read as a weights-only torch checkpoint ({type(e).__name__}: {str(e)[:300]}). "
-            "Loading it would require executing pickled code, which clipmoe refuses; "
-            "convert it to safetensors with a trusted tool first."
-        ) from e
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} does not hold a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
-def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict(strict=True)`` with an error that lists what is missing, extra or mis-shaped."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mis_shaped = [
-        f"{k}: {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state_dict and state_dict[k].shape != v.shape
-    ]
-    if missing or unexpected or mis_shaped:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped)):
-            if keys:
-                shown = ", ".join(keys[:10]) + (f", ... ({len(keys)} in all)" if len(keys) > 10 else "")
-                parts.append(f"{label} keys: {shown}")
-        raise CheckpointError(f"{source} does not match the model built from its config; " + "; ".join(parts))
-    model.load_state_dict(state_dict, strict=True)
+__all__ = ["WEIGHT_FILES", "CheckpointError", "attach_processing", "load", "model_class_for"]
 
 
 def load(
@@ -83,8 +33,6 @@ def load(
     if os.path.isdir(path):
         model = _load_folder(path)
     elif os.path.isfile(path):
-        from .convert import convert_file
-
         model = convert_file(path)
     else:
         raise FileNotFoundError(f"no model at {path}")
@@ -117,7 +65,7 @@ def model_class_for(model_type: str | None, folder: str = "the folder"):
     """The clipmoe class that opens a full model of this ``model_type`` (config.json): CLIP, SigLIP, SigLIP 2."""
     if model_type == "clip":
         return ClipMoeModel
-    from .modeling_siglip import FAMILIES
+    from ..model.modeling_siglip import FAMILIES
 
     if model_type in FAMILIES:
         return FAMILIES[model_type]

@@ -15,7 +15,9 @@ from typing import Any
 
 import yaml
 
-from .train import TrainConfig
+from ..model.options import MoEOptions
+from ..train.config import TrainConfig
+from .budgets import BUDGETS
 
 # Paper recipe (README of the official code + paper v3): MCL lr 1e-5 wd 0.2; router lr 1e-6 wd 0.01.
 MCL_DEFAULTS: dict[str, Any] = {"trainable": "ffn", "lr": 1e-5, "weight_decay": 0.2}
@@ -58,22 +60,26 @@ class ClusterConfig:
 
 
 @dataclass
-class MoEConfig:
+class MoEConfig(MoEOptions):
+    """The surgery's ``MoEOptions`` (top_k, layers, expert_dropout, dispatch) plus the number of experts."""
+
     experts: int = 4  # N experts = the base FFN + N-1 MCL stages
-    top_k: int = 2
-    layers: Any = "all"  # "all" | N (last N blocks per tower) | [block ids] | {vision: ..., text: ...}
     expert_dropout: float = 0.1  # inside experts while training routers (official code)
-    dispatch: str = "auto"
 
 
 @dataclass
 class BaselineConfig:
-    dense: bool = True  # full fine-tuning, same data and steps as all MCL stages + routing
-    upcycle: bool = True  # sparse upcycling (copies of the base FFN) + the same router training
+    """Which rows of dmu/baselines.py's registry to train, and under which budget rules."""
+
+    # "all", or a list of keys of dmu/baselines.py's BASELINES: dense (full fine-tuning), upcycle (sparse
+    # upcycling), wo_mcl (the paper's Table 4 "w/o MCL" ablation), soup (the MCL FFNs averaged)
+    enabled: Any = "all"
+    stages: bool = True  # evaluate each MCL stage model alone
     upcycle_trainable: str = "router+experts"  # with identical experts, routers alone cannot change outputs
     upcycle_noise: float = 0.01
-    soup: bool = True  # average of the MCL FFNs as one dense model
-    stages: bool = True  # evaluate each MCL stage model alone
+    # dmu/budgets.py: epoch = the paper's rule (every baseline phase sees the fine-tuning data once, as the
+    # official scripts' one epoch); steps = equal compute (as many optimizer steps as all DMU phases together).
+    budgets: list = field(default_factory=lambda: list(BUDGETS))
 
 
 @dataclass
@@ -92,8 +98,8 @@ class PipelineConfig:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    mcl: TrainConfig = field(default_factory=lambda: TrainConfig(**MCL_DEFAULTS))
-    moe: MoEConfig = field(default_factory=MoEConfig)
+    mcl: TrainConfig = field(default_factory=lambda: TrainConfig(**MCL_DEFAULTS))  # a partial section
+    moe: MoEConfig = field(default_factory=MoEConfig)  # starts from these defaults
     route: TrainConfig = field(default_factory=lambda: TrainConfig(**ROUTE_DEFAULTS))
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -106,11 +112,15 @@ class PipelineConfig:
         return _plain(dataclasses.asdict(self))
 
 
-_SECTION_DEFAULTS = {"mcl": MCL_DEFAULTS, "route": ROUTE_DEFAULTS}
+# Set once for the whole run; the phases (mcl, route) inherit them (the seed offset per MCL stage).
+SHARED_SETTINGS = {"seed": "seed", "precision": "precision", "num_workers": "data.num_workers"}
 
 
 def load_config(path: str | os.PathLike, check_paths: bool = True) -> PipelineConfig:
-    """Read and validate a pipeline config file; every problem is reported in one ``ConfigError``."""
+    """Read and validate a pipeline config file; every problem is reported in one ``ConfigError``.
+
+    Relative paths in it (base_model, data.train, data.root, data.eval) are taken relative to the file's folder, so the config, and the
+    snapshot a run writes of it, mean the same from any working directory."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ConfigError(f"no config file at {path}")
@@ -119,22 +129,34 @@ def load_config(path: str | os.PathLike, check_paths: bool = True) -> PipelineCo
             raw = yaml.safe_load(f)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from e
-    return config_from_dict(raw, source=path, check_paths=check_paths)
+    return config_from_dict(raw, source=path, check_paths=check_paths, base_dir=os.path.dirname(os.path.abspath(path)))
 
 
-def config_from_dict(raw: Any, source: str = "config", check_paths: bool = True) -> PipelineConfig:
+def config_from_dict(
+    raw: Any, source: str = "config", check_paths: bool = True, base_dir: str | None = None
+) -> PipelineConfig:
+    """Validate a plain config dict; relative paths resolve against ``base_dir`` (None: the working directory)."""
     errors: list[str] = []
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
-    cfg = _build(PipelineConfig, raw, "", errors)
+    cfg = build_section(PipelineConfig, raw, "", errors)
     if cfg is not None:
+        errors += _shared_setting_errors(cfg, raw)
+        cfg = _with_shared_settings(cfg)
+        if base_dir is not None:
+            cfg = _resolve_paths(cfg, base_dir)
         errors += _semantic_errors(cfg, check_paths)
     if errors:
         raise ConfigError(f"{source} has {len(errors)} problem(s):\n  - " + "\n  - ".join(errors))
     return cfg
 
 
-def _build(cls, raw: Any, where: str, errors: list[str]):
+def build_section(cls, raw: Any, where: str, errors: list[str], defaults: Any = None):
+    """A ``cls`` dataclass from a plain mapping, appending every problem to ``errors`` (None if any).
+
+    Keys absent from ``raw`` keep the value of ``defaults`` (an instance of ``cls``) or the field's default;
+    nested sections start from their field's ``default_factory`` (so a partial ``mcl`` keeps the paper's
+    MCL recipe for what it does not name)."""
     if not isinstance(raw, dict):
         errors.append(f"{where or 'top level'}: expected a mapping, got {raw!r}")
         return None
@@ -143,18 +165,19 @@ def _build(cls, raw: Any, where: str, errors: list[str]):
     for key in raw:
         if key not in fields:
             errors.append(f"{where}{key}: unknown key (known: {', '.join(sorted(fields))})")
-    values = dict(_SECTION_DEFAULTS.get(where.rstrip("."), {})) if cls is TrainConfig else {}
+    values = {name: getattr(defaults, name) for name in fields} if defaults is not None else {}
     for name, f in fields.items():
         key = f"{where}{name}"
         if name not in raw:
             no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            if no_default:
+            if no_default and defaults is None:
                 errors.append(f"{key}: required")
             continue
         value = raw[name]
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            value = _build(hint, value, key + ".", errors)
+            factory = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+            value = build_section(hint, value, key + ".", errors, factory() if factory else None)
         elif not _type_ok(value, hint):
             errors.append(f"{key}: expected {_type_name(hint)}, got {value!r}")
             continue
@@ -170,6 +193,47 @@ def _build(cls, raw: Any, where: str, errors: list[str]):
     except (TypeError, ValueError) as e:
         errors.append(f"{where.rstrip('.') or 'config'}: {e}")
         return None
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _shared_setting_errors(cfg: PipelineConfig, raw: dict) -> list[str]:
+    """A phase section may repeat a run-wide setting only with the same value (it is never overwritten silently)."""
+    errors = []
+    for phase in ("mcl", "route"):
+        section = raw.get(phase) or {}
+        for name, where in SHARED_SETTINGS.items():
+            if name in section and section[name] != _get(cfg, where):
+                errors.append(
+                    f"{phase}.{name}: {section[name]!r} conflicts with {where}: {_get(cfg, where)!r}; "
+                    f"it is set once for the whole run, at {where}"
+                )
+    return errors
+
+
+def _with_shared_settings(cfg: PipelineConfig) -> PipelineConfig:
+    shared = {name: _get(cfg, where) for name, where in SHARED_SETTINGS.items()}
+    return dataclasses.replace(
+        cfg, mcl=dataclasses.replace(cfg.mcl, **shared), route=dataclasses.replace(cfg.route, **shared)
+    )
+
+
+def resolve_path(path: str | None, base_dir: str) -> str | None:
+    """``path`` relative to ``base_dir`` unless absolute, builtin or None; each part of ``a::b`` separately."""
+    if path is None or path.startswith("builtin:"):
+        return path
+    return "::".join(p if os.path.isabs(p) else os.path.normpath(os.path.join(base_dir, p)) for p in path.split("::"))
+
+
+def _resolve_paths(cfg: PipelineConfig, base_dir: str) -> PipelineConfig:
+    data = dataclasses.replace(
+        cfg.data, **{k: resolve_path(getattr(cfg.data, k), base_dir) for k in ("train", "root", "eval")}
+    )
+    return dataclasses.replace(cfg, base_model=resolve_path(cfg.base_model, base_dir), data=data)
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -210,6 +274,12 @@ def _semantic_errors(cfg: PipelineConfig, check_paths: bool) -> list[str]:
         errors.append("cluster: image_clusters and text_clusters must be >= 1")
     if cfg.precision not in ("fp32", "bf16"):
         errors.append(f"precision: must be fp32 or bf16, got {cfg.precision!r}")
+    enabled = cfg.baselines.enabled
+    if enabled != "all" and not (isinstance(enabled, list) and all(isinstance(k, str) for k in enabled)):
+        errors.append(f"baselines.enabled: expected 'all' or a list of baseline keys, got {enabled!r}")
+    unknown = [b for b in cfg.baselines.budgets if b not in BUDGETS]
+    if unknown:
+        errors.append(f"baselines.budgets: unknown rule(s) {unknown}; known: {', '.join(BUDGETS)}")
     if cfg.mcl.trainable != "ffn":
         errors.append(f"mcl.trainable: MCL stages train FFNs only, got {cfg.mcl.trainable!r}")
     if not isinstance(cfg.moe.layers, (str, int, list, dict)) or (

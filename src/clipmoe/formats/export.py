@@ -9,13 +9,12 @@ model clipmoe can open (a folder, or a checkpoint file) into such a folder.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
-import torch
-
-from .modeling import ClipMoeModel, ClipMoeVisionModel, MoESpec
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from ..model.modeling import ClipMoeModel, ClipMoeVisionModel
+from ..utils.dtypes import DTYPE_CHOICES, torch_dtype
+from .load import load
 
 
 def vision_tower(model: ClipMoeModel) -> ClipMoeVisionModel:
@@ -29,10 +28,7 @@ def vision_tower(model: ClipMoeModel) -> ClipMoeVisionModel:
     config = tower_class.config_class.from_dict(model.config.vision_config.to_dict())
     spec = model.moe_spec
     if spec is not None and spec.layers.get("vision"):
-        vision_spec = MoESpec(
-            spec.num_experts, spec.top_k, {"vision": spec.layers["vision"]}, spec.expert_dropout, spec.dispatch
-        )
-        config.moe = vision_spec.to_dict()
+        config.moe = dataclasses.replace(spec, layers={"vision": spec.layers["vision"]}).to_dict()
     tower = tower_class(config)
     state = {k: v.detach().clone() for k, v in model.vision_model.state_dict().items()}
     tower.load_state_dict(state, strict=True, assign=True)
@@ -69,16 +65,14 @@ def add_export_arguments(parser) -> None:
     )
     parser.add_argument(
         "--dtype",
-        choices=sorted(DTYPES),
+        choices=DTYPE_CHOICES,
         default=None,
         help="store the weights in this dtype (routers stay float32); default: keep the model's",
     )
 
 
 def run_export(args) -> int:
-    from .checkpoint import load
-
-    model = load(args.model, dtype=DTYPES[args.dtype] if args.dtype else None)
+    model = load(args.model, dtype=torch_dtype(args.dtype) if args.dtype else None)
     if args.vision_tower:
         export_vision_tower(model, args.out)
         what = "vision tower"

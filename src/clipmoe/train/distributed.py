@@ -64,15 +64,6 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
-def broadcast_object(obj, env: DistEnv, src: int = 0):
-    """The main rank's value of ``obj`` on every rank."""
-    if not env.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     if env.enabled:
         t = t.clone()

@@ -120,10 +120,16 @@ class _MoEHooks:
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         # Non-reentrant so that side outputs (router logits) stay differentiable through the recompute.
-        if enable:
-            self.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # Later transformers 5 releases renamed gradient_checkpointing_* to activation_checkpointing_*.
+        if hasattr(self, "activation_checkpointing_enable"):
+            if enable:
+                self.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.activation_checkpointing_disable()
+        elif enable:
+            self.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
-            self.activation_checkpointing_disable()
+            self.gradient_checkpointing_disable()
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable, total, and active-per-token parameters (top_k of E experts counted)."""

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,8 +30,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .checkpoint import WEIGHT_FILES, load
-from .export import DTYPES
+from ..formats.load import WEIGHT_FILES, load
+from ..utils.dtypes import DTYPES, torch_dtype
+from ..utils.images import IMAGE_EXTENSIONS, is_image_file
+from ..utils.io import atomic_file, atomic_folder, write_json
 
 CLI_INDEX_HELP = """Embed a folder of images into a text-searchable faiss index (resumable).
 
@@ -45,7 +46,6 @@ CLI_SEARCH_HELP = """Find the images of an index that best match a text query.
 Uses the model the index was built with; prints one "score<TAB>path" line per hit, best first, or JSON.
 """
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 INDEX_FILE, META_FILE, SKIPPED_FILE, PARTIAL_DIR = "index.faiss", "index.json", "skipped.log", "partial"
 FORMAT_VERSION = 1
 
@@ -73,11 +73,7 @@ def list_images(images_dir: str) -> list[str]:
     found = []
     for root, dirs, files in os.walk(images_dir):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(
-            os.path.relpath(os.path.join(root, f), images_dir)
-            for f in files
-            if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
-        )
+        found.extend(os.path.relpath(os.path.join(root, f), images_dir) for f in files if is_image_file(f))
     return sorted(found)
 
 
@@ -107,9 +103,7 @@ def resolve_device(device: str | None) -> str:
 
 def load_for_inference(model_path: str, device: str | None = None, dtype: str = "float32"):
     """Open a model for feature extraction: on ``device``, weights in ``dtype``, routers kept fp32."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    model = load(model_path, device=resolve_device(device), dtype=DTYPES[dtype])
+    model = load(model_path, device=resolve_device(device), dtype=torch_dtype(dtype))
     for part in ("tokenizer", "image_processor"):
         if getattr(model, part, None) is None:
             raise ValueError(f"{model_path} has no {part.replace('_', ' ')} files; text-to-image search needs both")
@@ -143,7 +137,7 @@ def build_index(
         raise ValueError("batch_size, chunk_size and workers must be >= 1")
     files = list_images(images_dir)
     if not files:
-        raise ValueError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {images_dir}")
+        raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {images_dir}")
     settings = {"model": model_path, "model_fingerprint": model_fingerprint(model_path), "dtype": dtype}
     partial = os.path.join(out, PARTIAL_DIR)
     _prepare_out(out, settings)
@@ -198,7 +192,7 @@ def _prepare_out(out: str, settings: dict) -> None:
             )
     os.makedirs(partial, exist_ok=True)
     if not os.path.exists(manifest):
-        _write_json(manifest, settings)
+        write_json(manifest, settings)
 
 
 def _done_features(out: str) -> dict[str, np.ndarray]:
@@ -266,24 +260,13 @@ def _normalise(x: torch.Tensor) -> np.ndarray:
 
 
 def _save_chunk(path: str, features: np.ndarray, paths: list[str]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".chunk-")
-    with os.fdopen(fd, "wb") as f:
+    with atomic_file(path, "wb") as f:
         np.savez(f, features=features.astype(np.float32), paths=np.array(paths, dtype=str))
-    os.replace(tmp, path)
-
-
-def _write_json(path: str, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".json-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _write_index(out: str, features: np.ndarray, meta: dict, skipped: list[tuple[str, str]]) -> None:
     """Write the finished index into a sibling temp folder, then swap it in (dropping ``partial/``)."""
-    parent = os.path.dirname(out)
-    tmp = tempfile.mkdtemp(prefix=".index-", dir=parent)
-    try:
+    with atomic_folder(out) as tmp:
         index = faiss.IndexFlatIP(features.shape[1])
         index.add(np.ascontiguousarray(features, dtype=np.float32))
         faiss.write_index(index, os.path.join(tmp, INDEX_FILE))
@@ -291,13 +274,6 @@ def _write_index(out: str, features: np.ndarray, meta: dict, skipped: list[tuple
             json.dump({**meta, "dim": int(features.shape[1]), "skipped": len(skipped)}, f, indent=1)
         with open(os.path.join(tmp, SKIPPED_FILE), "w", encoding="utf-8") as f:
             f.writelines(f"{path}\t{reason}\n" for path, reason in skipped)
-        old = tempfile.mkdtemp(prefix=".old-index-", dir=parent)
-        os.replace(out, os.path.join(old, "x"))
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
 
 
 class ImageIndex:

@@ -8,12 +8,12 @@ every earlier stage's view, so batching within a cluster forces the next stage t
 
 from __future__ import annotations
 
-import json
 import os
 
 import faiss
 import numpy as np
 
+from ..utils.io import write_json
 from .embed import FeatureStore
 
 
@@ -71,8 +71,7 @@ def write_cluster_outputs(folder: str, labels: np.ndarray, title: str) -> dict:
     stats = cluster_stats(labels)
     tmp = os.path.join(folder, "labels.tmp.npy")
     np.save(tmp, labels)
-    with open(os.path.join(folder, "stats.json"), "w") as f:
-        json.dump(stats, f, indent=1)
+    write_json(os.path.join(folder, "stats.json"), stats)
     _plot_sizes(stats, os.path.join(folder, "cluster_sizes.png"), title)
     os.replace(tmp, os.path.join(folder, "labels.npy"))  # labels.npy appearing = stage finished
     return stats

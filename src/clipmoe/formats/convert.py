@@ -28,9 +28,10 @@ from transformers import CLIPConfig
 from transformers.activations import ACT2FN
 from transformers.initialization import no_init_weights
 
-from .checkpoint import CheckpointError, load_state_dict_strict, read_state_dict
-from .modeling import TOWERS, ClipMoeModel, MoESpec
-from .processing import OPENAI_MEAN, OPENAI_STD, ImageTransform, TextTokenizer
+from ..data.processing import OPENAI_MEAN, OPENAI_STD, ImageTransform, TextTokenizer
+from ..model.modeling import TOWERS, ClipMoeModel, MoESpec
+from ..utils.keys import key_mismatch
+from .state_dict import CheckpointError, load_state_dict_strict, read_state_dict
 
 CLI_CONVERT_HELP = """Convert a checkpoint file (OpenAI CLIP, open_clip, official CLIP-MoE, HF state dict) to a clipmoe folder.
 
@@ -554,13 +555,9 @@ def _require(sd: Mapping[str, torch.Tensor], keys: Iterable[str], source: str, w
 
 
 def _check_keys(source: str, missing: set[str], unexpected: set[str]) -> None:
-    parts = []
-    for label, keys in (("missing", sorted(missing)), ("unexpected", sorted(unexpected))):
-        if keys:
-            shown = ", ".join(keys[:10]) + (f", ... ({len(keys)} in all)" if len(keys) > 10 else "")
-            parts.append(f"{label} keys: {shown}")
-    if parts:
-        raise CheckpointError(f"{source} does not match the CLIP layout its shapes imply; " + "; ".join(parts))
+    if missing or unexpected:
+        problems = key_mismatch(missing=sorted(missing), unexpected=sorted(unexpected))
+        raise CheckpointError(f"{source} does not match the CLIP layout its shapes imply; {problems}")
 
 
 def attach_tokenizer(model: ClipMoeModel, folder: str | os.PathLike) -> TextTokenizer:

@@ -1,9 +1,9 @@
 """Evaluate the run's models and write the markdown report with its plots.
 
-The table follows the paper's: rows are the base model, each MCL stage alone, dense fine-tuning, sparse
-upcycling, the expert soup and the DMU CLIP-MoE; columns are retrieval R@1/R@5 in both directions on short
-and detailed captions, zero-shot classification per attribute, MMVP-style pairs and attribute probes, plus
-trainable/total/active parameters and measured encode throughput.
+The table follows the paper's: rows (baselines.rows) are the base model, each MCL stage alone, every baseline
+under every budget rule and the DMU CLIP-MoE; columns are retrieval R@1/R@5 in both directions on short and
+detailed captions, zero-shot classification per attribute, MMVP-style pairs and attribute probes, plus the
+budget rule, trainable/total/active parameters and measured encode throughput.
 """
 
 from __future__ import annotations
@@ -12,14 +12,20 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import time
 
 import torch
 
-from .assets import resolve_model_path
+from ..assets import resolve_model_path
+from ..eval import evaluate_suite, plot_routing
+from ..formats.load import model_class_for
+from ..model.modeling import ClipMoeModel
+from ..model.surgery import find_ffns, resolve_layers
+from ..utils.io import write_text
+from .budgets import BUDGETS
 from .config import PipelineConfig
-from .modeling import ClipMoeModel
 
 _PLOT_STYLE = {"dpi": 100}
 
@@ -62,17 +68,12 @@ def evaluate_row(model: ClipMoeModel, cfg: PipelineConfig, name: str) -> dict:
     result: dict = {"name": name, "parameters": model.parameter_counts()}
     result["throughput"] = measure_throughput(model, cfg.eval.throughput_batch)
     if cfg.data.eval:
-        from .eval import evaluate_suite
-
         result["metrics"] = evaluate_suite(model, cfg.data.eval, batch_size=cfg.eval.batch_size)
     return result
 
 
 def phase_parameters(cfg: PipelineConfig) -> dict[str, dict[str, int]]:
     """Trainable / total / active parameters of each phase, from the base model's config (no weights read)."""
-    from .checkpoint import model_class_for
-    from .surgery import find_ffns, resolve_layers
-
     folder = resolve_model_path(cfg.base_model)
     with open(os.path.join(folder, "config.json")) as f:
         model_class = model_class_for(json.load(f).get("model_type"), folder)  # CLIP, SigLIP or SigLIP 2
@@ -181,25 +182,30 @@ def write_report(pipe, results: dict[str, dict], path: str) -> None:
         "",
         "Trainable parameters summed over every phase that produced the model; active = parameters used per token.",
         "",
-        "| model | trainable params | total params | active params | images/s | texts/s |",
-        "|---|---|---|---|---|---|",
+        "| model | budget rule | trainable params | total params | active params | images/s | texts/s |",
+        "|---|---|---|---|---|---|---|",
     ]
-    trainable = _trainable_by_row(pipe)
+    rows = pipe.rows()
+    trainable = _trainable_by_row(pipe.cfg, rows)
+    rules = {row.name: BUDGETS[row.rule].label if row.rule else "-" for row in rows}
     for name, r in results.items():
         p, t = r["parameters"], r["throughput"]
         n = trainable.get(name)
         lines.append(
-            f"| {name} | {f'{n:,}' if n is not None else '-'} | {p['total']:,} | {p['active']:,} | "
-            f"{t['images_per_s']:.0f} | {t['texts_per_s']:.0f} |"
+            f"| {name} | {rules.get(name, '-')} | {f'{n:,}' if n is not None else '-'} | {p['total']:,} | "
+            f"{p['active']:,} | {t['images_per_s']:.0f} | {t['texts_per_s']:.0f} |"
         )
-    lines += ["", "## Does this run agree with the paper?", "", *verdict(results), ""]
+    used = [BUDGETS[r] for r in dict.fromkeys(row.rule for row in rows if row.rule)]
+    if used:
+        lines += ["", "Budget rules of the baseline rows:", ""]
+        lines += [f"- **{b.label}** (`{b.key}`): {b.rule}." for b in used]
+    compared = [row.name for row in rows if row.compare]
+    lines += ["", "## Does this run agree with the paper?", "", *verdict(results, compared), ""]
     lines += _timings(pipe)
     lines += ["## Plots", ""]
-    for title, png in _plots(pipe, results, plots):
+    for title, png in _plots(pipe, rows, results, plots):
         lines.append(f"- {title}: ![{title}](plots/{png})")
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(path + ".tmp", path)
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def _mean_of(metrics: dict, pred) -> float | None:
@@ -220,15 +226,15 @@ def summary_scores(results: dict[str, dict]) -> dict[str, dict[str, float | None
     return out
 
 
-def verdict(results: dict[str, dict]) -> list[str]:
-    """Plain statements: does DMU beat dense fine-tuning and sparse upcycling on retrieval, and keep
-    zero-shot classification near the base? (The paper's claim.)"""
+def verdict(results: dict[str, dict], compared: list[str]) -> list[str]:
+    """Plain statements: does DMU beat the ``compared`` baselines (and the base) on retrieval, and keep zero-shot
+    classification near the base? (The paper's claim.)"""
     s = summary_scores(results)
     dmu = s.get("DMU CLIP-MoE", {})
     if dmu.get("retrieval R@1") is None:
         return ["No evaluation sets were configured (`data.eval`), so no comparison can be made."]
     lines = []
-    for other in ("dense fine-tune", "sparse upcycling", "expert soup", "base"):
+    for other in [*compared, "base"]:
         if other in s and s[other]["retrieval R@1"] is not None:
             d = dmu["retrieval R@1"] - s[other]["retrieval R@1"]
             word = "beats" if d > 0 else "does not beat"
@@ -243,7 +249,7 @@ def verdict(results: dict[str, dict]) -> list[str]:
             f"- Zero-shot classification (mean top-1 over attributes): DMU {dmu['zero-shot top-1']:.1f} vs base "
             f"{base['zero-shot top-1']:.1f} ({d:+.1f}); the paper's claim is that DMU stays near the base."
         )
-    for other in ("dense fine-tune", "sparse upcycling"):
+    for other in compared:
         if other in s and s[other].get("zero-shot top-1") is not None and dmu.get("zero-shot top-1") is not None:
             d = dmu["zero-shot top-1"] - s[other]["zero-shot top-1"]
             lines.append(f"- Zero-shot vs {other}: {d:+.1f} points.")
@@ -252,25 +258,16 @@ def verdict(results: dict[str, dict]) -> list[str]:
     return lines
 
 
-def _trainable_by_row(pipe) -> dict[str, int]:
+def _trainable_by_row(cfg: PipelineConfig, rows) -> dict[str, int]:
     try:
-        phases = phase_parameters(pipe.cfg)
+        phases = phase_parameters(cfg)
     except (OSError, ValueError):
         return {}
-    out = {
-        "base": 0,
-        "expert soup": 0,
-        "dense fine-tune": phases["dense fine-tune"]["trainable"],
-        "sparse upcycling": phases["sparse upcycling"]["trainable"],
-    }
-    out["DMU CLIP-MoE"] = phases["MCL stage"]["trainable"] * pipe.cfg.stages + phases["router training"]["trainable"]
-    for s in range(1, pipe.cfg.moe.experts):
-        out[f"MCL stage {s}"] = phases["MCL stage"]["trainable"]
-    return out
+    return {row.name: row.trainable(phases, cfg) for row in rows}
 
 
 def _timings(pipe) -> list[str]:
-    path = pipe.path("timings.json")
+    path = pipe.timings_path
     if not os.path.exists(path):
         return []
     timings = json.load(open(path))
@@ -279,21 +276,17 @@ def _timings(pipe) -> list[str]:
     return [*lines, f"| total | {sum(timings.values()):.1f} |", ""]
 
 
-def _plots(pipe, results: dict[str, dict], folder: str) -> list[tuple[str, str]]:
-    import matplotlib
+def _plots(pipe, rows, results: dict[str, dict], folder: str) -> list[tuple[str, str]]:
+    import matplotlib  # imported here: only the report draws, and matplotlib is slow to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     made = []
-    # Training curves of every phase.
+    # Training curves of every row that was trained in this run.
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    for label, sub in [(f"MCL stage {s}", f"stage{s}/train") for s in range(1, pipe.cfg.moe.experts)] + [
-        ("routing", "moe/train"),
-        ("dense fine-tune", "baselines/dense/train"),
-        ("sparse upcycling", "baselines/upcycle/train"),
-    ]:
-        path = pipe.path(sub, "metrics.jsonl")
+    for label, sub in [curve for row in rows for curve in row.curves]:
+        path = os.path.join(sub, "metrics.jsonl")
         if os.path.exists(path):
             recs = [json.loads(line) for line in open(path)]
             ax.plot([r["step"] for r in recs], [r["clip"] for r in recs], label=label)
@@ -305,21 +298,18 @@ def _plots(pipe, results: dict[str, dict], folder: str) -> list[tuple[str, str]]
     plt.close(fig)
     made.append(("training curves", "training_curves.png"))
     # Routing of the MoE rows.
-    from .eval import plot_routing
-    from .pipeline import row_slug
-
+    slugs = {row.name: row.slug for row in rows}
     for name, r in results.items():
         routing = r.get("metrics", {}).get("routing")
         if routing:
-            png = f"routing_{row_slug(name)}.png"
+            png = f"routing_{slugs[name]}.png"
             plot_routing(routing, os.path.join(folder, png))
             made.append((f"expert load and routing, {name}", png))
     # Cluster sizes of each stage.
     for s in range(pipe.cfg.moe.experts - 1):
-        png = pipe.path(f"stage{s}", "cluster", "cluster_sizes.png")
+        png = os.path.join(pipe.out("cluster", s, "folder"), "cluster_sizes.png")
         if os.path.exists(png):
             dst = f"cluster_sizes_stage{s}.png"
-            with open(png, "rb") as src, open(os.path.join(folder, dst), "wb") as out:
-                out.write(src.read())
+            shutil.copyfile(png, os.path.join(folder, dst))
             made.append((f"cluster sizes after stage {s}", dst))
     return made

@@ -7,6 +7,7 @@ Works on HF CLIP models (``mlp.fc1 / mlp.fc2``) and on OpenAI / open_clip module
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -14,8 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..utils.keys import key_mismatch
 from .modeling import TOWERS, ClipMoeModel, MoESpec
 from .moe import MoEFeedForward
+from .options import MoEOptions
 
 LayerSelection = str | int | Sequence[int] | Mapping[str, "str | int | Sequence[int]"]
 
@@ -117,7 +120,9 @@ def check_same_base(base: nn.Module, expert: nn.Module | Mapping[str, torch.Tens
     missing = sorted(set(ref) - set(other))
     extra = sorted(set(other) - set(ref))
     if missing or extra:
-        raise ValueError(f"{name} does not have the base's parameters: missing {missing[:5]}, unexpected {extra[:5]}")
+        raise ValueError(
+            f"{name} does not have the base's parameters: {key_mismatch(missing=missing, unexpected=extra)}"
+        )
     for key, value in ref.items():
         if _is_ffn_key(key):
             continue
@@ -137,16 +142,13 @@ def check_same_base(base: nn.Module, expert: nn.Module | Mapping[str, torch.Tens
 def _assemble(
     base: ClipMoeModel,
     expert_ffns: Sequence[Mapping[str, Sequence[tuple[torch.Tensor, ...]]]],
-    top_k: int,
-    layers: LayerSelection,
-    expert_dropout: float,
-    dispatch: str,
+    options: MoEOptions,
 ) -> ClipMoeModel:
-    num_experts = len(expert_ffns)
+    num_experts, top_k = len(expert_ffns), options.top_k
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k={top_k} must be between 1 and the number of experts ({num_experts})")
     ffns = find_ffns(base)
-    chosen = resolve_layers(layers, {t: len(f) for t, f in ffns.items()})
+    chosen = resolve_layers(options.layers, {t: len(f) for t, f in ffns.items()})
     model = copy.deepcopy(base)
     model_ffns = find_ffns(model)
     for tower, blocks in chosen.items():
@@ -154,11 +156,11 @@ def _assemble(
             target = model_ffns[tower][i]
             _, act, _ = target.parts()
             moe = MoEFeedForward.from_ffns(
-                [e[tower][i] for e in expert_ffns], copy.deepcopy(act), top_k, expert_dropout, dispatch
+                [e[tower][i] for e in expert_ffns], copy.deepcopy(act), top_k, options.expert_dropout, options.dispatch
             )
             parent_path, _, attr = target.path.rpartition(".")
             setattr(model.get_submodule(parent_path), attr, moe)
-    spec = MoESpec(num_experts, top_k, chosen, expert_dropout, dispatch)
+    spec = MoESpec(num_experts, top_k, chosen, options.expert_dropout, options.dispatch)
     model.config.moe = spec.to_dict()
     for attr in ("tokenizer", "image_processor"):
         if hasattr(base, attr):
@@ -166,22 +168,29 @@ def _assemble(
     return model
 
 
-def upcycle(
+def _options(options: MoEOptions | None, overrides: dict) -> MoEOptions:
+    """``options`` (default ``MoEOptions()``) with keyword overrides; an unknown name is a TypeError."""
+    options = options if options is not None else MoEOptions()
+    return dataclasses.replace(options, **overrides) if overrides else options
+
+
+def assemble_moe(
     base: ClipMoeModel,
     experts: Sequence[nn.Module | Mapping[str, torch.Tensor]],
-    top_k: int = 2,
-    layers: LayerSelection = "all",
-    expert_dropout: float = 0.0,
-    dispatch: str = "auto",
+    options: MoEOptions | None = None,
+    **overrides,
 ) -> ClipMoeModel:
-    """Diversified multiplet upcycling: expert e of every chosen block is the FFN of ``experts[e]``.
+    """DMU assembly (diversified multiplet upcycling): expert e of every chosen block is the FFN of ``experts[e]``.
+
+    ``options`` (``MoEOptions``: top_k, layers, expert_dropout, dispatch; the pipeline passes its ``moe`` config)
+    with any field overridden by keyword, e.g. ``assemble_moe(base, experts, top_k=1)``.
 
     ``experts`` are models (or state dicts) fine-tuned from ``base`` in which only FFNs changed (the MCL
     stages; DMU passes the base itself as expert 0). Attention, norms, embeddings and projections come
     from ``base``. Routers start from nn.Linear's default init, as in the paper.
     """
     if len(experts) < 1:
-        raise ValueError("upcycle needs at least one expert")
+        raise ValueError("assemble_moe needs at least one expert")
     ffns = find_ffns(base)
     expert_ffns = []
     for n, expert in enumerate(experts):
@@ -193,7 +202,7 @@ def upcycle(
                 for tower, tower_ffns in ffns.items()
             }
         )
-    return _assemble(base, expert_ffns, top_k, layers, expert_dropout, dispatch)
+    return _assemble(base, expert_ffns, _options(options, overrides))
 
 
 def _param_names(ffn: FFN) -> tuple[str, str, str, str]:
@@ -205,14 +214,15 @@ def _param_names(ffn: FFN) -> tuple[str, str, str, str]:
 def sparse_upcycle(
     base: ClipMoeModel,
     num_experts: int,
-    top_k: int = 2,
-    layers: LayerSelection = "all",
+    options: MoEOptions | None = None,
+    *,
     noise: float = 0.0,
-    expert_dropout: float = 0.0,
-    dispatch: str = "auto",
     seed: int = 0,
+    **overrides,
 ) -> ClipMoeModel:
     """Sparse upcycling (the CLIP-UP / paper "Upcycling" baseline): every expert a copy of the base FFN.
+
+    ``options`` and keyword overrides as in ``assemble_moe``, e.g. ``sparse_upcycle(base, 4, top_k=2)``.
 
     ``noise`` > 0 multiplies each copy's weights by ``1 + noise * N(0, 1)`` to break the symmetry.
     """
@@ -234,4 +244,4 @@ def sparse_upcycle(
                     ws.append(w)
                 copies[tower].append(tuple(ws))
         expert_ffns.append(copies)
-    return _assemble(base, expert_ffns, top_k, layers, expert_dropout, dispatch)
+    return _assemble(base, expert_ffns, _options(options, overrides))

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .distributed import DistEnv, barrier
+from ..train.distributed import DistEnv, barrier
 
 DONE = "DONE"
 
@@ -38,10 +38,6 @@ class FeatureStore:
         with open(os.path.join(folder, "meta.json")) as f:
             meta = json.load(f)
         return cls(folder, meta["num_samples"], meta["dim"], "r")
-
-    @property
-    def done(self) -> bool:
-        return os.path.exists(os.path.join(self.folder, DONE))
 
 
 def embed_dataset(

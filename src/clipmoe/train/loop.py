@@ -14,83 +14,25 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..model.modeling import tower_layers
+from ..model.moe import load_balancing_loss, router_z_loss
+from .config import TrainConfig
 from .distributed import DistEnv, barrier
 from .loss import global_router_losses
 from .loss_sigmoid import contrastive_loss, resolve_loss
-from .moe import load_balancing_loss, router_z_loss
 from .samplers import GlobalBatchSampler
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
-
-
-@dataclass
-class TrainConfig:
-    """Hyperparameters of one training phase (defaults: the paper's MCL recipe)."""
-
-    steps: int = 0  # optimizer steps; 0 = derive from epochs
-    epochs: float = 1.0
-    batch_size: int = 64  # global, all ranks together
-    lr: float = 1e-5
-    router_lr: float | None = None  # a separate learning rate for routers (None: lr)
-    weight_decay: float = 0.2
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 200
-    grad_clip: float = 0.0  # 0 = off
-    grad_accum: int = 1  # micro-batches per optimizer step (each its own contrastive batch)
-    precision: str = "fp32"  # fp32 | bf16 (autocast; routers stay fp32)
-    grad_checkpointing: bool = False
-    label_smoothing: float = 0.1
-    # Fixed scale (the paper: 100, OpenAI CLIP's learned value); "model" = the model's own learned scale, kept
-    # fixed (for bases whose temperature is not 100); None = learn it.
-    logit_scale: float | str | None = 100.0
-    # The contrastive loss: softmax (CLIP's InfoNCE) | sigmoid (SigLIP's pairwise loss) | auto = the family the
-    # base was trained with (SigLIP / SigLIP 2: sigmoid). label_smoothing applies to softmax only.
-    loss: str = "auto"
-    # Sigmoid loss only: a fixed bias; None = the model's own logit_bias (learned when logit_scale is None, else
-    # kept at its value), -10 for a model without one (see loss_sigmoid.contrastive_loss).
-    logit_bias: float | None = None
-    balance_weight: float = 0.0  # x (image balance + text_balance_factor x text balance)
-    text_balance_factor: float = 0.5
-    balance_mask_padding: bool = True  # False reproduces the official code (padding counted)
-    z_loss_weight: float = 0.0
-    trainable: str = "all"  # all | ffn | router | router+experts
-    last_n_blocks: int | None = None  # with trainable=ffn: only the last N blocks of each tower
-    small_clusters: str = "shrink"
-    min_batch: int = 8
-    checkpoint_every: int = 50
-    log_every: int = 10
-    num_workers: int = 0
-    seed: int = 0
-    parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per block, for towers that do not fit one device)
-    extra: dict = field(default_factory=dict)  # free-form, recorded in metrics
-    # Router losses on routing statistics summed over all ranks (= the single-process value on the global
-    # batch); False computes them per rank, as the official code does.
-    global_balance: bool = True
-
-    def __post_init__(self) -> None:
-        checks = {
-            "precision": self.precision in ("fp32", "bf16"),
-            "parallel": self.parallel in ("ddp", "fsdp"),
-            "batch_size": self.batch_size > 0,
-            "grad_accum": self.grad_accum >= 1,
-            "lr": self.lr > 0,
-            "steps": self.steps >= 0,
-            "epochs": self.epochs > 0,
-            "logit_scale": not isinstance(self.logit_scale, str) or self.logit_scale == "model",
-            "loss": self.loss in ("auto", "softmax", "sigmoid"),  # (loss_sigmoid.LOSSES; this module stays torch-free)
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"invalid training settings: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
 
 
 class _ContrastiveForward(nn.Module):
@@ -346,8 +288,6 @@ def _wrap_parallel(module: nn.Module, cfg: TrainConfig, env: DistEnv) -> nn.Modu
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        from .modeling import tower_layers
-
         mesh = init_device_mesh(env.device.type, (env.world_size,))
         # fully_shard cannot shard 0-dim parameters (CLIP's logit_scale) and would split SigLIP's 1-element
         # logit_scale / logit_bias into padded DTensor shards: keep them replicated and average their gradients
@@ -370,8 +310,6 @@ def _wrap_parallel(module: nn.Module, cfg: TrainConfig, env: DistEnv) -> nn.Modu
 def _average_grad_over_ranks(p: torch.Tensor) -> None:
     # Runs after every micro-batch's accumulation; averaging the running sum each time still yields the
     # average of the sums, since all ranks hold the same average after the previous micro-batch.
-    import torch.distributed as dist
-
     dist.all_reduce(p.grad)
     p.grad /= dist.get_world_size()
 

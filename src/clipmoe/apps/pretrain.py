@@ -18,23 +18,31 @@ Config (YAML)::
       projection_dim: 128
       hidden_act: quick_gelu
     train: {epochs: 10, batch_size: 128, lr: 5.0e-4, weight_decay: 0.2, warmup_steps: 100}
+    curve: {eval: world/eval/retrieval_short, every: 250}   # optional: held-out retrieval + temperature
+                                        # every N steps into OUT.train/curve.jsonl (to see the plateau)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import dataclass, replace
 
 import torch
 import yaml
-from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from transformers import AutoTokenizer, CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
-from .config import ConfigError, DataConfig, _build
-from .distributed import init_distributed
-from .modeling import ClipMoeModel
-from .processing import ImageTransform, TextTokenizer, build_word_tokenizer
-from .train import TrainConfig, train
+from ..data.collate import ClipCollator
+from ..data.processing import ImageTransform, TextTokenizer, build_word_tokenizer
+from ..data.readers import open_dataset
+from ..data.world import world_vocabulary
+from ..dmu.config import ConfigError, DataConfig, TrainConfig, build_section
+from ..eval.datasets import load_wds
+from ..eval.retrieval import evaluate_retrieval
+from ..model.modeling import ClipMoeModel
+from ..train.distributed import init_distributed
+from ..train.loop import train
 
 PRETRAIN_DEFAULTS = {"logit_scale": None, "label_smoothing": 0.0, "lr": 5e-4, "weight_decay": 0.2}
 _MODEL_KEYS = {"image_size", "patch_size", "vision", "text", "projection_dim", "hidden_act"}
@@ -80,13 +88,9 @@ def build_clip(model_cfg: dict, tokenizer) -> ClipMoeModel:
 
 def load_tokenizer(spec: dict, context_length: int):
     if "folder" in spec:
-        from transformers import AutoTokenizer
-
         return AutoTokenizer.from_pretrained(spec["folder"], local_files_only=True)
     if "vocabulary" in spec:
         if spec["vocabulary"] == "world":  # the generated world's closed vocabulary
-            from .data.world import world_vocabulary
-
             words = world_vocabulary()
         else:
             with open(spec["vocabulary"]) as f:
@@ -103,18 +107,27 @@ class PretrainConfig:
     model: dict
     tokenizer: dict
     seed: int = 0
+    curve: dict | None = None
 
 
-def read_pretrain_config(config_path: str) -> PretrainConfig:
+def read_pretrain_config(config_path: str, check_paths: bool = True) -> PretrainConfig:
     """Read and validate a pretraining config; every problem is reported at once."""
     with open(config_path) as f:
         raw = yaml.safe_load(f) or {}
     errors: list[str] = [
-        f"{k}: unknown key" for k in sorted(set(raw) - {"out", "data", "tokenizer", "model", "train", "seed"})
+        f"{k}: unknown key" for k in sorted(set(raw) - {"out", "data", "tokenizer", "model", "train", "seed", "curve"})
     ]
+    curve = raw.get("curve")
+    if curve is not None:
+        if not isinstance(curve, dict) or set(curve) != {"eval", "every"}:
+            errors.append("curve: expected {eval: RETRIEVAL_SET_FOLDER, every: STEPS}")
+        elif not isinstance(curve["every"], int) or curve["every"] < 1:
+            errors.append(f"curve.every: expected a positive integer, got {curve['every']!r}")
+        elif check_paths and not os.path.isdir(curve["eval"]):
+            errors.append(f"curve.eval: no such folder: {curve['eval']}")
     errors += [f"{k}: required" for k in ("out", "data") if k not in raw]
-    data = _build(DataConfig, raw.get("data", {}), "data.", errors)
-    tcfg = _build(TrainConfig, {**PRETRAIN_DEFAULTS, **raw.get("train", {})}, "train.", errors)
+    data = build_section(DataConfig, raw.get("data", {}), "data.", errors)
+    tcfg = build_section(TrainConfig, {**PRETRAIN_DEFAULTS, **raw.get("train", {})}, "train.", errors)
     model = raw.get("model", {})
     errors += [f"model.{k}: unknown key (known: {sorted(_MODEL_KEYS)})" for k in sorted(set(model) - _MODEL_KEYS)]
     tok = raw.get("tokenizer", {})
@@ -122,10 +135,39 @@ def read_pretrain_config(config_path: str) -> PretrainConfig:
         errors.append("tokenizer: give {vocabulary: WORDS_FILE | world} or {folder: TOKENIZER_DIR}")
     if errors:
         raise ConfigError(f"{config_path} has {len(errors)} problem(s):\n  - " + "\n  - ".join(errors))
-    return PretrainConfig(raw["out"], data, tcfg, model, tok, int(raw.get("seed", 0)))
+    return PretrainConfig(raw["out"], data, tcfg, model, tok, int(raw.get("seed", 0)), curve)
 
 
-def pretrain(config_path: str) -> str:
+def _curve_logger(model: ClipMoeModel, spec: dict, path: str, is_main: bool):
+    """``on_step`` callback: every ``spec['every']`` steps, held-out retrieval R@1 and the learned temperature."""
+    dataset = load_wds(spec["eval"])
+    done = set()
+    if os.path.exists(path):  # a resumed run: keep the points already measured
+        with open(path) as f:
+            done = {json.loads(line)["step"] for line in f if line.strip()}
+
+    def log(step: int, total: int) -> None:
+        if not is_main or (step % spec["every"] and step != total) or step in done:
+            return
+        model.eval()
+        with torch.no_grad():
+            m = evaluate_retrieval(model, dataset, batch_size=256)
+        model.train()
+        point = {
+            "step": step,
+            "temperature": round(model.logit_scale.exp().item(), 3),
+            "image_to_text_R@1": round(m["image_to_text_R@1"], 2),
+            "text_to_image_R@1": round(m["text_to_image_R@1"], 2),
+        }
+        with open(path, "a") as f:
+            f.write(json.dumps(point) + "\n")
+        done.add(step)
+
+    return log
+
+
+def pretrain(config_path: str, preload: bool = False) -> str:
+    """Train the CLIP a pretraining config describes; ``preload`` reads every image into memory first."""
     cfg = read_pretrain_config(config_path)
     if os.path.exists(cfg.out):
         print(f"{cfg.out} exists: pretraining already finished")
@@ -135,15 +177,26 @@ def pretrain(config_path: str) -> str:
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model.get("text", {}).get("context_length", 32))
     model = build_clip(cfg.model, tokenizer)
 
-    from .data.collate import ClipCollator
-    from .data.readers import open_dataset
-
     d = cfg.data
     dataset = open_dataset(
         d.train, d.format, caption=d.caption, root=d.root, max_skipped_fraction=d.max_skipped_fraction
     )
+    if preload:
+        dataset.preload()
     collate = ClipCollator(model.tokenizer, model.image_processor)
-    train(model, dataset, collate, replace(cfg.train, seed=cfg.seed), cfg.out + ".train", env, desc="pretrain")
+    on_step = None
+    if cfg.curve:
+        on_step = _curve_logger(model, cfg.curve, os.path.join(cfg.out + ".train", "curve.jsonl"), env.is_main)
+    train(
+        model,
+        dataset,
+        collate,
+        replace(cfg.train, seed=cfg.seed),
+        cfg.out + ".train",
+        env,
+        desc="pretrain",
+        on_step=on_step,
+    )
     if env.is_main:
         model.save_pretrained(cfg.out)
         print(f"wrote {cfg.out} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)")
@@ -152,10 +205,13 @@ def pretrain(config_path: str) -> str:
 
 def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="pretraining YAML (see `clipmoe pretrain --help` and docs/pretraining.md)")
+    p.add_argument(
+        "--preload", action="store_true", help="read every training image into memory first (slow file systems)"
+    )
 
 
 def run_pretrain(args: argparse.Namespace) -> None:
-    pretrain(args.config)
+    pretrain(args.config, args.preload)
 
 
 CLI_PRETRAIN_HELP = "Train a CLIP from scratch on image-caption data (resumable).\n\n" + (__doc__ or "")

@@ -1,0 +1,27 @@
+"""The quality testbed (docs/quality.md): does DMU make the base better, and where? Resumable; rerun to continue.
+
+python benchmarks/bench_quality.py                      # default size, seeds 0 1 2, both recipes
+python benchmarks/bench_quality.py --size large --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from clipmoe.apps.quality import RECIPES, SIZES, run_quality
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", choices=sorted(SIZES), default="default", help="testbed size (default: default)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
+    p.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=list(RECIPES), help="recipes to run")
+    p.add_argument("--out", default="quality-run", help="output folder (worlds, runs, quality.md)")
+    p.add_argument("--base-model", default="builtin:tiny-clip", help="base CLIP (default: the shipped one)")
+    p.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    a = p.parse_args()
+    run_quality(a.out, a.size, tuple(a.seeds), tuple(a.recipes), a.base_model, a.device)
+
+
+if __name__ == "__main__":
+    main()

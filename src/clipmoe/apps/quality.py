@@ -1,0 +1,412 @@
+"""The quality testbed (docs/quality.md): DMU against its baselines in a miniature of the paper's setting.
+
+For each seed: a fine-tuning world (detailed captions, a narrower image distribution than the base's
+pretraining corpus, broad held-out evaluation sets), then one pipeline run per recipe (``paper``, ``tuned``)
+from the shipped base, each with every row and both budget rules. Everything is resumable: worlds are reused
+when complete, runs skip finished stages. The tables, verdicts and plots go to ``OUT/quality.md``.
+
+    python benchmarks/bench_quality.py [--size default|large|tiny] [--seeds 0 1 2] [--out quality-run]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import yaml
+
+from ..data.world import FINETUNE_BACKGROUNDS, FINETUNE_COLORS, WorldConfig, generate_world
+from ..dmu.pipeline import Pipeline, open_run
+from ..eval.classification import evaluate_classification
+from ..eval.datasets import load_wds
+from ..eval.features import encode_images
+from ..eval.linear_probe import linear_probe_accuracy
+from ..eval.suite import evaluate_suite
+from ..train.distributed import init_distributed
+
+KNOWN_ATTRIBUTES = ("color", "background", "shape")  # what the base's captions named: the ImageNet analogue
+HIDDEN_ATTRIBUTES = ("size", "position", "texture", "count")
+WORLD_SEED_OFFSET = 100  # fine-tuning worlds never share a seed with the base's pretraining corpus (seed 1)
+PAPER_WARMUP_FRACTION = 200 / 1500  # the paper's 200 warmup steps of a ~1,500-step phase
+
+
+@dataclass(frozen=True)
+class Size:
+    train_size: int
+    eval_size: int
+    mmvp_pairs: int
+    probe_pairs: int
+    batch_size: int
+    experts: int = 4
+
+
+SIZES = {
+    "tiny": Size(train_size=96, eval_size=24, mmvp_pairs=2, probe_pairs=2, batch_size=16, experts=3),  # tests
+    "default": Size(train_size=3000, eval_size=1000, mmvp_pairs=30, probe_pairs=30, batch_size=64),
+    "large": Size(train_size=50000, eval_size=2000, mmvp_pairs=30, probe_pairs=30, batch_size=64),
+}
+
+# The recipes compared (docs/quality.md, "Recipes"). Only the keys that differ between them are here.
+RECIPES: dict[str, dict] = {
+    "paper": {"mcl_lr": 1e-5, "router_lr": 1e-6, "small_clusters": "drop"},
+    "tuned": {"mcl_lr": 3e-4, "router_lr": 1e-3, "small_clusters": "shrink"},
+}
+
+
+def world_config(size: Size, seed: int) -> WorldConfig:
+    return WorldConfig(
+        seed=WORLD_SEED_OFFSET + seed,
+        train_size=size.train_size,
+        val_size=0,
+        eval_size=size.eval_size,
+        mmvp_pairs=size.mmvp_pairs,
+        probe_pairs=size.probe_pairs,
+        train_colors=FINETUNE_COLORS,
+        train_backgrounds=FINETUNE_BACKGROUNDS,
+    )
+
+
+def pipeline_config(world: str, recipe: str, size: Size, seed: int, base_model: str, device: str) -> dict:
+    """The pipeline config of one (recipe, seed) run: the paper's recipe with ``RECIPES[recipe]`` applied."""
+    r = RECIPES[recipe]
+    warmup = max(1, round(PAPER_WARMUP_FRACTION * math.ceil(size.train_size / size.batch_size)))
+    phase = {
+        "epochs": 1,
+        "batch_size": size.batch_size,
+        "warmup_steps": warmup,
+        "label_smoothing": 0.1,
+        "logit_scale": "model",  # the paper's fixed 100 is its base's own learned scale
+        "checkpoint_every": 50,
+        "log_every": 10,
+    }
+    return {
+        "base_model": base_model,
+        "data": {"train": os.path.join(world, "train"), "caption": "txt", "eval": os.path.join(world, "eval")},
+        "seed": seed,
+        "device": device,
+        "cluster": {"image_clusters": 3, "text_clusters": 3},
+        "mcl": {**phase, "lr": r["mcl_lr"], "weight_decay": 0.2, "small_clusters": r["small_clusters"]},
+        "moe": {"experts": size.experts, "top_k": 2, "layers": "all", "expert_dropout": 0.1},
+        "route": {**phase, "lr": r["router_lr"], "weight_decay": 0.01, "balance_weight": 0.01},
+        "baselines": {"enabled": "all", "stages": True, "budgets": ["epoch", "steps"]},
+    }
+
+
+def run_quality(
+    out: str,
+    size: str = "default",
+    seeds: tuple[int, ...] = (0, 1, 2),
+    recipes: tuple[str, ...] = ("paper", "tuned"),
+    base_model: str = "builtin:tiny-clip",
+    device: str = "auto",
+) -> str:
+    """Build the worlds, run every (recipe, seed), and write ``out/quality.md``; returns its path."""
+    s = SIZES[size]
+    unknown = sorted(set(recipes) - set(RECIPES))
+    if unknown:
+        raise ValueError(f"unknown recipe(s) {unknown}; choose from {sorted(RECIPES)}")
+    os.makedirs(out, exist_ok=True)
+    t0 = time.perf_counter()
+    runs = {}
+    for seed in seeds:
+        world = os.path.join(out, "worlds", f"seed{seed}")
+        generate_world(world, world_config(s, seed), verbose=False)
+        for recipe in recipes:
+            name = f"{recipe}-seed{seed}"
+            cfg_path = os.path.join(out, "configs", f"{name}.yaml")
+            os.makedirs(os.path.dirname(cfg_path), exist_ok=True)
+            with open(cfg_path, "w") as f:
+                yaml.safe_dump(pipeline_config(world, recipe, s, seed, base_model, device), f, sort_keys=False)
+            print(f"quality: {name} ({len(runs) + 1} of {len(seeds) * len(recipes)})", flush=True)
+            cfg, run_dir = open_run(cfg_path, os.path.join(out, "runs", name))
+            pipe = Pipeline(cfg, run_dir, init_distributed(cfg.device))
+            pipe.run()
+            runs[name] = {"recipe": recipe, "seed": seed, "run_dir": run_dir, "results": pipe.results()}
+            runs[name]["init_routing"] = _init_routing(pipe)
+            runs[name]["stages"] = _stage_plans(pipe)
+    elapsed = time.perf_counter() - t0
+    path = os.path.join(out, "quality.md")
+    with open(path, "w") as f:
+        f.write(quality_report(runs, size, elapsed))
+    print(f"quality: report {path}")
+    return path
+
+
+def _init_routing(pipe) -> dict:
+    """Routing of the assembled CLIP-MoE before router training (the control of the specialisation claim)."""
+    path = pipe.path("eval", "moe_init_routing.json")
+    if not os.path.exists(path):
+        model = pipe.load(pipe.assemble())
+        routing = evaluate_suite(model, pipe.cfg.data.eval, batch_size=pipe.cfg.eval.batch_size)["routing"]
+        with open(path, "w") as f:
+            json.dump(routing, f)
+    with open(path) as f:
+        return json.load(f)
+
+
+def _stage_plans(pipe) -> list[dict]:
+    """Per MCL stage: the batch plan of its single epoch (clusters used / left out, samples left out)."""
+    plans = []
+    for s in range(1, pipe.cfg.moe.experts):
+        with open(pipe.out("mcl", s, "stats")) as f:
+            plans.append({"stage": s, **json.load(f)["plan"]})
+    return plans
+
+
+# ------------------------------------------------------------------------------------------ measures
+
+
+def mean_metric(metrics: dict, keys: list[str]) -> float:
+    return float(np.mean([metrics[k] for k in keys]))
+
+
+def retrieval_r1(metrics: dict) -> float:
+    """Mean R@1, both directions, ordinary (short) and detailed captions."""
+    keys = [
+        f"{s}/{d}_R@1" for s in ("retrieval_short", "retrieval_detailed") for d in ("image_to_text", "text_to_image")
+    ]
+    return mean_metric(metrics, keys)
+
+
+def known_zero_shot(metrics: dict) -> float:
+    return mean_metric(metrics, [f"cls_{a}/top1" for a in KNOWN_ATTRIBUTES])
+
+
+def hidden_zero_shot(metrics: dict) -> float:
+    return mean_metric(metrics, [f"cls_{a}/top1" for a in HIDDEN_ATTRIBUTES])
+
+
+def unseen_recall(metrics: dict) -> float:
+    """Zero-shot recall on the colours and backgrounds the fine-tuning images never show."""
+    colors = [c for c in metrics_classes(metrics, "color") if c not in FINETUNE_COLORS]
+    backgrounds = [b for b in metrics_classes(metrics, "background") if b not in FINETUNE_BACKGROUNDS]
+    keys = [f"cls_color/per_class_recall/{c}" for c in colors]
+    keys += [f"cls_background/per_class_recall/{b}" for b in backgrounds]
+    return mean_metric(metrics, keys)
+
+
+def metrics_classes(metrics: dict, attribute: str) -> list[str]:
+    prefix = f"cls_{attribute}/per_class_recall/"
+    return [k.removeprefix(prefix) for k in metrics if k.startswith(prefix)]
+
+
+def routing_mutual_information(routing: dict, modality: str = "image") -> float | None:
+    """Mutual information (nats) between an attribute's value and the experts a token is routed to, averaged
+    over layers and the attributes labelled in the routing analysis; None without routing data."""
+    entry = routing.get(modality) if routing else None
+    if not entry or not entry.get("groups"):
+        return None
+    values = []
+    for attribute in KNOWN_ATTRIBUTES + HIDDEN_ATTRIBUTES:
+        g = entry["groups"].get(attribute)
+        if not g:
+            continue
+        weights = np.asarray(g["tokens"], dtype=float)
+        weights /= weights.sum()
+        for load in np.asarray(g["load"]):  # [groups, experts] per layer
+            mixed = weights @ load
+            values.append(_entropy(mixed) - float(weights @ np.array([_entropy(row) for row in load])))
+    return float(np.mean(values)) if values else None
+
+
+def _entropy(p: np.ndarray) -> float:
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+MEASURES = {
+    "retrieval R@1": retrieval_r1,
+    "ordinary I2T R@1": lambda m: m["retrieval_short/image_to_text_R@1"],
+    "ordinary T2I R@1": lambda m: m["retrieval_short/text_to_image_R@1"],
+    "ordinary T2I R@5": lambda m: m["retrieval_short/text_to_image_R@5"],
+    "detailed I2T R@1": lambda m: m["retrieval_detailed/image_to_text_R@1"],
+    "detailed T2I R@1": lambda m: m["retrieval_detailed/text_to_image_R@1"],
+    "known zero-shot": known_zero_shot,
+    "unseen colours+bg": unseen_recall,
+    "hidden zero-shot": hidden_zero_shot,
+    "MMVP": lambda m: m["mmvp/mean"],
+}
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def row_rule(name: str) -> str | None:
+    """The budget rule a row's name states (None: the row does not depend on the rule)."""
+    if "(1 epoch)" in name:
+        return "epoch"
+    if "(equal steps)" in name:
+        return "steps"
+    return None
+
+
+def _seed_values(runs: dict, recipe: str, row: str, measure) -> list[float]:
+    out = []
+    for r in runs.values():
+        if r["recipe"] == recipe and row in r["results"]:
+            out.append(measure(r["results"][row]["metrics"]))
+    return out
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{np.mean(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+
+
+def decide(differences: list[float], margin: float = 0.0) -> str:
+    """The testbed's pre-registered rule: the claimed sign in every seed holds, the opposite sign in every
+    seed does not hold, anything else is within noise."""
+    if differences and all(d > margin for d in differences):
+        return "holds"
+    if differences and all(d < margin for d in differences):
+        return "does not hold"
+    return "within noise"
+
+
+def _paired(runs: dict, recipe: str, row_a: str, row_b: str, measure) -> list[float]:
+    out = []
+    for r in runs.values():
+        res = r["results"]
+        if r["recipe"] == recipe and row_a in res and row_b in res:
+            out.append(measure(res[row_a]["metrics"]) - measure(res[row_b]["metrics"]))
+    return out
+
+
+def _claim_line(claim: str, diffs: list[float], verdict: str, unit: str = "points") -> str:
+    if not diffs:
+        return f"| {claim} | - | not measured |"
+    return f"| {claim} | {np.mean(diffs):+.1f} ({min(diffs):+.1f} to {max(diffs):+.1f}) {unit} | **{verdict}** |"
+
+
+def verdicts(runs: dict, recipe: str, rule: str) -> list[str]:
+    rows = _rows(runs, recipe)
+    dense = next((r for r in rows if r.startswith("dense fine-tune") and row_rule(r) == rule), None)
+    upcycle = next((r for r in rows if r.startswith("sparse upcycling") and row_rule(r) == rule), None)
+    dmu, base = "DMU CLIP-MoE", "base"
+    lines = ["| claim | DMU minus the other (mean, range over seeds) | verdict |", "|---|---|---|"]
+    for claim, other in (
+        ("DMU beats direct fine-tuning on retrieval", dense),
+        ("DMU beats sparse upcycling on retrieval", upcycle),
+    ):
+        diffs = _paired(runs, recipe, dmu, other, retrieval_r1) if other else []
+        lines.append(_claim_line(claim, diffs, decide(diffs)))
+    diffs = _paired(runs, recipe, dmu, base, known_zero_shot)
+    lines.append(_claim_line("DMU keeps classification within 1 point of the base", diffs, decide(diffs, -1.0)))
+    wo_mcl = next((r for r in rows if r.startswith("w/o MCL") and row_rule(r) == rule), None)
+    diffs = _paired(runs, recipe, dmu, wo_mcl, retrieval_r1) if wo_mcl else []
+    lines.append(_claim_line("DMU beats w/o MCL on retrieval (MCL matters)", diffs, decide(diffs)))
+    mi = []
+    for r in runs.values():
+        if r["recipe"] == recipe and dmu in r["results"]:
+            trained = routing_mutual_information(r["results"][dmu]["metrics"].get("routing", {}))
+            init = routing_mutual_information(r.get("init_routing", {}))
+            if trained is not None and init is not None:
+                mi.append(1000 * (trained - init))
+    lines.append(
+        _claim_line(
+            "Experts specialise (routing-attribute MI, trained minus untrained routers)", mi, decide(mi), "mnats"
+        )
+    )
+    return lines
+
+
+def _rows(runs: dict, recipe: str) -> list[str]:
+    rows: list[str] = []
+    for r in runs.values():
+        if r["recipe"] == recipe:
+            rows += [n for n in r["results"] if n not in rows]
+    return rows
+
+
+def quality_report(runs: dict, size: str, elapsed: float) -> str:
+
+    seeds = sorted({r["seed"] for r in runs.values()})
+    recipes = list(dict.fromkeys(r["recipe"] for r in runs.values()))
+    lines = [
+        "# Quality testbed results",
+        "",
+        f"Size `{size}`, seeds {seeds}, recipes {recipes}; {elapsed / 60:.1f} min on {platform.machine()}, "
+        f"{os.cpu_count()} CPU(s), torch {torch.__version__}"
+        + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
+        + ".",
+        "Cells: mean over seeds (min-max). Scores in % on held-out images of the broad distribution.",
+        "",
+    ]
+    rules = {
+        "epoch": "the paper's rule: every phase sees the fine-tuning data once",
+        "steps": "equal compute: baselines get all DMU phases' optimizer steps",
+    }
+    for recipe in recipes:
+        rows = _rows(runs, recipe)
+        for rule, text in rules.items():
+            shown = [r for r in rows if row_rule(r) in (None, rule)]
+            lines += [f"## Recipe `{recipe}`, budget rule `{rule}` ({text})", ""]
+            lines += ["| model | " + " | ".join(MEASURES) + " |", "|---" * (len(MEASURES) + 1) + "|"]
+            for row in shown:
+                cells = [_cell(_seed_values(runs, recipe, row, m)) for m in MEASURES.values()]
+                lines.append(f"| {row} | " + " | ".join(cells) + " |")
+            lines += ["", *verdicts(runs, recipe, rule), ""]
+        lines += _stage_plan_table(runs, recipe)
+    return "\n".join(lines) + "\n"
+
+
+def _stage_plan_table(runs: dict, recipe: str) -> list[str]:
+    """What each MCL stage trained on: its one-cluster batches, and what its small-cluster rule left out."""
+    per_stage: dict[int, list[dict]] = {}
+    for r in runs.values():
+        if r["recipe"] == recipe:
+            for plan in r.get("stages", []):
+                per_stage.setdefault(plan["stage"], []).append(plan)
+    if not per_stage:
+        return []
+    lines = [
+        f"MCL stages of recipe `{recipe}` (mean over seeds): batches of one accumulated cluster, and what the "
+        "small-cluster rule left out of the stage's epoch.",
+        "",
+        "| stage | batches | mean batch | clusters used | clusters left out | samples left out |",
+        "|---|---|---|---|---|---|",
+    ]
+    for stage, plans in sorted(per_stage.items()):
+        mean = {k: float(np.mean([p[k] for p in plans])) for k in plans[0] if k != "stage"}
+        lines.append(
+            f"| {stage} | {mean['batches']:.0f} | {mean['samples'] / max(mean['batches'], 1):.0f} | "
+            f"{mean['clusters_used']:.0f} | {mean['clusters_dropped']:.0f} | {mean['dropped']:.0f} |"
+        )
+    return [*lines, ""]
+
+
+# ------------------------------------------------------------------------------------------ suppression
+
+
+def attribute_probes(model, world: str, batch_size: int = 256) -> dict[str, dict[str, float]]:
+    """Per attribute of a generated world, on its held-out evaluation images: zero-shot top-1 (prompt ensemble)
+    and a linear probe on the same frozen image features (2-fold cross-fitted on those images, so the probe
+    sees the same distribution it is scored on). Zero-shot near chance with a probe far above it = suppressed;
+    both near chance = absent."""
+
+    with open(os.path.join(world, "world.json")) as f:
+        attributes = json.load(f)["attributes"]
+    features = None
+    out = {}
+    for a in attributes:
+        data = load_wds(os.path.join(world, "eval", f"cls_{a['name']}"))
+        if features is None:  # every cls_ set holds the same images in the same order
+            features = encode_images(model, data.images, batch_size=batch_size)
+        zero_shot = evaluate_classification(model, data, batch_size=batch_size)["top1"]
+        y, half = data.targets, len(data.targets) // 2
+        folds = [(slice(0, half), slice(half, None)), (slice(half, None), slice(0, half))]
+        probe = (
+            sum(linear_probe_accuracy(features[tr], y[tr], features[te], y[te], len(a["values"])) for tr, te in folds)
+            / 2
+        )
+        out[a["name"]] = {"chance": 100.0 / len(a["values"]), "zero_shot": zero_shot, "linear_probe": probe}
+    return out

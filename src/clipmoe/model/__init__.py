@@ -1,0 +1,2 @@
+"""The CLIP-MoE model: the MoE layer, the HF-compatible model classes, surgery (assembly, sparse upcycling), the
+Long-CLIP position stretch. Depends on nothing else in clipmoe."""

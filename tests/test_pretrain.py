@@ -1,0 +1,40 @@
+"""Pretraining from scratch: the held-out curve that shows when retrieval plateaus, and resuming it."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from clipmoe.apps.pretrain import pretrain
+from clipmoe.data.world import WorldConfig, generate_world
+
+
+def test_pretraining_records_a_heldout_curve_and_a_rerun_keeps_it(tmp_path):
+    world = tmp_path / "world"
+    generate_world(world, WorldConfig.preset("test", seed=1, train_size=64), verbose=False)
+    config = {
+        "out": str(tmp_path / "clip"),
+        "data": {"train": str(world / "train"), "caption": "json:web"},
+        "tokenizer": {"vocabulary": "world"},
+        "model": {
+            "image_size": 32,
+            "patch_size": 8,
+            "vision": {"width": 64, "layers": 1},
+            "text": {"width": 64, "layers": 1, "context_length": 48},
+            "projection_dim": 32,
+        },
+        "train": {"epochs": 1, "batch_size": 16, "lr": 1e-3, "warmup_steps": 1, "checkpoint_every": 2},
+        "curve": {"eval": str(world / "eval" / "retrieval_short"), "every": 2},
+    }
+    path = tmp_path / "pretrain.yaml"
+    path.write_text(yaml.safe_dump(config))
+    pretrain(str(path))
+    curve_path = tmp_path / "clip.train" / "curve.jsonl"
+    points = [json.loads(line) for line in curve_path.read_text().splitlines()]
+    assert [p["step"] for p in points] == [2, 4]
+    for p in points:
+        assert p["temperature"] > 1 and 0 <= p["image_to_text_R@1"] <= 100 and 0 <= p["text_to_image_R@1"] <= 100
+    assert (tmp_path / "clip" / "model.safetensors").exists()
+    pretrain(str(path))  # finished: nothing retrained, the curve is not extended
+    assert curve_path.read_text().count("\n") == 2

@@ -1,0 +1,70 @@
+"""The quality testbed: its worlds, its pre-registered verdict rule, its routing measure, and a whole tiny run."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from clipmoe.apps.quality import (
+    FINETUNE_BACKGROUNDS,
+    FINETUNE_COLORS,
+    SIZES,
+    decide,
+    pipeline_config,
+    routing_mutual_information,
+    run_quality,
+    world_config,
+)
+
+
+def test_verdict_rule_needs_the_same_sign_in_every_seed():
+    assert decide([0.5, 2.0, 0.1]) == "holds"
+    assert decide([-0.5, -2.0, -0.1]) == "does not hold"
+    assert decide([0.5, -2.0, 3.0]) == "within noise"
+    assert decide([]) == "within noise"
+    assert decide([-0.5, -0.9], margin=-1.0) == "holds"  # within 1 point of the base in every seed
+    assert decide([-0.5, -1.5], margin=-1.0) == "within noise"
+
+
+def test_routing_mutual_information_is_zero_for_uniform_and_positive_for_specialised_routing():
+    def routing(load):
+        return {"image": {"groups": {"color": {"names": ["a", "b"], "tokens": [10, 10], "load": load}}}}
+
+    uniform = routing([[[0.5, 0.5], [0.5, 0.5]]])
+    specialised = routing([[[1.0, 0.0], [0.0, 1.0]]])
+    assert routing_mutual_information(uniform) == pytest.approx(0.0)
+    assert routing_mutual_information(specialised) == pytest.approx(np.log(2))
+    assert routing_mutual_information({}) is None
+
+
+def test_finetuning_world_is_narrow_and_config_follows_the_paper_recipe(tmp_path):
+    size = SIZES["default"]
+    w = world_config(size, 1)
+    assert w.seed == 101 and w.train_colors == FINETUNE_COLORS and w.train_backgrounds == FINETUNE_BACKGROUNDS
+    cfg = pipeline_config(str(tmp_path), "paper", size, 1, "builtin:tiny-clip", "cpu")
+    assert cfg["mcl"]["lr"] == 1e-5 and cfg["route"]["lr"] == 1e-6 and cfg["mcl"]["small_clusters"] == "drop"
+    assert cfg["mcl"]["epochs"] == cfg["route"]["epochs"] == 1
+    assert cfg["mcl"]["warmup_steps"] == 6  # 13% of a 47-step phase, as 200 is of the paper's ~1,500
+    assert cfg["route"]["logit_scale"] == "model"
+
+
+@pytest.mark.slow
+def test_tiny_quality_run_writes_tables_for_both_budget_rules_and_resumes(tmp_path):
+    out = str(tmp_path / "q")
+    path = run_quality(out, size="tiny", seeds=(0,), recipes=("tuned",), device="cpu")
+    text = open(path).read()
+    assert "budget rule `epoch`" in text and "budget rule `steps`" in text
+    for row in ("| base |", "| DMU CLIP-MoE |", "| MCL stage 1 |", "| expert soup |"):
+        assert row in text
+    assert text.count("DMU keeps classification within 1 point of the base") == 2
+    assert "| stage | batches | mean batch |" in text
+    assert os.path.exists(os.path.join(out, "runs", "tuned-seed0", "eval", "moe_init_routing.json"))
+    with open(os.path.join(out, "runs", "tuned-seed0", "eval", "dmu_clip_moe.json")) as f:
+        metrics = json.load(f)["metrics"]
+    assert any(k.startswith("cls_color/per_class_recall/") for k in metrics)
+    mtime = os.path.getmtime(os.path.join(out, "runs", "tuned-seed0", "moe", "model", "model.safetensors"))
+    run_quality(out, size="tiny", seeds=(0,), recipes=("tuned",), device="cpu")  # rerun: nothing retrained
+    assert os.path.getmtime(os.path.join(out, "runs", "tuned-seed0", "moe", "model", "model.safetensors")) == mtime
