@@ -14,6 +14,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 
 import numpy as np
@@ -119,8 +120,12 @@ def train(
     env: DistEnv | None = None,
     labels: np.ndarray | None = None,
     desc: str = "train",
+    on_step: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Train ``model`` in place with the contrastive loss; resumable from ``out_dir``. Returns run stats."""
+    """Train ``model`` in place with the contrastive loss; resumable from ``out_dir``. Returns run stats.
+
+    ``on_step(step, total_steps)`` runs after every optimizer step (for example a held-out evaluation curve);
+    it must leave the model in training mode."""
     env = env or DistEnv()
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -216,6 +221,8 @@ def train(
                 metrics.write(record)
             if step % cfg.checkpoint_every == 0 and step < total_steps:
                 _save_checkpoint(ckpt_path, model, optimizer, scheduler, step, cfg, env)
+            if on_step is not None:
+                on_step(step, total_steps)
     finally:
         bar.close()
         if metrics:
