@@ -40,18 +40,13 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from .modeling import _MoEHooks, build_moe_structure
+from .modeling import _MoEHooks
 
 
 class _SiglipHooks(_MoEHooks):
     loss_family = "sigmoid"  # the loss the base was trained with (the training loop's ``loss: auto``)
     text_padding = "max_length"  # the text tower pools the last position: pad every text to the context
     _remote_name = ""
-
-    def _init_moe(self) -> None:
-        spec = self.moe_spec
-        if spec is not None:
-            build_moe_structure(self, spec)
 
     def remote_entry(self) -> str:
         return f"modeling_siglip.{self._remote_name}"
@@ -81,7 +76,7 @@ class SiglipMoeVisionModel(_SiglipHooks, SiglipVisionModel):
 
     def __init__(self, config: SiglipVisionConfig) -> None:
         super().__init__(config)
-        self._init_moe()
+        self._build_moe()
 
 
 class Siglip2MoeVisionModel(_SiglipHooks, Siglip2VisionModel):
@@ -93,7 +88,7 @@ class Siglip2MoeVisionModel(_SiglipHooks, Siglip2VisionModel):
 
     def __init__(self, config: Siglip2VisionConfig) -> None:
         super().__init__(config)
-        self._init_moe()
+        self._build_moe()
 
 
 class SiglipMoeModel(_SiglipHooks, SiglipModel):
@@ -108,7 +103,7 @@ class SiglipMoeModel(_SiglipHooks, SiglipModel):
         # The width of both towers' features, under the name the rest of clipmoe reads (CLIPConfig's).
         if getattr(config, "projection_dim", None) is None:
             config.projection_dim = config.text_config.projection_size
-        self._init_moe()
+        self._build_moe()
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Image features (the MAP head's pooled output; not normalised)."""
@@ -130,7 +125,7 @@ class Siglip2MoeModel(_SiglipHooks, Siglip2Model):
         super().__init__(config)
         if getattr(config, "projection_dim", None) is None:
             config.projection_dim = config.text_config.projection_size
-        self._init_moe()
+        self._build_moe()
 
     def encode_image(
         self,
