@@ -170,11 +170,18 @@ class _MoEHooks:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
         try:
-            super().save_pretrained(tmp, safe_serialization=True, **kwargs)
-            write_remote_code(tmp, self.remote_entry())
-            for extra in (getattr(self, "tokenizer", None), getattr(self, "image_processor", None)):
-                if extra is not None:
-                    extra.save_pretrained(tmp)
+            try:
+                super().save_pretrained(tmp, safe_serialization=True, **kwargs)
+                write_remote_code(tmp, self.remote_entry())
+                for extra in (getattr(self, "tokenizer", None), getattr(self, "image_processor", None)):
+                    if extra is not None:
+                        extra.save_pretrained(tmp)
+            except Exception as e:
+                reason = _io_failure(e)
+                if reason is None:
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise ModelWriteError(f"could not write {target}: {reason}; removed the partial {tmp}") from e
             old = None
             if os.path.exists(target):
                 old = tempfile.mkdtemp(prefix=".old-", dir=parent)
@@ -185,6 +192,25 @@ class _MoEHooks:
         finally:
             if os.path.exists(tmp):
                 shutil.rmtree(tmp)
+
+
+class ModelWriteError(OSError, ValueError):
+    """A model folder could not be written (disk full, I/O error); its temporary folder has been removed."""
+
+
+def _io_failure(exc: BaseException) -> str | None:
+    """The OS's reason when ``exc`` is a failed write (safetensors and torch wrap the OSError), else None."""
+    e, seen = exc, set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e.strerror or str(e)
+        e = e.__cause__ or e.__context__
+    text = (str(exc).splitlines() or [""])[0]
+    if "I/O error" not in text:
+        return None
+    # safetensors: "Error while serializing: I/O error: No space left on device (os error 28)"
+    return text.partition("I/O error: ")[2].partition(" (os error")[0][:200] or text[:200]
 
 
 def write_remote_code(folder: str, class_name: str) -> None:
