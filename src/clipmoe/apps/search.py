@@ -327,7 +327,7 @@ def _embed_files(
     model, images_dir: str, files: list[str], batch_size: int, pool, bar
 ) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
     """L2-normalised fp32 features of the readable ``files``, those files, and (file, reason) of the rest."""
-    param = model.visual_projection.weight
+    param = model.vision_model.embeddings.patch_embedding.weight  # device and dtype (CLIP and SigLIP alike)
     feats, ok, bad = [], [], []
     for start in range(0, len(files), batch_size):
         batch = files[start : start + batch_size]

@@ -14,6 +14,7 @@ image is still 8-bit, so the float tensor is never larger than ``[3, crop, crop]
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 
@@ -60,6 +61,11 @@ class ImageTransform:
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
     resample: int = 3  # PIL code; 3 = bicubic
+    # "clip": resize the shortest edge, center crop (CLIPImageProcessor). "siglip": resize the whole image to
+    # crop_size x crop_size, no crop (SiglipImageProcessor). "siglip2": the same square resize, written as the
+    # Siglip2ImageProcessor (NaFlex) config that yields exactly these pixels for square images.
+    processor: str = "clip"
+    patch_size: int = 16  # siglip2 only
     # Refused before decoding/resizing (ImageRejected); None turns a check off.
     max_pixels: int | None = MAX_PIXELS
     max_aspect_ratio: float | None = MAX_ASPECT_RATIO
@@ -78,6 +84,9 @@ class ImageTransform:
             raise FileNotFoundError(f"{folder} has no preprocessor_config.json; cannot know the image preprocessing")
         with open(path) as f:
             cfg = json.load(f)
+        siglip = _siglip_transform(cls, cfg, **limits)
+        if siglip is not None:
+            return siglip
         size = cfg.get("size", 224)
         size = size.get("shortest_edge", size.get("height")) if isinstance(size, dict) else size
         crop = cfg.get("crop_size", size)
@@ -92,6 +101,8 @@ class ImageTransform:
         )
 
     def to_processor_config(self) -> dict:
+        if self.processor != "clip":
+            return _siglip_processor_config(self)
         return {
             "image_processor_type": "CLIPImageProcessor",
             "do_resize": True,
@@ -124,6 +135,12 @@ class ImageTransform:
             rgba = image.convert("RGBA")
             image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
         image = image.convert("RGB")
+        if self.processor != "clip":  # SigLIP: the whole image squashed to a square, no crop
+            if image.size != (self.crop_size, self.crop_size):
+                image = image.resize((self.crop_size, self.crop_size), resample=_PIL_RESAMPLE[self.resample])
+            arr = np.asarray(image, dtype=np.float32)
+            arr = (arr * (1 / 255) - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+            return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
         w, h = image.size
         # Same rounding as HF's get_resize_output_image_size(default_to_square=False).
         short, long = (w, h) if w <= h else (h, w)
@@ -146,6 +163,53 @@ class ImageTransform:
         return f"ImageTransform({asdict(self)})"
 
 
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+def _siglip_transform(cls, cfg: dict, **limits) -> ImageTransform | None:
+    """The transform of a SigLIP / SigLIP 2 ``preprocessor_config.json``; None for a CLIP-style one."""
+    kind = str(cfg.get("image_processor_type", ""))
+    mean, std = tuple(cfg.get("image_mean", SIGLIP_MEAN)), tuple(cfg.get("image_std", SIGLIP_STD))
+    if kind.startswith("Siglip2") or "max_num_patches" in cfg:
+        # NaFlex resizes to the largest patch grid within max_num_patches at the image's aspect ratio; clipmoe
+        # feeds square images, for which that grid is floor(sqrt(max_num_patches)) patches a side.
+        patch, grid = int(cfg.get("patch_size", 16)), math.isqrt(int(cfg.get("max_num_patches", 256)))
+        side = grid * patch
+        return cls(side, side, mean, std, int(cfg.get("resample", 2)), "siglip2", patch, **limits)
+    size = cfg.get("size")
+    squash = isinstance(size, dict) and "height" in size and "shortest_edge" not in size
+    if kind.startswith("Siglip") or (squash and not cfg.get("do_center_crop", False)):
+        side = int(size["height"]) if isinstance(size, dict) else int(size or 224)
+        return cls(side, side, mean, std, int(cfg.get("resample", 3)), "siglip", **limits)
+    return None
+
+
+def _siglip_processor_config(t: ImageTransform) -> dict:
+    common = {
+        "do_resize": True,
+        "resample": t.resample,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(t.mean),
+        "image_std": list(t.std),
+        "do_convert_rgb": True,
+    }
+    if t.processor == "siglip2":
+        grid = t.crop_size // t.patch_size
+        return {
+            "image_processor_type": "Siglip2ImageProcessor",
+            **common,
+            "patch_size": t.patch_size,
+            "max_num_patches": grid * grid,
+        }
+    return {
+        "image_processor_type": "SiglipImageProcessor",
+        **common,
+        "size": {"height": t.crop_size, "width": t.crop_size},
+    }
+
+
 def _center_crop(arr: np.ndarray, top: int, left: int, crop: int) -> np.ndarray:
     h, w = arr.shape[:2]
     if top >= 0 and left >= 0 and h >= crop and w >= crop:
@@ -161,28 +225,57 @@ def _center_crop(arr: np.ndarray, top: int, left: int, crop: int) -> np.ndarray:
 class TextTokenizer:
     """Wraps the folder's HF tokenizer: pads to the batch's longest text, truncates to the context."""
 
-    def __init__(self, hf_tokenizer, context_length: int) -> None:
+    def __init__(self, hf_tokenizer, context_length: int, padding: str = "longest") -> None:
+        if padding not in ("longest", "max_length"):
+            raise ValueError(f"padding must be 'longest' or 'max_length', got {padding!r}")
         self.hf = hf_tokenizer
         self.context_length = context_length
+        # "max_length" for towers that pool a fixed position (SigLIP pools the last one, trained on 64 tokens)
+        self.padding = padding
 
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike, context_length: int) -> TextTokenizer:
-        from transformers import AutoTokenizer
+    def from_folder(cls, folder: str | os.PathLike, context_length: int, padding: str = "longest") -> TextTokenizer:
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
         try:
-            tok = AutoTokenizer.from_pretrained(os.fspath(folder), local_files_only=True)
+            # A folder that declares the generic tokenizers backend (clipmoe's word tokenizers) gets exactly its
+            # tokenizer.json: AutoTokenizer would swap in the model type's own class for some types (SigLIP 2).
+            loader = PreTrainedTokenizerFast if _declares_generic_tokenizer(folder) else AutoTokenizer
+            tok = loader.from_pretrained(os.fspath(folder), local_files_only=True)
         except Exception as e:
             raise FileNotFoundError(f"cannot load a tokenizer from {folder}: {e}") from e
-        return cls(tok, context_length)
+        return cls(tok, context_length, padding)
 
     def __call__(self, texts: list[str] | str) -> dict[str, torch.Tensor]:
         if isinstance(texts, str):
             texts = [texts]
-        enc = self.hf(list(texts), padding=True, truncation=True, max_length=self.context_length, return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        enc = self.hf(
+            list(texts),
+            padding=True if self.padding == "longest" else "max_length",
+            truncation=True,
+            max_length=self.context_length,
+            return_tensors="pt",
+        )
+        # A tokenizer without attention_mask in its model_input_names (original SigLIP checkpoints, trained
+        # without one) gets an all-ones mask: the model attends to every position, as it was trained, and the
+        # router losses count every position.
+        mask = enc.get("attention_mask")
+        return {
+            "input_ids": enc["input_ids"],
+            "attention_mask": torch.ones_like(enc["input_ids"]) if mask is None else mask,
+        }
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         self.hf.save_pretrained(os.fspath(folder))
+
+
+def _declares_generic_tokenizer(folder: str | os.PathLike) -> bool:
+    path = os.path.join(folder, "tokenizer_config.json")
+    if not os.path.exists(path) or not os.path.exists(os.path.join(folder, "tokenizer.json")):
+        return False
+    with open(path) as f:
+        declared = json.load(f).get("tokenizer_class")
+    return declared in ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 def build_word_tokenizer(words: list[str], context_length: int):

@@ -17,10 +17,10 @@ import statistics
 import time
 
 import torch
-from transformers import CLIPConfig
 
 from ..assets import resolve_model_path
 from ..eval import evaluate_suite, plot_routing
+from ..formats.load import model_class_for
 from ..model.modeling import ClipMoeModel
 from ..model.surgery import find_ffns, resolve_layers
 from ..utils.io import write_text
@@ -36,10 +36,15 @@ def measure_throughput(model: ClipMoeModel, batch: int = 32, repeats: int = 5) -
     crop = model.image_processor.crop_size
     device = next(model.parameters()).device
     pixels = torch.randn(batch, 3, crop, crop, device=device)
-    ids = torch.full((batch, model.config.text_config.max_position_embeddings), model.config.text_config.pad_token_id)
-    ids[:, 0] = model.config.text_config.bos_token_id
-    ids[:, 1:9] = torch.randint(4, model.config.text_config.vocab_size, (batch, 8))
-    ids[:, 9] = model.config.text_config.eos_token_id
+    tc = model.config.text_config
+
+    def special(token_id: int | None) -> int:  # SigLIP configs carry CLIP's bos/eos ids, beyond their vocabulary
+        return token_id if token_id is not None and 0 <= token_id < tc.vocab_size else 1
+
+    ids = torch.full((batch, tc.max_position_embeddings), special(tc.pad_token_id))
+    ids[:, 0] = special(tc.bos_token_id)
+    ids[:, 1:9] = torch.randint(4, tc.vocab_size, (batch, 8))
+    ids[:, 9] = special(tc.eos_token_id)
     mask = torch.zeros_like(ids)
     mask[:, :10] = 1
     out = {}
@@ -70,9 +75,11 @@ def evaluate_row(model: ClipMoeModel, cfg: PipelineConfig, name: str) -> dict:
 def phase_parameters(cfg: PipelineConfig) -> dict[str, dict[str, int]]:
     """Trainable / total / active parameters of each phase, from the base model's config (no weights read)."""
     folder = resolve_model_path(cfg.base_model)
-    config = CLIPConfig.from_pretrained(folder, local_files_only=True)
+    with open(os.path.join(folder, "config.json")) as f:
+        model_class = model_class_for(json.load(f).get("model_type"), folder)  # CLIP, SigLIP or SigLIP 2
+    config = model_class.config_class.from_pretrained(folder, local_files_only=True)
     with torch.device("meta"):
-        base = ClipMoeModel(config)
+        base = model_class(config)
     total = sum(p.numel() for p in base.parameters())
     ffns = find_ffns(base)
     chosen = resolve_layers(cfg.moe.layers, {t: len(f) for t, f in ffns.items()})

@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from transformers import CLIPVisionConfig
-
 from ..model.modeling import ClipMoeModel, ClipMoeVisionModel
 from ..utils.dtypes import DTYPE_CHOICES, torch_dtype
 from .load import load
@@ -26,11 +24,12 @@ def vision_tower(model: ClipMoeModel) -> ClipMoeVisionModel:
     experts stay half and routers stay fp32), the vision config, and the ``moe`` section restricted to
     the vision tower. Its forward is the full model's ``vision_model`` forward, layer for layer.
     """
-    config = CLIPVisionConfig.from_dict(model.config.vision_config.to_dict())
+    tower_class = getattr(model, "vision_tower_class", ClipMoeVisionModel)  # SigLIP: modeling_siglip's towers
+    config = tower_class.config_class.from_dict(model.config.vision_config.to_dict())
     spec = model.moe_spec
     if spec is not None and spec.layers.get("vision"):
         config.moe = dataclasses.replace(spec, layers={"vision": spec.layers["vision"]}).to_dict()
-    tower = ClipMoeVisionModel(config)
+    tower = tower_class(config)
     state = {k: v.detach().clone() for k, v in model.vision_model.state_dict().items()}
     tower.load_state_dict(state, strict=True, assign=True)
     if getattr(model, "image_processor", None) is not None:

@@ -49,14 +49,14 @@ def tower_layers(model: nn.Module) -> dict[str, nn.ModuleList]:
     """The transformer blocks of each tower of an HF CLIP model (full, vision-only or text-only)."""
     if hasattr(model, "vision_model") and hasattr(model, "text_model"):
         return {"vision": model.vision_model.encoder.layers, "text": model.text_model.encoder.layers}
-    if isinstance(model, CLIPVisionModel):
+    if isinstance(model, CLIPVisionModel) or getattr(model, "is_vision_tower", False):
         encoder = model.vision_model.encoder if hasattr(model, "vision_model") else model.encoder
         return {"vision": encoder.layers}
     raise TypeError(f"not an HF CLIP model: {type(model).__name__}")
 
 
 def tower_config(config, tower: str):
-    if isinstance(config, CLIPConfig):
+    if isinstance(config, CLIPConfig) or hasattr(config, "vision_config"):  # full CLIP / SigLIP configs
         return config.vision_config if tower == "vision" else config.text_config
     return config
 
@@ -154,6 +154,10 @@ class _MoEHooks:
             inactive += per_expert * (m.num_experts - m.top_k)
         return {"trainable": trainable, "total": total, "active": total - inactive}
 
+    def remote_entry(self) -> str:
+        """``module.Class`` of this model in the remote code a saved folder carries (its ``auto_map``)."""
+        return "ClipMoeVisionModel" if isinstance(self, CLIPVisionModel) else "ClipMoeModel"
+
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Write the HF folder (config with its ``moe`` section, safetensors, tokenizer, preprocessor) into a
         temporary sibling folder, then rename it into place: nothing is left half-written.
@@ -168,7 +172,7 @@ class _MoEHooks:
         try:
             try:
                 super().save_pretrained(tmp, safe_serialization=True, **kwargs)
-                write_remote_code(tmp, "ClipMoeVisionModel" if isinstance(self, CLIPVisionModel) else "ClipMoeModel")
+                write_remote_code(tmp, self.remote_entry())
                 for extra in (getattr(self, "tokenizer", None), getattr(self, "image_processor", None)):
                     if extra is not None:
                         extra.save_pretrained(tmp)
@@ -212,6 +216,9 @@ def _io_failure(exc: BaseException) -> str | None:
 def write_remote_code(folder: str, class_name: str) -> None:
     """Copy this file and ``moe.py`` into ``folder`` and point config.json's ``auto_map`` at ``class_name``.
 
+    ``class_name`` may name another module of this folder (``"modeling_siglip.SiglipMoeModel"``): that file
+    is copied too.
+
     The copies are taken from wherever this module was imported from, so a model that was itself loaded
     as remote code saves the same code again. Only ``AutoModel`` is mapped: it is the entry point LLaVA-style
     loaders and feature extractors use, and mapping more classes would promise behaviour nobody tests.
@@ -219,10 +226,13 @@ def write_remote_code(folder: str, class_name: str) -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     shutil.copyfile(os.path.join(here, "modeling.py"), os.path.join(folder, "modeling.py"))
     shutil.copyfile(os.path.join(here, "moe.py"), os.path.join(folder, "moe.py"))
+    module, _, name = class_name.rpartition(".")
+    if module and module != "modeling":
+        shutil.copyfile(os.path.join(here, f"{module}.py"), os.path.join(folder, f"{module}.py"))
     config_path = os.path.join(folder, "config.json")
     with open(config_path) as f:
         config = json.load(f)
-    config["auto_map"] = {"AutoModel": f"modeling.{class_name}"}
+    config["auto_map"] = {"AutoModel": f"{module or 'modeling'}.{name}"}
     with open(config_path, "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")

@@ -105,8 +105,12 @@ def _as_state_dict(expert: nn.Module | Mapping[str, torch.Tensor]) -> Mapping[st
     return expert.state_dict() if isinstance(expert, nn.Module) else expert
 
 
+_BLOCK_FFN_KEY = re.compile(r"(?:^|\.)(?:layers|resblocks)\.\d+\.mlp\.")
+
+
 def _is_ffn_key(key: str) -> bool:
-    return ".mlp." in f".{key}"
+    # A transformer block's FFN only: SigLIP's attention-pooling head has an ``mlp`` too, which is not an expert.
+    return _BLOCK_FFN_KEY.search(key) is not None
 
 
 def check_same_base(base: nn.Module, expert: nn.Module | Mapping[str, torch.Tensor], name: str) -> None:

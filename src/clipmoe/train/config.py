@@ -26,6 +26,12 @@ class TrainConfig:
     # Fixed scale (the paper: 100, OpenAI CLIP's learned value); "model" = the model's own learned scale, kept
     # fixed (for bases whose temperature is not 100); None = learn it.
     logit_scale: float | str | None = 100.0
+    # The contrastive loss: softmax (CLIP's InfoNCE) | sigmoid (SigLIP's pairwise loss) | auto = the family the
+    # base was trained with (SigLIP / SigLIP 2: sigmoid). label_smoothing applies to softmax only.
+    loss: str = "auto"
+    # Sigmoid loss only: a fixed bias; None = the model's own logit_bias (learned when logit_scale is None, else
+    # kept at its value), -10 for a model without one (see loss_sigmoid.contrastive_loss).
+    logit_bias: float | None = None
     balance_weight: float = 0.0  # x (image balance + text_balance_factor x text balance)
     text_balance_factor: float = 0.5
     balance_mask_padding: bool = True  # False reproduces the official code (padding counted)
@@ -54,6 +60,7 @@ class TrainConfig:
             "steps": self.steps >= 0,
             "epochs": self.epochs > 0,
             "logit_scale": not isinstance(self.logit_scale, str) or self.logit_scale == "model",
+            "loss": self.loss in ("auto", "softmax", "sigmoid"),  # loss_sigmoid.LOSSES (this module is torch-free)
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:

@@ -29,7 +29,8 @@ from ..model.modeling import tower_layers
 from ..model.moe import load_balancing_loss, router_z_loss
 from .config import TrainConfig
 from .distributed import DistEnv, barrier
-from .loss import ClipLoss, global_router_losses
+from .loss import global_router_losses
+from .loss_sigmoid import contrastive_loss, resolve_loss
 from .samplers import GlobalBatchSampler
 
 CHECKPOINT = "checkpoint.pt"
@@ -156,9 +157,8 @@ def train(
     params = [p for _, p in named]
     optimizer = torch.optim.AdamW(_param_groups(named, cfg), lr=cfg.lr, betas=cfg.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(cfg.warmup_steps, total_steps))
-    loss_fn = ClipLoss(cfg.label_smoothing)
-
-    fixed_scale = model.logit_scale.exp().item() if cfg.logit_scale == "model" else cfg.logit_scale
+    loss_fn = contrastive_loss(model, cfg)  # softmax or sigmoid, temperature (and bias) per cfg
+    clamp_scale = cfg.logit_scale is None and resolve_loss(cfg.loss, model) == "softmax"
     step = 0
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
     if os.path.exists(ckpt_path):
@@ -188,9 +188,8 @@ def train(
                         batch["input_ids"].to(env.device),
                         batch["attention_mask"].to(env.device),
                     )
-                    scale = fixed_scale if fixed_scale is not None else model.logit_scale.exp()
                     valid = batch.get("valid")
-                    clip = loss_fn(img, txt, scale, None if valid is None else valid.to(env.device))
+                    clip = loss_fn(img, txt, None if valid is None else valid.to(env.device))
                     loss = clip
                     if cfg.balance_weight:
                         bal = balance_loss(model, batch["attention_mask"].to(env.device), cfg)
@@ -205,9 +204,9 @@ def train(
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             scheduler.step()
-            if cfg.logit_scale is None:
+            if clamp_scale:  # open_clip's cap on a learned softmax temperature (SigLIP's go higher, uncapped)
                 with torch.no_grad():
-                    model.logit_scale.clamp_(0, math.log(100))  # open_clip's cap on the learned temperature
+                    model.logit_scale.clamp_(0, math.log(100))
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
@@ -237,6 +236,7 @@ def train(
             print(f"{desc}: {summary}")
     return {
         "steps": total_steps,
+        "loss": resolve_loss(cfg.loss, model),  # the contrastive loss this phase used (softmax | sigmoid)
         "batches_per_epoch": per_epoch,
         "plan": asdict(sampler.stats()),
         "skipped_samples": skipped,
@@ -297,9 +297,10 @@ def _wrap_parallel(module: nn.Module, cfg: TrainConfig, env: DistEnv) -> nn.Modu
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(env.device.type, (env.world_size,))
-        # fully_shard cannot shard 0-dim parameters (CLIP's logit_scale): keep them replicated and average
-        # their gradients over ranks ourselves, as DDP would.
-        scalars = {p for p in module.parameters() if p.ndim == 0}
+        # fully_shard cannot shard 0-dim parameters (CLIP's logit_scale) and would split SigLIP's 1-element
+        # logit_scale / logit_bias into padded DTensor shards: keep them replicated and average their gradients
+        # over ranks ourselves, as DDP would.
+        scalars = {p for p in module.parameters() if p.ndim == 0 or p.numel() == 1}
         for p in scalars:
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(_average_grad_over_ranks)
