@@ -40,7 +40,7 @@ from ..model.stretch import stretch_text_positions
 from ..model.surgery import assemble_moe
 from ..train.distributed import DistEnv, barrier, full_state_dict
 from ..train.loop import train
-from ..utils.io import write_json
+from ..utils.io import atomic_file, write_json
 from .baselines import BaselineRun, Row, baseline_runs, rows, set_expert_dropout
 from .budgets import BUDGETS
 from .cluster import cluster_features, write_cluster_outputs
@@ -158,7 +158,9 @@ class Pipeline:
             previous = self.cluster(s - 1) if s > 0 else None
             c = self.cfg.cluster
             if self.env.is_main:
-                labels = cluster_features(store, c.image_clusters, c.text_clusters, previous, self.cfg.seed + s)
+                labels = cluster_features(
+                    store, c.image_clusters, c.text_clusters, previous, self.cfg.seed + s, niter=c.niter
+                )
                 stats = write_cluster_outputs(folder, labels, f"after stage {s}")
                 self.log(
                     f"stage {s}: {stats['clusters']} accumulated clusters, largest {stats['largest']}, "
@@ -306,21 +308,59 @@ def default_run_dir(config_path: str) -> str:
     return os.path.splitext(config_path)[0] + "-run"
 
 
-def open_run(config_path: str, run_dir: str | None = None, fork: str | None = None) -> tuple[PipelineConfig, str]:
-    """Validate the config and bind it to its run directory (snapshot; refuse a changed config)."""
+def check_device(device: str) -> None:
+    """The config's device exists here (``auto`` always does)."""
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device: {device!r}, but no CUDA device is available (use cpu or auto)")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device: {device!r}, but there are only {torch.cuda.device_count()} CUDA device(s)")
+
+
+def validate_run(cfg: PipelineConfig, run_dir: str, fork: str | None = None, env: DistEnv | None = None) -> Pipeline:
+    """Every check a run makes before it writes anything; ``clipmoe run`` and ``--dry-run`` both call it.
+
+    The config against the run directory's snapshot (or the fork's source and target), the device, and the
+    config against the data (``Pipeline.check_data``). Returns the pipeline over the directory the run writes
+    (the fork's with ``fork``); raises ``ConfigError`` (a ``ValueError``) listing the problems."""
+    if fork:
+        if os.path.exists(fork):
+            raise ConfigError(f"cannot fork into {fork}: it exists")
+        if not os.path.exists(os.path.join(run_dir, "config.yaml")):
+            raise ConfigError(f"cannot fork {run_dir}: it is not a run directory (no config.yaml)")
+    elif os.path.exists(os.path.join(run_dir, "config.yaml")):
+        _refuse_changed_config(run_dir, cfg)
+    check_device(cfg.device)
+    pipe = Pipeline(cfg, fork or run_dir, env)
+    pipe.check_data()
+    return pipe
+
+
+def open_pipeline(config_path: str, run_dir: str | None = None, fork: str | None = None, init_env=None) -> Pipeline:
+    """Validate the config (``validate_run``), then bind it to its run directory: fork, snapshot. Nothing
+    is written before every check has passed. ``init_env(device)`` sets up the process group (the CLI's
+    ``init_distributed``); None: one process."""
     cfg = load_config(config_path)
     run_dir = run_dir or default_run_dir(config_path)
-    if fork:
-        _fork(run_dir, fork, cfg)
-        run_dir = fork
-    snapshot = os.path.join(run_dir, "config.yaml")
-    if os.path.exists(snapshot):
-        _refuse_changed_config(run_dir, cfg)
-    else:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(snapshot, "w") as f:
-            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    return cfg, run_dir
+    check_device(cfg.device)
+    pipe = validate_run(cfg, run_dir, fork, init_env(cfg.device) if init_env else None)
+    if pipe.env.is_main:  # validation passed: from here on the run directory is written
+        if fork:
+            _fork(run_dir, fork, cfg)
+        os.makedirs(pipe.run_dir, exist_ok=True)
+        snapshot = pipe.path("config.yaml")
+        if not os.path.exists(snapshot):
+            with atomic_file(snapshot) as f:
+                yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    barrier(pipe.env)
+    return pipe
+
+
+def open_run(config_path: str, run_dir: str | None = None, fork: str | None = None) -> tuple[PipelineConfig, str]:
+    """Validate the config and bind it to its run directory (``open_pipeline``): (config, run directory)."""
+    pipe = open_pipeline(config_path, run_dir, fork)
+    return pipe.cfg, pipe.run_dir
 
 
 def _changed_keys(run_dir: str, cfg: PipelineConfig) -> list[str]:
@@ -374,8 +414,13 @@ def _fork(src: str, dst: str, cfg: PipelineConfig) -> None:
     print(f"forked {src} -> {dst}; reused: {', '.join(copied) or 'nothing'} (changed: {', '.join(sorted(changed))})")
 
 
-def print_plan(cfg: PipelineConfig, run_dir: str, fork: str | None = None) -> None:
-    """What ``clipmoe run`` would do, writing nothing: it refuses here what the run would refuse."""
+def print_plan(cfg: PipelineConfig, run_dir: str, fork: str | None = None, check: bool = True) -> None:
+    """What ``clipmoe run`` would do, writing nothing: it refuses here (``validate_run``, the same checks) what
+    the run would refuse. ``check=False`` (``clipmoe status``) skips the checks that read the data."""
+    if check:
+        validate_run(cfg, run_dir, fork)
+    elif not fork and os.path.exists(run_dir):
+        _refuse_changed_config(run_dir, cfg)
     done = Pipeline(cfg, run_dir).status() if os.path.exists(run_dir) else {}
     if fork:
         if os.path.exists(fork):
@@ -384,8 +429,6 @@ def print_plan(cfg: PipelineConfig, run_dir: str, fork: str | None = None) -> No
         done = {task: ok and task in reuse for task, ok in done.items()}
         print(f"fork of {run_dir} (changed: {', '.join(sorted(changed)) or 'nothing'})")
         run_dir = fork
-    elif os.path.exists(run_dir):
-        _refuse_changed_config(run_dir, cfg)
     print(f"run directory: {run_dir}")
     print(
         f"base model: {cfg.base_model}; {cfg.moe.experts} experts (top-{cfg.moe.top_k}) = base FFN + "
