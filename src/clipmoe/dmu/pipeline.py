@@ -41,6 +41,7 @@ from ..model.surgery import assemble_moe
 from ..train.distributed import DistEnv, barrier, full_state_dict
 from ..train.loop import train
 from ..utils.io import atomic_file, write_json
+from ..utils.lock import lock_folder
 from .baselines import BaselineRun, Row, baseline_runs, rows, set_expert_dropout
 from .budgets import BUDGETS
 from .cluster import cluster_features, write_cluster_outputs
@@ -338,8 +339,9 @@ def validate_run(cfg: PipelineConfig, run_dir: str, fork: str | None = None, env
 
 
 def open_pipeline(config_path: str, run_dir: str | None = None, fork: str | None = None, init_env=None) -> Pipeline:
-    """Validate the config (``validate_run``), then bind it to its run directory: fork, snapshot. Nothing
-    is written before every check has passed. ``init_env(device)`` sets up the process group (the CLI's
+    """Validate the config (``validate_run``), then bind it to its run directory: fork, lock, snapshot.
+    Nothing is written before every check has passed; a second process on the same run directory gets
+    ``FolderLocked`` (one line naming the holder). ``init_env(device)`` sets up the process group (the CLI's
     ``init_distributed``); None: one process."""
     cfg = load_config(config_path)
     run_dir = run_dir or default_run_dir(config_path)
@@ -348,7 +350,7 @@ def open_pipeline(config_path: str, run_dir: str | None = None, fork: str | None
     if pipe.env.is_main:  # validation passed: from here on the run directory is written
         if fork:
             _fork(run_dir, fork, cfg)
-        os.makedirs(pipe.run_dir, exist_ok=True)
+        lock_folder(pipe.run_dir)  # one run per directory, for the life of this (main) process
         snapshot = pipe.path("config.yaml")
         if not os.path.exists(snapshot):
             with atomic_file(snapshot) as f:

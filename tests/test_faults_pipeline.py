@@ -1,0 +1,126 @@
+"""Issue #17: the pipeline's promises under reruns, kills, concurrent runs and NaNs (items 1-4, 6)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+import clipmoe
+from clipmoe.apps.pretrain import build_clip, load_tokenizer
+from clipmoe.utils.lock import LOCK_FILE, FolderLocked, lock_folder
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from clipmoe.data.world import WorldConfig, generate_world
+
+    out = tmp_path_factory.mktemp("w") / "world"
+    generate_world(out, WorldConfig.preset("test", train_size=96), verbose=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_clip(
+        {
+            "image_size": 32,
+            "patch_size": 16,
+            "vision": {"width": 32, "layers": 2},
+            "text": {"width": 32, "layers": 2, "context_length": 32},
+            "projection_dim": 16,
+        },
+        load_tokenizer({"vocabulary": "world"}, 32),
+    )
+    path = tmp_path_factory.mktemp("b") / "base"
+    model.save_pretrained(path)
+    return path
+
+
+def write_config(tmp_path, world, base_dir, experts=2, name="cfg.yaml", **over):
+    train = {"steps": 4, "batch_size": 16, "lr": 1e-3, "warmup_steps": 1, "checkpoint_every": 2, "min_batch": 4}
+    raw = {
+        "base_model": str(base_dir),
+        "data": {"train": str(world / "train"), "eval": str(world / "eval")},
+        "device": "cpu",
+        "cluster": {"image_clusters": 2, "text_clusters": 2},
+        "mcl": dict(train),
+        "moe": {"experts": experts, "top_k": 2},
+        "route": {**train, "lr": 1e-2},
+        "baselines": {"enabled": [], "stages": False},
+        "eval": {"batch_size": 64, "throughput_batch": 4},
+    }
+    for k, v in over.items():
+        raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def assert_same_models(a_dir, b_dir, atol=1e-6):
+    a, b = clipmoe.load(a_dir).state_dict(), clipmoe.load(b_dir).state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=f"{a_dir}: {k}")
+
+
+CLI = [sys.executable, "-m", "clipmoe.cli"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+# ------------------------------------------------------------------------------------------ item 3: the lock
+
+
+def test_lock_is_reentrant_and_a_dead_holders_lock_is_stale(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a PID that no longer runs, recorded as a killed run would leave it
+    (folder / LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "since": "then"}))
+    lock_folder(str(folder))
+    lock_folder(str(folder))  # the same process again: fine
+    holder = json.loads((folder / LOCK_FILE).read_text())
+    assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+    probe = "from clipmoe.utils.lock import lock_folder; import sys; lock_folder(sys.argv[1])"
+    other = subprocess.run([*CLI[:1], "-c", probe, str(folder)], env=ENV, capture_output=True, text=True)
+    assert other.returncode != 0 and "FolderLocked" in other.stderr
+    assert f"is in use by process {os.getpid()} on {socket.gethostname()}" in other.stderr
+    with pytest.raises(FolderLocked):
+        raise FolderLocked("a ValueError subclass, so the CLI prints it as one line")
+
+
+@pytest.mark.slow
+def test_second_run_on_the_same_run_dir_is_refused_and_the_first_is_unharmed(tmp_path, world, base_dir):
+    cfg = write_config(tmp_path, world, base_dir, mcl={"steps": 30, "checkpoint_every": 3})
+    first = subprocess.Popen(
+        [*CLI, "run", cfg, "--run-dir", str(tmp_path / "a")], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.time() + 120
+    while not (tmp_path / "a" / "stage0" / "embed").exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    assert first.poll() is None, "the first run ended before the second started"
+    first.send_signal(signal.SIGSTOP)  # paused (holding its lock) while the second tries: deterministic overlap
+    try:
+        second = subprocess.run(
+            [*CLI, "run", cfg, "--run-dir", str(tmp_path / "a")], env=ENV, capture_output=True, text=True, timeout=120
+        )
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 2
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1, second.stderr
+    assert lines[0].startswith("clipmoe run: error: ") and f"in use by process {first.pid}" in lines[0]
+    assert first.wait(timeout=300) == 0, first.stderr.read().decode()[-2000:]
+    subprocess.run([*CLI, "run", cfg, "--run-dir", str(tmp_path / "clean")], env=ENV, check=True, capture_output=True)
+    for rel in ("stage1/model", "moe/model"):
+        assert_same_models(tmp_path / "a" / rel, tmp_path / "clean" / rel, atol=0)
+    assert (tmp_path / "a" / "report.md").exists()
