@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -124,3 +125,63 @@ def test_second_run_on_the_same_run_dir_is_refused_and_the_first_is_unharmed(tmp
     for rel in ("stage1/model", "moe/model"):
         assert_same_models(tmp_path / "a" / rel, tmp_path / "clean" / rel, atol=0)
     assert (tmp_path / "a" / "report.md").exists()
+
+
+# ------------------------------------------------------------------------------------------ item 4: NaN
+
+
+def test_diverging_training_stops_naming_phase_and_step_and_saves_no_nan(tmp_path, world, base_dir, capsys):
+    from clipmoe.cli import main
+
+    cfg = write_config(tmp_path, world, base_dir, mcl={"lr": 1000.0, "steps": 40, "checkpoint_every": 5})
+    run = tmp_path / "run"
+    assert main(["run", cfg, "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"clipmoe run: error: mcl stage 1: non-finite (loss \(nan\) at step \d+ of 40; batch keys: \d{5}/\d{7}, .*"
+        r"|weights after step \d+ of 40: .*)",
+        err,
+    ), err
+    saved = [os.path.join(d, f) for d, _, fs in os.walk(run) for f in fs if f.endswith((".safetensors", ".pt"))]
+    assert saved  # the base and a checkpoint or two: all finite
+    for path in saved:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, weights_only=True)["trainable"]
+        for k, v in state.items():
+            assert torch.isfinite(v).all(), f"{path}: {k}"
+    assert not (run / "stage1" / "model").exists() and not (run / "report.md").exists()
+
+
+def test_a_model_with_nan_is_never_saved(tmp_path, tiny_clip):
+    from clipmoe.dmu.pipeline import refuse_nonfinite
+
+    state = tiny_clip.state_dict()
+    refuse_nonfinite(state, "ok")
+    state["text_projection.weight"] = state["text_projection.weight"].clone()
+    state["text_projection.weight"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"refusing to save x: 1 non-finite values in text_projection.weight \(1\)"):
+        refuse_nonfinite(state, "x")
+
+
+def test_a_base_with_a_nan_weight_is_refused_naming_it(tmp_path, world, base_dir, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from clipmoe.cli import main
+
+    bad = tmp_path / "bad-base"
+    shutil.copytree(base_dir, bad)
+    state = load_file(bad / "model.safetensors")
+    name = next(k for k in state if k.endswith("mlp.fc1.weight"))
+    state[name][0, 0] = float("nan")
+    save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
+    cfg = write_config(tmp_path, world, bad)
+    assert main(["run", cfg, "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("clipmoe run: error:") and "non-finite" in err and name in err, err
+    assert not (tmp_path / "run" / "base").exists()

@@ -87,6 +87,7 @@ class Pipeline:
     def save(self, model: ClipMoeModel, path: str) -> None:
         state = full_state_dict(model, self.env)  # collective when FSDP left the model sharded; else None
         if self.env.is_main:
+            refuse_nonfinite(state if state is not None else model.state_dict(), path)
             model.save_pretrained(path, **({"state_dict": state} if state is not None else {}))
         barrier(self.env)
 
@@ -300,6 +301,15 @@ class Pipeline:
     def status(self) -> dict[str, bool]:
         """Task name -> finished, for every task of the run (from each stage's done-check)."""
         return {s.task(i): os.path.exists(self.path(s.done_path(i))) for s, i in self.tasks()}
+
+
+def refuse_nonfinite(state: dict[str, torch.Tensor], path: str) -> None:
+    """No model is saved with a NaN or an infinity in it: raise naming the tensors instead."""
+    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in state.items() if v.is_floating_point()}
+    bad = {k: n for k, n in bad.items() if n}
+    if bad:
+        names = ", ".join(f"{k} ({n})" for k, n in list(bad.items())[:5]) + (" ..." if len(bad) > 5 else "")
+        raise ValueError(f"refusing to save {path}: {sum(bad.values())} non-finite values in {names}")
 
 
 # -------------------------------------------------------------------- run directory

@@ -35,6 +35,10 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 
 
+class NonFiniteError(ValueError):
+    """Training produced a non-finite loss or weights; the message names the phase, step and batch."""
+
+
 class _ContrastiveForward(nn.Module):
     """Both encoders in one forward, so DDP/FSDP see (and synchronise) a single module call."""
 
@@ -196,6 +200,11 @@ def train(
                         if bal is not None:
                             loss = loss + cfg.balance_weight * bal
                             logged["balance"] = logged.get("balance", 0.0) + bal.item() / cfg.grad_accum
+                    if not math.isfinite(loss.item()):
+                        raise NonFiniteError(
+                            f"{desc}: non-finite loss ({loss.item()}) at step {step + 1} of {total_steps}; "
+                            f"batch keys: {_batch_keys(dataset, batch)}"
+                        )
                     (loss / cfg.grad_accum).backward()
                 logged["clip"] = logged.get("clip", 0.0) + clip.item() / cfg.grad_accum
                 logged["loss"] = logged.get("loss", 0.0) + loss.item() / cfg.grad_accum
@@ -220,6 +229,8 @@ def train(
                     **logged,
                 }
                 metrics.write(record)
+            if (step % cfg.checkpoint_every == 0 and step < total_steps) or step == total_steps:
+                _check_finite(named, env, f"{desc}: non-finite weights after step {step} of {total_steps}")
             if step % cfg.checkpoint_every == 0 and step < total_steps:
                 _save_checkpoint(ckpt_path, model, optimizer, scheduler, step, cfg, env)
             if on_step is not None:
@@ -270,6 +281,28 @@ def _batch_stream(dataset, sampler: GlobalBatchSampler, collate, start_micro: in
         )
         yield from loader
         epoch, pos = epoch + 1, 0
+
+
+def _batch_keys(dataset, batch: dict, first: int = 8) -> str:
+    """The sample keys of a batch (dataset indices when the dataset has no keys), for error messages."""
+    index = batch["index"].tolist() if "index" in batch else []
+    records = getattr(dataset, "records", None)
+    keys = [records[i].key if records is not None else str(i) for i in index]
+    return ", ".join(keys[:first]) + (f", ... ({len(keys)} in all)" if len(keys) > first else "") or "unknown"
+
+
+def _check_finite(named: list[tuple[str, torch.Tensor]], env: DistEnv, what: str) -> None:
+    """Raise ``NonFiniteError`` if any trainable parameter holds a NaN or an infinity (every rank agrees)."""
+    from torch.distributed.tensor import DTensor
+
+    bad = [n for n, p in named if not torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all()]
+    if env.enabled:  # FSDP shards differ per rank: one verdict for all
+        flag = torch.tensor(float(len(bad)), device=env.device)
+        dist.all_reduce(flag)
+        if flag.item() and not bad:
+            bad = ["(a shard on another rank)"]
+    if bad:
+        raise NonFiniteError(f"{what}: {', '.join(bad[:5])}" + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
 
 
 class _no_sync:
