@@ -185,3 +185,65 @@ def test_a_base_with_a_nan_weight_is_refused_naming_it(tmp_path, world, base_dir
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("clipmoe run: error:") and "non-finite" in err and name in err, err
     assert not (tmp_path / "run" / "base").exists()
+
+
+# ------------------------------------------------------------------------------------------ item 2: exact resume
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing catches it, nothing after it runs."""
+
+
+def _every_phase(cfg_path, run_dir):
+    from clipmoe.dmu.pipeline import Pipeline, open_run
+
+    pipe = Pipeline(*open_run(cfg_path, str(run_dir)))
+    pipe.prepare()
+    pipe.route()  # MCL stage 1, assembly, routing (expert dropout 0.1)
+    for run in pipe.baseline_runs():  # dense fine-tuning and sparse upcycling, one epoch each
+        pipe.baseline(run.id)
+    return pipe
+
+
+@pytest.mark.slow
+def test_kill_and_resume_is_exact_in_every_training_phase(tmp_path, world, base_dir, monkeypatch):
+    from clipmoe.train import loop
+
+    phase = {"steps": 6, "checkpoint_every": 2, "log_every": 1, "min_batch": 4}
+    cfg = write_config(
+        tmp_path,
+        world,
+        base_dir,
+        mcl=phase,
+        route=phase,
+        moe={"expert_dropout": 0.1},
+        baselines={"enabled": ["dense", "upcycle"], "budgets": ["epoch"]},
+    )
+    clean = _every_phase(cfg, tmp_path / "clean")
+
+    killed: list[str] = []
+    save = loop._save_checkpoint
+
+    def kill_at_step_4(path, *args, **kwargs):
+        # The run dies where step 4's checkpoint would be written: it resumes from step 2, and the metrics of
+        # steps 3 and 4 are already in metrics.jsonl.
+        folder = os.path.dirname(path)
+        if args[3] == 4 and folder not in killed:
+            killed.append(folder)
+            raise Killed
+        return save(path, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "_save_checkpoint", kill_at_step_4)
+    for _ in range(10):
+        try:
+            resumed = _every_phase(cfg, tmp_path / "killed")
+            break
+        except Killed:
+            continue
+    phases = ["stage1/train", "moe/train", "baselines/dense-epoch/train", "baselines/upcycle-epoch/train"]
+    assert sorted(os.path.relpath(k, resumed.run_dir) for k in killed) == sorted(phases)
+    for rel in ("stage1/model", "moe/model", "baselines/dense-epoch/model", "baselines/upcycle-epoch/model"):
+        assert_same_models(clean.path(rel), resumed.path(rel))
+    for rel in phases:
+        steps = [json.loads(line)["step"] for line in open(resumed.path(rel, "metrics.jsonl"))]
+        assert steps == list(range(1, 7)), (rel, steps)  # no step twice after the resume

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..model.modeling import tower_layers
 from ..model.moe import load_balancing_loss, router_z_loss
+from ..utils.io import atomic_file
 from .config import TrainConfig
 from .distributed import DistEnv, barrier
 from .loss import ClipLoss, global_router_losses
@@ -166,6 +167,8 @@ def train(
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
     if os.path.exists(ckpt_path):
         step = _load_checkpoint(ckpt_path, model, optimizer, scheduler, cfg)
+    if env.is_main:
+        _drop_metrics_after(os.path.join(out_dir, METRICS), step)  # a resumed run logs those steps again
     metrics = MetricsLog(out_dir) if env.is_main else None
 
     bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not env.is_main, unit="step", dynamic_ncols=True)
@@ -173,7 +176,7 @@ def train(
     skipped: list[str] = []
     samples_seen, t0 = 0, time.perf_counter()
     micro = step * cfg.grad_accum
-    batches = _batch_stream(dataset, sampler, collate, micro, cfg.num_workers)
+    batches = _batch_stream(dataset, sampler, collate, micro, cfg.num_workers, cfg.seed)
     try:
         while step < total_steps:
             optimizer.zero_grad(set_to_none=True)
@@ -267,8 +270,12 @@ def _param_groups(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> li
     ]
 
 
-def _batch_stream(dataset, sampler: GlobalBatchSampler, collate, start_micro: int, num_workers: int):
-    """Endless micro-batches, epoch after epoch, starting at global micro-batch ``start_micro``."""
+def _batch_stream(dataset, sampler: GlobalBatchSampler, collate, start_micro: int, num_workers: int, seed: int = 0):
+    """Endless micro-batches, epoch after epoch, starting at global micro-batch ``start_micro``.
+
+    Each epoch's DataLoader draws its workers' base seed from its own generator, seeded by (seed, epoch):
+    without one, opening an iterator draws from the global torch RNG, so a run resumed mid-epoch (a new
+    iterator where the uninterrupted run had none) would shift every later dropout mask."""
     per_epoch = len(sampler)
     epoch, pos = divmod(start_micro, per_epoch)
     while True:
@@ -278,6 +285,7 @@ def _batch_stream(dataset, sampler: GlobalBatchSampler, collate, start_micro: in
             collate_fn=collate,
             num_workers=num_workers,
             persistent_workers=False,
+            generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch),
         )
         yield from loader
         epoch, pos = epoch + 1, 0
@@ -393,6 +401,7 @@ def _save_checkpoint(path, model, optimizer, scheduler, step, cfg, env: DistEnv)
             "rng_torch": torch.get_rng_state(),
             "rng_numpy": json.dumps(_np_state_to_json(np.random.get_state())),
             "rng_python": json.dumps(_py_state_to_json(random.getstate())),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
         }
         tmp = f"{path}.tmp"
         torch.save(state, tmp)
@@ -433,7 +442,28 @@ def _load_checkpoint(path, model, optimizer, scheduler, cfg: TrainConfig) -> int
     torch.set_rng_state(state["rng_torch"])
     np.random.set_state(_np_state_from_json(json.loads(state["rng_numpy"])))
     random.setstate(_py_state_from_json(json.loads(state["rng_python"])))
+    cuda = state.get("rng_cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
     return int(state["step"])
+
+
+def _drop_metrics_after(path: str, step: int) -> None:
+    """Keep only the records of steps <= ``step`` (the checkpoint a run resumes from; 0 when it starts over)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+    if len(keep) != len(lines):
+        with atomic_file(path) as f:
+            f.writelines(keep)
 
 
 # RNG states travel as JSON strings so the checkpoint loads with weights_only=True.
