@@ -247,3 +247,89 @@ def test_kill_and_resume_is_exact_in_every_training_phase(tmp_path, world, base_
     for rel in phases:
         steps = [json.loads(line)["step"] for line in open(resumed.path(rel, "metrics.jsonl"))]
         assert steps == list(range(1, 7)), (rel, steps)  # no step twice after the resume
+
+
+# ------------------------------------------------------------------------------------------ item 1: skips
+
+
+@pytest.fixture(scope="module")
+def world_310_with_10_corrupt(tmp_path_factory):
+    from clipmoe.data.world import WorldConfig, generate_world
+
+    out = tmp_path_factory.mktemp("w310") / "world"
+    generate_world(out, WorldConfig.preset("test", train_size=310), verbose=False)
+    images = sorted(p for p in (out / "train").rglob("*.png"))
+    assert len(images) == 310
+    corrupt = images[5::31][:10]  # spread over every embedding chunk
+    for p in corrupt:
+        p.write_bytes(p.read_bytes()[:40])  # a PNG cut short: indexed fine, fails to decode
+    keys = sorted(str(p.relative_to(out / "train").with_suffix("")) for p in corrupt)
+    return out, keys
+
+
+def _skip_log_keys(path) -> list[str]:
+    lines = open(path, encoding="utf-8").read().splitlines()
+    assert lines[0] == "key\tpath\treason"
+    return sorted(line.split("\t")[0] for line in lines[1:])
+
+
+def test_too_many_bad_samples_fail_every_rerun_with_the_same_names(
+    tmp_path, world_310_with_10_corrupt, base_dir, capsys
+):
+    from clipmoe.cli import main
+
+    world, keys = world_310_with_10_corrupt
+    cfg = write_config(tmp_path, world, base_dir, embed={"chunk_size": 64, "batch_size": 32})
+    errors = []
+    for _ in range(4):  # runs 1..4: the finished chunks keep their skips, so no rerun gets further
+        assert main(["run", cfg, "--run-dir", str(tmp_path / "run")]) == 2
+        errors.append(capsys.readouterr().err.strip().splitlines()[-1])
+        assert _skip_log_keys(tmp_path / "run" / "stage0" / "embed" / "skipped.log") == keys
+    assert len(set(errors)) == 1, errors
+    assert "skipped 10 of 310 samples (3.23%, limit 1.00%)" in errors[0]
+    assert all(k in errors[0] for k in keys[:5])
+    assert not (tmp_path / "run" / "stage0" / "embed" / "DONE").exists()
+    assert not (tmp_path / "run" / "report.md").exists()
+
+
+@pytest.mark.slow
+def test_a_resumed_training_phase_keeps_the_skips_before_its_checkpoint(
+    tmp_path, world_310_with_10_corrupt, base_dir, monkeypatch
+):
+    from clipmoe.dmu.pipeline import Pipeline, open_run
+    from clipmoe.train import loop
+
+    world, keys = world_310_with_10_corrupt
+    # 10 of 310 allowed here: the phase passes, and its stats and skipped.log must name all of them
+    over = {"data": {"max_skipped_fraction": 0.05}, "embed": {"chunk_size": 64}}
+    phase = {"steps": 8, "checkpoint_every": 4}
+    cfg = write_config(tmp_path, world, base_dir, route=phase, **over)
+    pipe = Pipeline(*open_run(cfg, str(tmp_path / "clean")))
+    pipe.prepare()
+    pipe.route()
+
+    def names(stats_path):  # a reason may quote an object address; the names are what must match
+        return [s.partition(":")[0] for s in json.load(open(stats_path))["skipped_samples"]]
+
+    clean = names(pipe.path("moe/train_stats.json"))
+    assert clean and set(clean) <= set(keys)
+
+    save = loop._save_checkpoint
+
+    def kill_after_step_4(path, *args, **kwargs):
+        save(path, *args, **kwargs)
+        if "moe" in path:
+            raise Killed
+
+    monkeypatch.setattr(loop, "_save_checkpoint", kill_after_step_4)
+    pipe = Pipeline(*open_run(cfg, str(tmp_path / "killed")))
+    pipe.prepare()
+    with pytest.raises(Killed):
+        pipe.route()
+    monkeypatch.setattr(loop, "_save_checkpoint", save)
+    pipe = Pipeline(*open_run(cfg, str(tmp_path / "killed")))  # a new process: a fresh dataset and skip log
+    pipe.route()
+    assert names(pipe.path("moe/train_stats.json")) == clean
+    assert _skip_log_keys(pipe.path("moe/train/skipped.log")) == _skip_log_keys(
+        tmp_path / "clean/moe/train/skipped.log"
+    )

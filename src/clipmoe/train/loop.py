@@ -165,15 +165,20 @@ def train(
     fixed_scale = model.logit_scale.exp().item() if cfg.logit_scale == "model" else cfg.logit_scale
     step = 0
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
+    skipped: list[str] = []
     if os.path.exists(ckpt_path):
-        step = _load_checkpoint(ckpt_path, model, optimizer, scheduler, cfg)
+        resumed: dict = {}
+        step = _load_checkpoint(ckpt_path, model, optimizer, scheduler, cfg, resumed)
+        # Skips seen before the checkpoint are a property of the data: counted again, not forgotten.
+        skipped = json.loads(resumed.get("skipped", "[]"))
+        if hasattr(dataset, "skips"):
+            dataset.skips.restore(json.loads(resumed.get("skips", "[]")))
     if env.is_main:
         _drop_metrics_after(os.path.join(out_dir, METRICS), step)  # a resumed run logs those steps again
     metrics = MetricsLog(out_dir) if env.is_main else None
 
     bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not env.is_main, unit="step", dynamic_ncols=True)
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    skipped: list[str] = []
     samples_seen, t0 = 0, time.perf_counter()
     micro = step * cfg.grad_accum
     batches = _batch_stream(dataset, sampler, collate, micro, cfg.num_workers, cfg.seed)
@@ -235,7 +240,9 @@ def train(
             if (step % cfg.checkpoint_every == 0 and step < total_steps) or step == total_steps:
                 _check_finite(named, env, f"{desc}: non-finite weights after step {step} of {total_steps}")
             if step % cfg.checkpoint_every == 0 and step < total_steps:
-                _save_checkpoint(ckpt_path, model, optimizer, scheduler, step, cfg, env)
+                _save_checkpoint(
+                    ckpt_path, model, optimizer, scheduler, step, cfg, env, extra=_skip_state(dataset, skipped)
+                )
             if on_step is not None:
                 on_step(step, total_steps)
     finally:
@@ -380,7 +387,13 @@ def _trainable_state(model: nn.Module, keep: bool = True) -> dict[str, torch.Ten
     return state
 
 
-def _save_checkpoint(path, model, optimizer, scheduler, step, cfg, env: DistEnv) -> None:
+def _skip_state(dataset, skipped: list[str]) -> dict[str, str]:
+    """What a checkpoint keeps of the skips so far: this phase's list and the dataset's load-time skips."""
+    rows = dataset.skips.load_time() if hasattr(dataset, "skips") else []
+    return {"skipped": json.dumps(skipped), "skips": json.dumps(rows)}
+
+
+def _save_checkpoint(path, model, optimizer, scheduler, step, cfg, env: DistEnv, extra: dict | None = None) -> None:
     """Called on every rank: the gathering is collective; rank 0 writes; the closing barrier makes every rank
     see the new file before going on (a rank that stopped right after could otherwise resume from the old
     one)."""
@@ -402,6 +415,7 @@ def _save_checkpoint(path, model, optimizer, scheduler, step, cfg, env: DistEnv)
             "rng_numpy": json.dumps(_np_state_to_json(np.random.get_state())),
             "rng_python": json.dumps(_py_state_to_json(random.getstate())),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            **(extra or {}),
         }
         tmp = f"{path}.tmp"
         torch.save(state, tmp)
@@ -409,8 +423,9 @@ def _save_checkpoint(path, model, optimizer, scheduler, step, cfg, env: DistEnv)
     barrier(env)
 
 
-def _load_checkpoint(path, model, optimizer, scheduler, cfg: TrainConfig) -> int:
-    """Every rank reads the whole file and keeps its own shard of each parameter and optimizer state."""
+def _load_checkpoint(path, model, optimizer, scheduler, cfg: TrainConfig, extra: dict | None = None) -> int:
+    """Every rank reads the whole file and keeps its own shard of each parameter and optimizer state; the
+    ``extra`` entries it was saved with are put into ``extra``."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -442,6 +457,8 @@ def _load_checkpoint(path, model, optimizer, scheduler, cfg: TrainConfig) -> int
     torch.set_rng_state(state["rng_torch"])
     np.random.set_state(_np_state_from_json(json.loads(state["rng_numpy"])))
     random.setstate(_py_state_from_json(json.loads(state["rng_python"])))
+    if extra is not None:
+        extra.update({k: state[k] for k in ("skipped", "skips") if k in state})
     cuda = state.get("rng_cuda") or []
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
