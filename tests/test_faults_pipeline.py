@@ -333,3 +333,39 @@ def test_a_resumed_training_phase_keeps_the_skips_before_its_checkpoint(
     assert _skip_log_keys(pipe.path("moe/train/skipped.log")) == _skip_log_keys(
         tmp_path / "clean/moe/train/skipped.log"
     )
+
+
+# ------------------------------------------------------------------------------------------ item 6: data identity
+
+
+@pytest.mark.slow
+def test_data_changed_between_stages_is_refused_naming_what_changed(tmp_path, world, base_dir, capsys):
+    import shutil
+
+    from clipmoe.cli import main
+    from clipmoe.dmu.identity import DataChanged
+    from clipmoe.dmu.pipeline import Pipeline, open_run
+
+    shutil.copytree(world / "train", tmp_path / "world" / "train")
+    cfg = write_config(tmp_path, tmp_path / "world", base_dir, data={"eval": str(world / "eval")})
+    pipe = Pipeline(*open_run(cfg, str(tmp_path / "run")))
+    pipe.prepare()
+    pipe.cluster(0)  # embeds stage 0 first; both record the data they read
+    assert (tmp_path / "run" / "stage0" / "embed" / "dataset.json.gz").exists()
+    train = tmp_path / "world" / "train"
+    gone = sorted(train.rglob("*.png"))[3]
+    key = str(gone.relative_to(train).with_suffix(""))
+    gone.unlink()
+    gone.with_suffix(".txt").unlink()
+    caption = sorted(train.rglob("*.txt"))[10]
+    caption.write_text(caption.read_text() + " and more")
+    with pytest.raises(DataChanged) as e:
+        Pipeline(*open_run(cfg, str(tmp_path / "run"))).mcl(1)
+    text = str(e.value)
+    assert "the training data changed since stage0/embed read it (96 -> 95 samples: 1 sample(s) removed" in text
+    assert key in text and str(caption.relative_to(train).with_suffix("")) in text
+    assert main(["run", cfg, "--run-dir", str(tmp_path / "run"), "--dry-run"]) == 2
+    assert main(["run", cfg, "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("clipmoe run: error: the training data changed since stage0/embed")
+    assert not (tmp_path / "run" / "stage1").exists()

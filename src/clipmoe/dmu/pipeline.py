@@ -47,6 +47,7 @@ from .budgets import BUDGETS
 from .cluster import cluster_features, write_cluster_outputs
 from .config import ConfigError, PipelineConfig, TrainConfig, diff_configs, load_config
 from .embed import FeatureStore, embed_dataset
+from .identity import check_identity, dataset_identity, write_identity
 from .report import evaluate_row, phase_parameters, write_report
 from .stages import STAGE_BY_NAME, Stage, plan
 
@@ -57,7 +58,7 @@ class Pipeline:
     def __init__(self, cfg: PipelineConfig, run_dir: str, env: DistEnv | None = None) -> None:
         self.cfg, self.run_dir = cfg, os.path.abspath(run_dir)
         self.env = env or DistEnv()
-        self._dataset = None
+        self._dataset, self._identity = None, None
         self.log = print if self.env.is_main else (lambda *a, **k: None)
 
     # ---------------------------------------------------------------- helpers
@@ -74,12 +75,23 @@ class Pipeline:
         return self.path(STAGE_BY_NAME[stage].outputs(instance)[name])
 
     def dataset(self):
+        """The training set, refused (``DataChanged``) if it differs from what any stage of this run read."""
         if self._dataset is None:
             d = self.cfg.data
-            self._dataset = open_dataset(
+            dataset = open_dataset(
                 d.train, d.format, caption=d.caption, root=d.root, max_skipped_fraction=d.max_skipped_fraction
             )
+            identity = dataset_identity(dataset)
+            if os.path.isdir(self.run_dir):
+                check_identity(self.run_dir, identity)
+            self._dataset, self._identity = dataset, identity
         return self._dataset
+
+    def record_data(self, folder: str) -> None:
+        """Record the training set's identity in a stage's folder before the stage reads it."""
+        self.dataset()
+        if self.env.is_main:
+            write_identity(folder, self._identity)
 
     def load(self, path: str) -> ClipMoeModel:
         return load(path, device=self.env.device)
@@ -94,6 +106,7 @@ class Pipeline:
     def train(self, model: ClipMoeModel, tcfg: TrainConfig, folder: str, desc: str, labels=None) -> dict:
         """One training phase on the run's training set (the one loop every phase uses)."""
         collate = ClipCollator(model.tokenizer, model.image_processor)
+        self.record_data(folder)
         return train(model, self.dataset(), collate, tcfg, folder, self.env, labels=labels, desc=desc)
 
     def _timed(self, name: str, fn):
@@ -140,6 +153,7 @@ class Pipeline:
         if os.path.exists(self.out("embed", s, "done")):
             return FeatureStore.open(folder)
         model = self.load(self.stage_model(s))
+        self.record_data(folder)
         return embed_dataset(
             model,
             self.dataset(),
