@@ -9,7 +9,10 @@ training phase resumes from its last checkpoint.
 
 Layout of a run directory::
 
-    config.yaml                    snapshot of the validated config (paths made absolute)
+    config.yaml                    snapshot of the validated config (paths made absolute), written only
+                                   after every check (validate_run) has passed
+    .lock                          held by the run's main process (utils/lock.py): one run per directory
+    */dataset.json.gz              the training set's identity, recorded by each stage that reads it
     base/                          the prepared base model (stage 0)
     stage{s}/embed/                features of the training set under the stage-s model
     stage{s}/cluster/              accumulated pseudo-labels after stage s, sizes, histogram
