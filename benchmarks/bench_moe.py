@@ -4,7 +4,9 @@ Three variants run on the same input, interleaved round by round so that load fr
 all of them alike:
 
 - ``dense``: one HF ``CLIPMLP`` (fc1 -> quick_gelu -> fc2), the FFN the MoE layer replaces;
-- ``moe[<dispatch>]``: ``clipmoe.MoEFeedForward`` built from four such FFNs;
+- ``moe[<dispatch>]``: ``clipmoe.MoEFeedForward`` built from four such FFNs, computing its experts with
+  ``dispatch`` (``eager``: the plain layer of moe.py, what saved models run as remote code; ``loop`` and
+  ``grouped_mm``: the kernels of moe_kernels.py; ``auto``: what the layer picks by default);
 - ``loop``: the official CLIP-MoE / HF Mixtral eager dispatch (``one_hot`` mask, ``torch.where`` per
   expert, ``index_add_`` combine) over an ``nn.ModuleList`` of ``CLIPMLP`` experts, written here.
 
@@ -15,17 +17,26 @@ routing is 2x the dense FFN.
 
     python benchmarks/bench_moe.py --quick              # < 1 min smoke run
     python benchmarks/bench_moe.py --rounds 9 --json out.json
-    python benchmarks/bench_moe.py --dispatch loop grouped_mm
+    python benchmarks/bench_moe.py --dispatch eager auto grouped_mm
+
+CUDA mode (one command on a GPU machine; bf16 weights, ViT-L/14 widths, 1 to 128 images of 257 tokens,
+grouped_mm against the eager loop, the loop kernel, the official loop and one dense FFN; about 2 min):
+
+    python benchmarks/bench_moe.py --cuda --json moe_cuda.json
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -104,6 +115,8 @@ def environment() -> dict[str, str]:
         "clipmoe": clipmoe.__version__,
         "threads": str(torch.get_num_threads()),
     }
+    if torch.cuda.is_available():
+        env["gpu"] = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
     if hasattr(os, "getloadavg"):
         env["load average (1, 5, 15 min)"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
     return env
@@ -154,12 +167,16 @@ def build_layers(
     # Random router of unit-scale logits for unit-scale inputs: load spreads over all experts.
     nn.init.normal_(router.weight, std=dim**-0.5)
     layers: dict[str, nn.Module] = {"dense": experts[0]}
-    versions = [(f"moe[{d}]", MoEFeedForward, d) for d in dispatches]
-    versions += [("moe[baseline]", baseline, "loop")] if baseline is not None else []
-    for name, cls, dispatch in versions:
+    # clipmoe's layer takes the activation by its config name (closed forms key on it); versions before the
+    # kernel registry (EXPERT_KERNELS) took the module
+    versions = [(f"moe[{d}]", MoEFeedForward, d, "quick_gelu") for d in dispatches]
+    if baseline is not None:
+        by_name = hasattr(sys.modules[baseline.__module__], "EXPERT_KERNELS")
+        versions.append(("moe[baseline]", baseline, "loop", "quick_gelu" if by_name else experts[0].activation_fn))
+    for name, cls, dispatch, activation in versions:
         moe = cls.from_ffns(
             [(m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias) for m in experts],
-            experts[0].activation_fn,
+            activation,
             top_k=top_k,
             dispatch=dispatch,
         )
@@ -223,10 +240,16 @@ def check_agreement(layers: dict[str, nn.Module], x: torch.Tensor) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke run: B/16 at 197 and 1536 tokens, 3 rounds")
+    p.add_argument(
+        "--cuda",
+        action="store_true",
+        help="GPU run: --device cuda --dtype bf16 --widths L/14 --tokens 257 2056 8224 32896 "
+        "--dispatch eager loop grouped_mm --rounds 15 --repeat 5 (flags given after it are overridden)",
+    )
     p.add_argument("--widths", nargs="+", choices=list(WIDTHS), default=list(WIDTHS))
     p.add_argument("--tokens", nargs="+", type=int, default=[197, 1576, 6304], help="rows per call")
     p.add_argument("--passes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"])
-    p.add_argument("--dispatch", nargs="+", choices=["loop", "grouped_mm", "auto"], default=["loop"])
+    p.add_argument("--dispatch", nargs="+", choices=["eager", "loop", "grouped_mm", "auto"], default=["eager", "auto"])
     p.add_argument("--experts", type=int, default=4)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--rounds", type=int, default=9)
@@ -248,12 +271,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--baseline",
-        help="another version's moe.py (e.g. `git show REV:src/clipmoe/moe.py > old_moe.py`), timed as "
-        "moe[baseline] in the same rounds: before/after ratios of a change",
+        help="another version's layer, a git revision (e.g. 8efada4) or an old single-file moe.py, timed as "
+        "moe[baseline] (its loop path) in the same rounds: before/after ratios of a change",
     )
     args = p.parse_args(argv)
     if args.quick:
         args.widths, args.tokens, args.rounds, args.repeat = ["B/16"], [197, 1576], 3, 2
+    if args.cuda:
+        args.device, args.dtype, args.widths, args.tokens = "cuda", "bf16", ["L/14"], [257, 2056, 8224, 32896]
+        args.dispatch, args.rounds, args.repeat = ["eager", "loop", "grouped_mm"], 15, 5
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda / --cuda: torch sees no GPU")
     if args.clock == "cpu" and args.device != "cpu":
         p.error("--clock cpu times CPU work only; use the wall clock on a GPU")
     if "grouped_mm" in args.dispatch and not hasattr(torch, "_grouped_mm"):
@@ -261,11 +289,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_baseline(path: str) -> type[nn.Module]:
-    spec = importlib.util.spec_from_file_location("baseline_moe", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.MoEFeedForward
+def load_baseline(source: str) -> type[nn.Module]:
+    """Another version's ``MoEFeedForward``: a git revision (its ``moe.py`` and, from the plain-layer split on,
+    its kernels module, imported as a throwaway package; both the flat and the layered layouts are read) or one
+    old ``moe.py`` file."""
+    folder = tempfile.mkdtemp(prefix="baseline-moe-")
+    package = os.path.join(folder, "baseline_clipmoe")
+    os.makedirs(package)
+    if os.path.isfile(source):
+        shutil.copyfile(source, os.path.join(package, "moe.py"))
+    else:
+        # (file in the package, where it lives in the layered layout, where it lived in the flat one)
+        for name, layered, flat in (
+            ("moe.py", "model/moe.py", "moe.py"),
+            ("moe_kernels.py", "model/kernels.py", "moe_kernels.py"),
+        ):
+            for path in (layered, flat):
+                show = subprocess.run(["git", "show", f"{source}:src/clipmoe/{path}"], capture_output=True, text=True)
+                if show.returncode == 0:
+                    with open(os.path.join(package, name), "w") as f:
+                        # the layered kernels import the layer as a sibling, like the flat ones
+                        f.write(show.stdout)
+                    break
+            else:
+                if name == "moe.py":
+                    raise SystemExit(f"--baseline {source}: neither a file nor a git revision with clipmoe's moe.py")
+    kernels = os.path.exists(os.path.join(package, "moe_kernels.py"))
+    with open(os.path.join(package, "__init__.py"), "w") as f:
+        f.write("from . import moe, moe_kernels\n" if kernels else "from . import moe\n")
+    sys.path.insert(0, folder)
+    return importlib.import_module("baseline_clipmoe").moe.MoEFeedForward
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -284,7 +337,8 @@ def main(argv: list[str] | None = None) -> None:
         check_agreement(layers, x)
         make = forward_fn if pas == "fwd" else forward_backward_fn
         variants = {n: make(layer, x) for n, layer in layers.items()}
-        times = interleaved_times(variants, args.rounds, device, args.repeat, args.clock, bar=bar)
+        warmup = 3 if device.type == "cuda" else 1  # cuBLAS / grouped_mm pick their kernels on first calls
+        times = interleaved_times(variants, args.rounds, device, args.repeat, args.clock, warmup, bar=bar)
         row = {"width": width, "tokens": tokens, "pass": pas, "ms": {}, "ratios": {}}
         for name, samples in times.items():
             row["ms"][name] = 1e3 * statistics.median(samples)
@@ -293,6 +347,9 @@ def main(argv: list[str] | None = None) -> None:
                 row["ratios"][f"{name}/dense"] = median_ratio(times, name, "dense")
                 row["ratios"][f"{name}/loop"] = median_ratio(times, name, "loop")
         row["ratios"]["loop/dense"] = median_ratio(times, "loop", "dense")
+        for name in times:  # each kernel against the plain layer
+            if name.startswith("moe[") and name not in ("moe[eager]", "moe[baseline]") and "moe[eager]" in times:
+                row["ratios"][f"{name}/moe[eager]"] = median_ratio(times, name, "moe[eager]")
         if baseline is not None:
             for name in args.dispatch:
                 row["ratios"][f"moe[{name}]/baseline"] = median_ratio(times, f"moe[{name}]", "moe[baseline]")

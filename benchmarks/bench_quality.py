@@ -19,8 +19,13 @@ def main() -> None:
     p.add_argument("--out", default="quality-run", help="output folder (worlds, runs, quality.md)")
     p.add_argument("--base-model", default="builtin:tiny-clip", help="base CLIP (default: the shipped one)")
     p.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write quality.md from finished runs (e.g. run per recipe in parallel)",
+    )
     a = p.parse_args()
-    run_quality(a.out, a.size, tuple(a.seeds), tuple(a.recipes), a.base_model, a.device)
+    run_quality(a.out, a.size, tuple(a.seeds), tuple(a.recipes), a.base_model, a.device, a.report_only)
 
 
 if __name__ == "__main__":

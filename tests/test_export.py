@@ -45,6 +45,10 @@ STANDALONE = textwrap.dedent(
     inputs = torch.load(io_path + ".in")
     full = AutoModel.from_pretrained(full_dir, trust_remote_code=True)
     out = {"full_class": f"{type(full).__module__}.{type(full).__name__}"}
+    # the folder's own moe.py: the plain layer, no fast kernels registered
+    remote_moe = sys.modules[type(full).__module__.rsplit(".", 1)[0] + ".moe"]
+    out["kernels"] = sorted(remote_moe.EXPERT_KERNELS)
+    out["dispatch"] = sorted({m.dispatch for m in full.moe_layers()})
     with torch.no_grad():
         out["image"] = full.encode_image(inputs["pixels"])
         out["text"] = full.encode_text(inputs["input_ids"], inputs["attention_mask"])
@@ -83,9 +87,19 @@ def _images(seed=0):
 
 def test_saved_folders_load_without_clipmoe(tmp_path):
     moe = _moe()
+    moe.set_moe_dispatch("loop")  # a run-time choice: not saved
     full_dir, tower_dir = tmp_path / "full", tmp_path / "tower"
     moe.save_pretrained(full_dir)  # every save is HF-native
     export_vision_tower(moe, tower_dir)
+    for folder in (full_dir, tower_dir):
+        config = json.loads((folder / "config.json").read_text())
+        assert config["moe"] and "dispatch" not in config["moe"]
+        # the remote code is the plain layer only: none of the kernels or their private torch APIs
+        code = (folder / "moe.py").read_text()
+        assert "class MoEFeedForward" in code and "def eager_experts" in code
+        for kernel_only in ("import moe_kernels", "moe_kernels import", "_grouped_mm(", "torch._C", "Function"):
+            assert kernel_only not in code, kernel_only
+        assert not (folder / "moe_kernels.py").exists()
     ref = clipmoe.load(full_dir)
     images = _images()
     text = ref.tokenizer(["a photo of a red cube", "blue sphere on the left"])
@@ -111,9 +125,14 @@ def test_saved_folders_load_without_clipmoe(tmp_path):
     # The classes came from the folders' own code, not from an installed clipmoe.
     assert out["full_class"].startswith("transformers_modules.") and out["full_class"].endswith(".ClipMoeModel")
     assert out["tower_class"].endswith(".ClipMoeVisionModel")
+    assert out["kernels"] == ["eager"] and out["dispatch"] == ["auto"]
+    # The remote code's plain layer computes what every clipmoe kernel computes.
+    for dispatch in ("eager", "loop", "grouped_mm", "auto"):
+        ref.set_moe_dispatch(dispatch)
+        with torch.no_grad():
+            torch.testing.assert_close(out["image"], ref.encode_image(pixels), atol=1e-6, rtol=0, msg=dispatch)
+            torch.testing.assert_close(out["text"], ref.encode_text(**text), atol=1e-6, rtol=0, msg=dispatch)
     with torch.no_grad():
-        torch.testing.assert_close(out["image"], ref.encode_image(pixels), atol=1e-6, rtol=0)
-        torch.testing.assert_close(out["text"], ref.encode_text(**text), atol=1e-6, rtol=0)
         # LLaVA's preprocessing equals ours; its layer -2 patch selection equals our own full-model
         # forward on the same pixels (fed the pixels above, the two would differ by the preprocessing's
         # rounding, amplified through the layers).

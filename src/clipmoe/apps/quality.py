@@ -105,8 +105,10 @@ def run_quality(
     recipes: tuple[str, ...] = ("paper", "tuned"),
     base_model: str = "builtin:tiny-clip",
     device: str = "auto",
+    report_only: bool = False,
 ) -> str:
-    """Build the worlds, run every (recipe, seed), and write ``out/quality.md``; returns its path."""
+    """Build the worlds, run every (recipe, seed), and write ``out/quality.md``; returns its path.
+    ``report_only`` writes the report from finished runs (for runs done by several processes) and trains nothing."""
     s = SIZES[size]
     unknown = sorted(set(recipes) - set(RECIPES))
     if unknown:
@@ -126,10 +128,17 @@ def run_quality(
             print(f"quality: {name} ({len(runs) + 1} of {len(seeds) * len(recipes)})", flush=True)
             cfg, run_dir = open_run(cfg_path, os.path.join(out, "runs", name))
             pipe = Pipeline(cfg, run_dir, init_distributed(cfg.device))
-            pipe.run()
+            if report_only:
+                unfinished = [name for name, done in pipe.status().items() if not done]
+                if unfinished:
+                    raise ValueError(f"{run_dir} is not finished ({', '.join(unfinished)}); run it first")
+            else:
+                pipe.run()
             runs[name] = {"recipe": recipe, "seed": seed, "run_dir": run_dir, "results": pipe.results()}
             runs[name]["init_routing"] = _init_routing(pipe)
             runs[name]["stages"] = _stage_plans(pipe)
+            with open(pipe.timings_path()) as f:
+                runs[name]["seconds"] = sum(json.load(f).values())
     elapsed = time.perf_counter() - t0
     path = os.path.join(out, "quality.md")
     with open(path, "w") as f:
@@ -331,10 +340,12 @@ def quality_report(runs: dict, size: str, elapsed: float) -> str:
 
     seeds = sorted({r["seed"] for r in runs.values()})
     recipes = list(dict.fromkeys(r["recipe"] for r in runs.values()))
+    compute = sum(r.get("seconds", 0.0) for r in runs.values())
     lines = [
         "# Quality testbed results",
         "",
-        f"Size `{size}`, seeds {seeds}, recipes {recipes}; {elapsed / 60:.1f} min on {platform.machine()}, "
+        f"Size `{size}`, seeds {seeds}, recipes {recipes}; {compute / 60:.0f} min of pipeline time summed over "
+        f"the {len(runs)} runs (this invocation: {elapsed / 60:.1f} min) on {platform.machine()}, "
         f"{os.cpu_count()} CPU(s), torch {torch.__version__}"
         + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
         + ".",

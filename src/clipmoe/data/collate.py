@@ -4,7 +4,9 @@ A sample whose image could not be decoded is kept as an *invalid row* (zero pixe
 of being dropped: under DDP every rank must run the same batch shape (the contrastive loss gathers features
 across ranks), so the loss masks invalid rows rather than the batch shrinking. The collator runs inside
 DataLoader workers, so it also carries the skip reasons out to the main process in ``batch["skipped"]``,
-where ``ImageTextDataset.record_skipped(batch)`` logs them.
+where ``ImageTextDataset.record_skipped(batch)`` logs them. An image the transform refuses before resizing
+(``ImageRejected``: too many pixels, too extreme an aspect ratio) becomes an invalid row the same way, with
+the transform's reason.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Callable
 import torch
 from PIL import Image
 
-from .processing import TextTokenizer
+from .processing import ImageRejected, TextTokenizer
 from .readers import Sample
 
 
@@ -32,8 +34,17 @@ class ClipCollator:
     def __call__(self, samples: list[Sample]) -> dict:
         if not samples:
             raise ValueError("cannot collate an empty batch")
-        valid = torch.tensor([s.image is not None for s in samples], dtype=torch.bool)
-        pixels = [self.transform(s.image) if s.image is not None else None for s in samples]
+        pixels, reasons = [], []
+        for s in samples:
+            pixel, reason = None, s.error or "unreadable image"
+            if s.image is not None:
+                try:
+                    pixel = self.transform(s.image)
+                except ImageRejected as e:
+                    reason = str(e)
+            pixels.append(pixel)
+            reasons.append(reason)
+        valid = torch.tensor([p is not None for p in pixels], dtype=torch.bool)
         shape = next((p.shape for p in pixels if p is not None), None)
         if shape is None:
             crop = getattr(self.transform, "crop_size", None)
@@ -48,5 +59,5 @@ class ClipCollator:
             "input_ids": text["input_ids"],
             "attention_mask": text["attention_mask"],
             "valid": valid,
-            "skipped": [f"{s.key}: {s.error or 'unreadable image'}" for s in samples if s.image is None],
+            "skipped": [f"{s.key}: {r}" for s, p, r in zip(samples, pixels, reasons) if p is None],
         }

@@ -3,6 +3,12 @@
 ``ImageTransform`` reproduces ``CLIPImageProcessor`` (resize the shortest side, bicubic, center crop, RGB,
 rescale, normalise) with PIL and numpy only, so it is fast and needs no torchvision; a test checks it
 against the HF processor.
+
+Hostile images are refused before any work: resizing the shortest side keeps the aspect ratio, so a
+102-byte 1x4000 PNG would become a 224x896000 image (GBs). ``ImageTransform`` therefore checks the pixel
+count (``max_pixels``) and the aspect ratio (``max_aspect_ratio``) from the header alone and raises
+``ImageRejected``; the readers count such samples as skipped, with the reason. The crop is taken while the
+image is still 8-bit, so the float tensor is never larger than ``[3, crop, crop]``.
 """
 
 from __future__ import annotations
@@ -18,6 +24,31 @@ from PIL import Image
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 _PIL_RESAMPLE = {0: Image.NEAREST, 1: Image.LANCZOS, 2: Image.BILINEAR, 3: Image.BICUBIC}
+# Defaults of the image caps: 64 Mpx decodes to at most 256 MB (RGBA); an aspect ratio of 20 keeps the
+# resized 8-bit image below 20 crops' worth (about 3 MB at 224 px). Panoramas and banners past 20:1 lose
+# all but a 1/20 slice to the centre crop anyway.
+MAX_PIXELS = 64_000_000
+MAX_ASPECT_RATIO = 20.0
+
+
+class ImageRejected(ValueError):
+    """An image refused before decoding or resizing (too many pixels, too extreme an aspect ratio)."""
+
+
+def check_image_size(
+    size: tuple[int, int], max_pixels: int | None = MAX_PIXELS, max_aspect_ratio: float | None = MAX_ASPECT_RATIO
+) -> str | None:
+    """Why an image of ``size`` (width, height) is refused, or None. ``None`` limits are not checked.
+
+    The reason starts with its skip category (``image too large:``, ``extreme aspect ratio:``)."""
+    w, h = size
+    if w < 1 or h < 1:
+        return f"empty image: {w}x{h} pixels"
+    if max_pixels is not None and w * h > max_pixels:
+        return f"image too large: {w}x{h} = {w * h} pixels > max_pixels {max_pixels}"
+    if max_aspect_ratio is not None and max(w, h) / min(w, h) > max_aspect_ratio:
+        return f"extreme aspect ratio: {w}x{h} ({max(w, h) / min(w, h):.1f}:1 > max_aspect_ratio {max_aspect_ratio:g})"
+    return None
 
 
 @dataclass
@@ -29,9 +60,19 @@ class ImageTransform:
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
     resample: int = 3  # PIL code; 3 = bicubic
+    # Refused before decoding/resizing (ImageRejected); None turns a check off.
+    max_pixels: int | None = MAX_PIXELS
+    max_aspect_ratio: float | None = MAX_ASPECT_RATIO
+
+    def __post_init__(self) -> None:
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1 or None, got {self.max_pixels}")
+        if self.max_aspect_ratio is not None and not self.max_aspect_ratio >= 1:
+            raise ValueError(f"max_aspect_ratio must be >= 1 or None, got {self.max_aspect_ratio}")
 
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike) -> ImageTransform:
+    def from_folder(cls, folder: str | os.PathLike, **limits) -> ImageTransform:
+        """The folder's preprocessing; ``limits`` (``max_pixels``, ``max_aspect_ratio``) override the caps."""
         path = os.path.join(folder, "preprocessor_config.json")
         if not os.path.exists(path):
             raise FileNotFoundError(f"{folder} has no preprocessor_config.json; cannot know the image preprocessing")
@@ -47,6 +88,7 @@ class ImageTransform:
             tuple(cfg.get("image_mean", OPENAI_MEAN)),
             tuple(cfg.get("image_std", OPENAI_STD)),
             int(cfg.get("resample", 3)),
+            **limits,
         )
 
     def to_processor_config(self) -> dict:
@@ -69,7 +111,14 @@ class ImageTransform:
         with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
             json.dump(self.to_processor_config(), f, indent=2)
 
+    def check(self, image: Image.Image) -> str | None:
+        """Why ``image`` is refused (its header size against the caps), or None; decodes nothing."""
+        return check_image_size(image.size, self.max_pixels, self.max_aspect_ratio)
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        reason = self.check(image)
+        if reason is not None:
+            raise ImageRejected(reason)
         if "A" in image.getbands() or image.info.get("transparency") is not None:
             # HF composites transparency onto white before dropping alpha; do the same.
             rgba = image.convert("RGBA")
@@ -82,11 +131,15 @@ class ImageTransform:
         new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
         if (new_w, new_h) != (w, h):
             image = image.resize((new_w, new_h), resample=_PIL_RESAMPLE[self.resample])
-        arr = np.asarray(image, dtype=np.float32)
         top = (new_h - self.crop_size) // 2
         left = (new_w - self.crop_size) // 2
-        arr = _center_crop(arr, top, left, self.crop_size)
-        arr = (arr * (1 / 255) - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        crop = self.crop_size
+        if top >= 0 and left >= 0:  # crop while 8-bit: only [crop, crop, 3] is ever converted to float
+            arr = np.asarray(image.crop((left, top, left + crop, top + crop)))
+        else:
+            arr = _center_crop(np.asarray(image), top, left, crop)
+        mean, std = np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
+        arr = (arr.astype(np.float32) * (1 / 255) - mean) / std
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
     def __repr__(self) -> str:

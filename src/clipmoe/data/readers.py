@@ -9,15 +9,24 @@ training starts. Tar members are indexed by their byte offset, so a webdataset s
 
 Bad samples are skipped, counted and named in a ``SkipLog``:
 
-* at indexing time (main process): missing image, missing/empty/unreadable caption, malformed record;
-* at load time: an image that cannot be fully decoded yields ``Sample.image = None`` and ``Sample.error``.
+* at indexing time (main process): missing image, missing/empty/unreadable caption, malformed record, a
+  CSV/TSV/JSONL row or ShareGPT4V record that is not UTF-8 (that row only), a webdataset key with a dot in it
+  (read as webdataset reads it: the first dot of the file name splits key and extension, so ``img.0001.png``
+  is key ``img`` with extension ``0001.png``, which is no image);
+* at load time: an image that cannot be fully decoded, or whose header already shows more than
+  ``max_pixels`` pixels (checked before decoding), yields ``Sample.image = None`` and ``Sample.error``; an
+  image the model's ``ImageTransform`` refuses (``max_pixels``, ``max_aspect_ratio``: checked before any
+  resize) is turned into an invalid row by ``ClipCollator``.
   Loading may happen in a DataLoader worker, whose memory is thrown away, so ``__getitem__`` never writes to
   the log. Instead ``ClipCollator`` keeps the sample as an invalid row (``valid=False``) and lists it in
   ``batch["skipped"]``; the main process then calls ``dataset.record_skipped(batch)``. The log de-duplicates
   by dataset index, so a second epoch over the same corrupt file does not count it twice.
 
 The run fails (``DataError``) only when the skipped fraction exceeds ``max_skipped_fraction`` (1% by default):
-checked right after indexing and again by ``dataset.end_pass()``.
+checked right after indexing and again by ``dataset.end_pass()``. Data that would be silently wrong rather
+than merely incomplete is an error naming the culprits: a tar member that appears twice, or a key that comes
+back after other keys (``webdataset.index_tar``: which copy is the sample's?), two files of one kind for one
+key in a ``files`` folder (``a.jpg`` and ``a.JPG``), or two samples with the same key.
 """
 
 from __future__ import annotations
@@ -38,10 +47,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..utils.images import IMAGE_EXTENSIONS
-from ..utils.io import atomic_file
-from .webdataset import TarError, index_tar, read_member
+from ..utils.io import atomic_file, escape_field
+from ..utils.keys import first_few
+from .processing import MAX_PIXELS, check_image_size
+from .webdataset import Member, TarError, index_tar, read_member
 
 FORMATS = ("files", "webdataset", "csv", "jsonl", "sharegpt4v")
+_SAMPLE_FILES = (*IMAGE_EXTENSIONS, "txt", "json")  # the extensions a sample's files are read from
 # Open tar handles kept per process; bounded so thousands of shards never exhaust file descriptors.
 _MAX_OPEN_SHARDS = 16
 
@@ -136,24 +148,24 @@ class SkipLog:
         raise DataError(f"{self.summary(total)}. First skipped: {examples}")
 
     def write(self, path: str | os.PathLike) -> None:
-        """Write ``key<TAB>path<TAB>reason`` lines atomically (temp file, then rename)."""
+        """Write ``key<TAB>path<TAB>reason`` lines atomically (temp file, then rename). Control characters
+        and backslashes are written as C-style escapes, so a file name with a newline stays on its line."""
         with atomic_file(path, encoding="utf-8") as f:
             f.write("key\tpath\treason\n")
             for e in self.entries:
-                f.write("\t".join(_one_line(x) for x in (e.key, e.path, e.reason)) + "\n")
-
-
-def _one_line(text: str) -> str:
-    return text.replace("\t", " ").replace("\n", " ")
+                f.write("\t".join(escape_field(x) for x in (e.key, e.path, e.reason)) + "\n")
 
 
 class ImageTextDataset(torch.utils.data.Dataset):
     """Map-style image-caption dataset over an index of ``Record``; ``__getitem__`` decodes the image fully."""
 
-    def __init__(self, records: list[Record], skips: SkipLog, source: str = "") -> None:
+    def __init__(
+        self, records: list[Record], skips: SkipLog, source: str = "", max_pixels: int | None = MAX_PIXELS
+    ) -> None:
         self.records = records
         self.skips = skips
         self.source = source
+        self.max_pixels = max_pixels  # images above this are skipped before decoding (None: no cap)
         # Samples the source offered, including those skipped while indexing: the denominator of the
         # skipped fraction.
         self.total = len(records) + len(skips)
@@ -191,6 +203,10 @@ class ImageTextDataset(torch.utils.data.Dataset):
         try:
             data = self._read_bytes(rec, index)
             image = Image.open(io.BytesIO(data))
+            # The header gives the size: refuse a pixel bomb before decoding it.
+            too_large = check_image_size(image.size, self.max_pixels, None)
+            if too_large:
+                return Sample(index, rec.key, None, rec.caption, too_large)
             # load() decodes every pixel, so a truncated file fails here rather than later in the transform.
             # The mode is left as decoded: colour conversion (and how transparency is flattened) belongs to
             # the model's image transform, so there is one rule for it.
@@ -262,6 +278,7 @@ def open_dataset(
     root: str | os.PathLike | None = None,
     separator: str = "\t",
     max_skipped_fraction: float = 0.01,
+    max_pixels: int | None = MAX_PIXELS,
 ) -> ImageTextDataset:
     """Index an image-caption source and return a map-style dataset.
 
@@ -278,6 +295,7 @@ def open_dataset(
         root: folder that relative image paths are resolved against (default: the index file's folder).
         separator: CSV field separator; tab by default, as open_clip.
         max_skipped_fraction: fail with ``DataError`` when more samples than this are skipped.
+        max_pixels: images with more pixels (read from the header) are skipped before decoding.
     """
     source = os.fspath(source)
     fmt = _detect_format(source) if format == "auto" else format
@@ -305,7 +323,8 @@ def open_dataset(
         else:
             rows = _sharegpt_rows(index_file, image_key or "image")
         records = _index_rows(rows, base, skips)
-    dataset = ImageTextDataset(records, skips, source)
+    _check_unique_keys(records, source)
+    dataset = ImageTextDataset(records, skips, source, max_pixels)
     if not records:
         raise DataError(f"no usable samples in {source} ({fmt})" + (f"; {skips.summary()}" if len(skips) else ""))
     skips.check(dataset.total)
@@ -378,8 +397,11 @@ def _index_files(folder: str, caption: str, skips: SkipLog) -> list[Record]:
             stem, ext = os.path.splitext(entry.name)
             ext = ext[1:].lower()
             # *_stats.json and *.parquet sit beside img2dataset shards and describe them, not a sample.
-            if entry.is_file() and (ext in IMAGE_EXTENSIONS or ext in ("txt", "json")) and not stem.endswith("_stats"):
-                groups.setdefault(stem, {})[ext] = entry.path
+            if entry.is_file() and ext in _SAMPLE_FILES and not stem.endswith("_stats"):
+                group = groups.setdefault(stem, {})
+                if ext in group:  # a.jpg and a.JPG: which one is the sample's?
+                    raise DataError(f"{d} holds two .{ext} files for key {stem!r}: {group[ext]} and {entry.path}")
+                group[ext] = entry.path
         for stem in sorted(groups):
             files = groups[stem]
             key = os.path.relpath(os.path.join(d, stem), folder).replace(os.sep, "/")
@@ -448,6 +470,7 @@ def _index_tars(source: str, caption: str, skips: SkipLog) -> list[Record]:
                 key: {caption_ext: read_member(f, m[caption_ext])} if caption_ext in m else {}
                 for key, m in groups.items()
             }
+        _skip_dotted_keys(path, groups, skips)
         for key, members in groups.items():
             image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
             name = f"{os.path.basename(path)}/{key}"
@@ -461,6 +484,35 @@ def _index_tars(source: str, caption: str, skips: SkipLog) -> list[Record]:
             else:
                 records.append(Record(name, text, path, image.offset, image.size))
     return records
+
+
+def _skip_dotted_keys(path: str, groups: dict[str, dict[str, Member]], skips: SkipLog) -> None:
+    """Count a sample whose key has a dot in it as webdataset reads it: ``img.0001.png`` is key ``img`` with
+    extension ``0001.png``, which is no image. One skip per sample the writer meant (the name up to its last
+    dot); a dotted extension of a sample that has its image (``key.seg.png``) is an extra field, not a skip."""
+    for key, members in groups.items():
+        if any(e in members for e in IMAGE_EXTENSIONS):
+            continue
+        dotted = [(m.name, ext) for ext, m in members.items() if "." in ext and ext.rpartition(".")[2] in _SAMPLE_FILES]
+        for meant in dict.fromkeys(name.rpartition(".")[0] for name, _ in dotted):
+            example, ext = next((n, e) for n, e in dotted if n.rpartition(".")[0] == meant)
+            skips.add(
+                f"{os.path.basename(path)}/{meant}",
+                path,
+                f"dotted key: webdataset reads {example} as key {key!r} with extension {ext!r}; "
+                "keys must not contain dots",
+            )
+
+
+def _check_unique_keys(records: list[Record], source: str) -> None:
+    """Two samples under one key would be confused by every later step that names samples by key."""
+    counts = Counter(r.key for r in records)
+    repeated = [f"{k} ({n}x)" for k, n in counts.items() if n > 1]
+    if repeated:
+        raise DataError(
+            f"{source} has duplicate sample keys: {first_few(repeated, 5)} (e.g. two shards with the same file name "
+            "in different folders); give every sample a unique key"
+        )
 
 
 # A row of a CSV/JSONL/ShareGPT4V index: (key, image path or None, caption or None, problem or None).
@@ -486,8 +538,17 @@ def _index_rows(rows: Iterator[Row], base: Path, skips: SkipLog) -> list[Record]
     return records
 
 
+def _not_utf8(text: str) -> str | None:
+    """Where ``text`` (decoded with ``errors="surrogateescape"``) holds a byte that is not UTF-8, or None."""
+    for i, ch in enumerate(text):
+        if "\udc80" <= ch <= "\udcff":
+            return f"byte 0x{ord(ch) - 0xDC00:02x} at character {i + 1}"
+    return None
+
+
 def _csv_rows(path: Path, image_key: str, caption_key: str, separator: str) -> Iterator[Row]:
-    with open(path, newline="", encoding="utf-8") as f:
+    # surrogateescape: a bad byte spoils its row only, which is then skipped and named.
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         reader = csv.DictReader(f, delimiter=separator)
         columns = reader.fieldnames or []
         missing = [c for c in (image_key, caption_key) if c not in columns]
@@ -497,16 +558,27 @@ def _csv_rows(path: Path, image_key: str, caption_key: str, separator: str) -> I
                 f"or separator (now {separator!r})"
             )
         for row in reader:
+            key = f"{path.name}:{reader.line_num}"
+            bad = next(
+                (f"column {c!r}: {w}" for c, v in row.items() if isinstance(v, str) and (w := _not_utf8(v))), None
+            )
+            if bad:
+                yield key, None, None, f"unreadable row: not UTF-8 ({bad})"
+                continue
             # DictReader fills absent trailing cells with None; a short row simply lacks that field.
-            yield f"{path.name}:{reader.line_num}", row[image_key], row[caption_key], None
+            yield key, row[image_key], row[caption_key], None
 
 
 def _jsonl_rows(path: Path, image_key: str, caption_key: str) -> Iterator[Row]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for line_num, line in enumerate(f, 1):
             if not line.strip():
                 continue
             key = f"{path.name}:{line_num}"
+            bad = _not_utf8(line)
+            if bad:
+                yield key, None, None, f"unreadable row: not UTF-8 ({bad})"
+                continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
@@ -521,7 +593,7 @@ def _jsonl_rows(path: Path, image_key: str, caption_key: str) -> Iterator[Row]:
 
 def _sharegpt_rows(path: Path, image_key: str) -> Iterator[Row]:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise DataError(f"{path} is not valid JSON: {e}") from e
@@ -535,4 +607,8 @@ def _sharegpt_rows(path: Path, image_key: str) -> Iterator[Row]:
             yield key, None, None, "missing caption: no conversations[1].value"
             continue
         image = rec.get(image_key)
+        bad = next((w for v in (text, image) if isinstance(v, str) and (w := _not_utf8(v))), None)
+        if bad:
+            yield key, None, None, f"unreadable record: not UTF-8 ({bad})"
+            continue
         yield key, image if isinstance(image, str) else None, text if isinstance(text, str) else None, None

@@ -1,7 +1,8 @@
 """The one webdataset tar reader, for training data (``data.readers``) and evaluation sets (``eval.datasets``).
 
 A shard is read once, headers only: every sample's members are located by byte offset, so images are decoded
-later by random access into the uncompressed tar (no extraction, no streaming order imposed).
+later by random access into the uncompressed tar (no extraction). The shard must still read as webdataset
+reads it, in one stream: a sample's members side by side, each once (see ``index_tar``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import os
 import tarfile
 from dataclasses import dataclass
 from typing import BinaryIO
+
+from ..utils.keys import first_few
 
 
 class TarError(ValueError):
@@ -33,22 +36,35 @@ def split_key(name: str) -> tuple[str, str]:
 
 def index_tar(path: str | os.PathLike) -> dict[str, dict[str, Member]]:
     """``{key: {extension: Member}}`` of every sample in the shard, in the order of its first member.
-    webdataset metadata (names starting with ``__``) is skipped; a sample with two members of one extension, a
-    compressed or broken tar is a ``TarError`` naming the file."""
+    webdataset metadata (names starting with ``__``) is skipped. Data that would be silently wrong is a
+    ``TarError`` naming the file and the members: the same sample file twice (which copy is the sample's?),
+    a key that comes back after other keys (webdataset, grouping consecutive members, would yield that sample
+    twice); so is a compressed or broken tar."""
     path = os.fspath(path)
     samples: dict[str, dict[str, Member]] = {}
+    duplicates: list[str] = []
+    last = None
     try:
         with tarfile.open(path, "r:") as tar:  # "r:" = uncompressed: random access by offset needs the raw tar
             for member in tar:
                 if not member.isfile() or os.path.basename(member.name).startswith("__"):
                     continue
                 key, ext = split_key(member.name)
+                if key != last and key in samples:
+                    raise TarError(f"{path}: sample {key!r} appears twice (again at member {member.name!r})")
+                last = key
                 sample = samples.setdefault(key, {})
                 if ext in sample:
-                    raise TarError(f"{path}: sample {key!r} has two '.{ext}' files")
+                    duplicates.append(f"{sample[ext].name} and {member.name}")
+                    continue
                 sample[ext] = Member(member.offset_data, member.size, member.name)
     except tarfile.TarError as e:
         raise TarError(f"{path} is not a readable uncompressed tar: {e}") from None
+    if duplicates:
+        raise TarError(
+            f"{path} holds the same sample file twice ({first_few(duplicates, 5)}); a key must name one sample: "
+            "remove the duplicates or rename them"
+        )
     return samples
 
 

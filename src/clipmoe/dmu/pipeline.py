@@ -97,7 +97,9 @@ class Pipeline:
             write_identity(folder, self._identity)
 
     def load(self, path: str) -> ClipMoeModel:
-        return load(path, device=self.env.device)
+        model = load(path, device=self.env.device)
+        model.set_moe_dispatch(self.cfg.moe.dispatch)  # a run-time choice: saved models do not carry it
+        return model
 
     def save(self, model: ClipMoeModel, path: str) -> None:
         state = full_state_dict(model, self.env)  # collective when FSDP left the model sharded; else None

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..data.processing import ImageRejected
 from .datasets import ImageRef
 
 # Called after each batch's forward pass with the batch's sample indices and, for text, its attention mask;
@@ -71,7 +72,10 @@ class _ImageDataset(Dataset):
         if isinstance(item, str):
             item = ImageRef(item)
         image = item.open() if isinstance(item, ImageRef) else item
-        return self.transform(image)
+        try:
+            return self.transform(image)
+        except ImageRejected as e:  # an eval set is used whole: stop, naming the image
+            raise ImageRejected(f"{item if isinstance(item, ImageRef) else f'image {i}'}: {e}") from None
 
 
 def _require(model: nn.Module, attr: str) -> None:

@@ -1,7 +1,9 @@
 """Opening models from disk: HF CLIP folders (dense or CLIP-MoE) and, via ``convert``, single files.
 
 Loading is strict: a missing or unexpected key is an error that names the keys, never a silently random
-layer. Files are read with safetensors or ``torch.load(weights_only=True)``; nothing pickled is executed.
+layer; a tensor that is not floating point where the model has floating-point weights (e.g. int64, which
+``load_state_dict`` would silently cast), or that holds NaN or inf, is an error naming the tensor. Files are
+read with safetensors or ``torch.load(weights_only=True)``; nothing pickled is executed.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..utils.keys import key_mismatch
-from .modeling import TOWERS, ClipMoeModel, MoESpec
+from .modeling import TOWERS, ClipMoeModel, MoESpec, tower_config
 from .moe import MoEFeedForward
 from .options import MoEOptions
 
@@ -150,13 +150,14 @@ def _assemble(
     for tower, blocks in chosen.items():
         for i in blocks:
             target = model_ffns[tower][i]
-            _, act, _ = target.parts()
+            # the activation by its config name, as the FFN was built (the fast kernels key closed forms on it)
+            hidden_act = tower_config(model.config, tower).hidden_act
             moe = MoEFeedForward.from_ffns(
-                [e[tower][i] for e in expert_ffns], copy.deepcopy(act), top_k, options.expert_dropout, options.dispatch
+                [e[tower][i] for e in expert_ffns], hidden_act, top_k, options.expert_dropout, options.dispatch
             )
             parent_path, _, attr = target.path.rpartition(".")
             setattr(model.get_submodule(parent_path), attr, moe)
-    spec = MoESpec(num_experts, top_k, chosen, options.expert_dropout, options.dispatch)
+    spec = MoESpec(num_experts, top_k, chosen, options.expert_dropout)  # dispatch is a run-time choice, not config
     model.config.moe = spec.to_dict()
     for attr in ("tokenizer", "image_processor"):
         if hasattr(base, attr):

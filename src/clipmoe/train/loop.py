@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..formats.state_dict import save_file_atomically
 from ..model.modeling import tower_layers
 from ..model.moe import load_balancing_loss, router_z_loss
 from ..utils.io import atomic_file
@@ -417,9 +418,9 @@ def _save_checkpoint(path, model, optimizer, scheduler, step, cfg, env: DistEnv,
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
             **(extra or {}),
         }
-        tmp = f"{path}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+        # Atomic: a kill mid-write leaves the previous checkpoint intact; a full disk removes the temporary and
+        # raises one WriteError naming the file.
+        save_file_atomically(state, path)
     barrier(env)
 
 

@@ -1,4 +1,12 @@
-"""Writes that never leave a half-written file or folder behind: a temp sibling, then one rename."""
+"""Writes that never leave a half-written file or folder behind: a temp sibling, then one rename (torch-free).
+
+Every file clipmoe writes goes to a temporary sibling first and is renamed into place, so a kill never leaves
+a half-written file under the real name. When the write itself fails (disk full, file-size limit, I/O error),
+the temporary is removed and ``WriteError`` says which file could not be written and why, in one line: it is
+a ``ValueError`` as well as an ``OSError``, so the CLI prints it without a traceback.
+
+``escape_field`` writes a name (a file name, a sample key) on one line, unambiguously, for logs and output.
+"""
 
 from __future__ import annotations
 
@@ -11,25 +19,56 @@ from contextlib import contextmanager
 from typing import IO, Any
 
 
+class WriteError(OSError, ValueError):
+    """A file or folder could not be written (disk full, I/O error); its temporary has been removed."""
+
+
+def io_failure(exc: BaseException) -> str | None:
+    """Why ``exc`` is an I/O failure (e.g. ``No space left on device``), or None when it is something else.
+
+    Writers may wrap the ``OSError`` (torch.save raises a RuntimeError whose context is the OSError), so the
+    chain of causes is searched. (Everything written through here goes through a Python file object, so a
+    failed write is always an ``OSError`` somewhere in that chain.)"""
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            return e.strerror or str(e)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def write_error(target: str, reason: str, tmp: str | None = None) -> WriteError:
+    """The one-line error for a failed write of ``target`` (its temporary ``tmp`` already removed)."""
+    removed = f"; removed the partial {tmp}" if tmp else ""
+    return WriteError(f"could not write {target}: {reason}{removed}")
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]:
-    """Open a temp file beside ``path``; on a clean exit it replaces ``path``, on an error it is removed."""
+    """Open a temp file beside ``path``; on a clean exit it replaces ``path``, on an error it is removed.
+    A failed write (disk full, I/O error) is one ``WriteError`` naming ``path``."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", suffix=os.path.splitext(path)[1], dir=folder)
     try:
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
         os.replace(tmp, path)
-    finally:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        reason = None if isinstance(e, WriteError) else io_failure(e)
+        if reason is not None:
+            raise write_error(path, reason, tmp) from e
+        raise
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int = 1) -> None:
     """``obj`` as JSON (non-JSON values written with ``str``), atomically."""
-    with atomic_file(path) as f:
+    with atomic_file(path, encoding="utf-8") as f:
         json.dump(obj, f, indent=indent, default=str)
 
 
@@ -41,11 +80,13 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 @contextmanager
 def atomic_folder(target: str | os.PathLike) -> Iterator[str]:
     """Yield a temp folder beside ``target``; on a clean exit it takes ``target``'s place (an existing
-    ``target`` is moved aside first and then deleted), on an error it is removed."""
+    ``target`` is moved aside first and then deleted), on an error it is removed. A failed write inside it
+    is one ``WriteError`` naming ``target`` (a ``WriteError`` raised inside, naming one of its files, is
+    passed on as it is)."""
     target = os.path.abspath(os.fspath(target))
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
     try:
         yield tmp
         old = None
@@ -55,6 +96,33 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[str]:
         os.replace(tmp, target)
         if old:
             shutil.rmtree(old)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = None if isinstance(e, WriteError) else io_failure(e)
+        if reason is not None:
+            raise write_error(target, reason, tmp) from e
+        raise
+
+
+_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def escape_field(text: str) -> str:
+    r"""``text`` on one line, unambiguously: backslash, tab, newline, carriage return and other unprintable
+    characters are written as C-style escapes (``\\``, ``\t``, ``\n``, ``\r``, ``\xNN``, ``\uNNNN``). A byte
+    of a non-UTF-8 file name (decoded by Python as a surrogate) comes out as ``\xNN``, that byte."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for ch in text:
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif ch.isprintable():
+            out.append(ch)
+        elif "\udc80" <= ch <= "\udcff":
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        elif ord(ch) < 0x100:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(f"\\u{ord(ch):04x}" if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}")
+    return "".join(out)

@@ -16,9 +16,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
-from transformers.activations import ACT2FN
 
-from .moe import MoEFeedForward
+from .moe import EXPERT_KERNELS, MoEFeedForward
 
 TOWERS = ("vision", "text")
 
@@ -31,14 +30,14 @@ class MoESpec:
     top_k: int = 2
     layers: dict[str, list[int]] = field(default_factory=dict)  # tower -> block indices
     expert_dropout: float = 0.0
-    dispatch: str = "auto"
 
     @classmethod
     def from_dict(cls, d: dict) -> MoESpec:
-        unknown = set(d) - {"num_experts", "top_k", "layers", "expert_dropout", "dispatch"}
+        # "dispatch" was saved by versions before it became a run-time choice (set_moe_dispatch): ignored
+        d = {k: v for k, v in d.items() if k != "dispatch"}
+        unknown = set(d) - {"num_experts", "top_k", "layers", "expert_dropout"}
         if unknown:
             raise ValueError(f"unknown keys in the config's moe section: {sorted(unknown)}")
-        d = dict(d)
         d["layers"] = {t: [int(i) for i in v] for t, v in d.get("layers", {}).items()}
         return cls(**d)
 
@@ -74,9 +73,8 @@ def build_moe_structure(model: nn.Module, spec: MoESpec) -> None:
                 cfg.intermediate_size,
                 spec.num_experts,
                 spec.top_k,
-                ACT2FN[cfg.hidden_act],
+                cfg.hidden_act,
                 spec.expert_dropout,
-                spec.dispatch,
             )
 
 
@@ -87,6 +85,12 @@ class _MoEHooks:
     def moe_spec(self) -> MoESpec | None:
         moe = getattr(self.config, "moe", None)
         return MoESpec.from_dict(moe) if moe else None
+
+    def _build_moe(self) -> None:
+        spec = self.moe_spec
+        if spec is not None:
+            self.config.moe = spec.to_dict()  # normalised: drops what older versions wrote (dispatch)
+            build_moe_structure(self, spec)
 
     def moe_layers(self, tower: str | None = None) -> list[MoEFeedForward]:
         """The MoE layers in block order, of one tower or of all."""
@@ -118,12 +122,27 @@ class _MoEHooks:
                 else:
                     mlp.requires_grad_(mode == "ffn")
 
+    def set_moe_dispatch(self, dispatch: str) -> None:
+        """Choose how every MoE layer computes its experts: ``"auto"`` or a name in ``EXPERT_KERNELS``
+        (``"eager"``; with clipmoe installed also ``"loop"`` and ``"grouped_mm"``). A run-time choice,
+        never saved: every loaded model starts at ``"auto"``."""
+        if dispatch != "auto" and dispatch not in EXPERT_KERNELS:
+            raise ValueError(f"dispatch must be 'auto' or one of {sorted(EXPERT_KERNELS)}, got {dispatch!r}")
+        for m in self.moe_layers():
+            m.dispatch = dispatch
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         # Non-reentrant so that side outputs (router logits) stay differentiable through the recompute.
-        if enable:
-            self.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # Later transformers 5 releases renamed gradient_checkpointing_* to activation_checkpointing_*.
+        if hasattr(self, "activation_checkpointing_enable"):
+            if enable:
+                self.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.activation_checkpointing_disable()
+        elif enable:
+            self.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
-            self.activation_checkpointing_disable()
+            self.gradient_checkpointing_disable()
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable, total, and active-per-token parameters (top_k of E experts counted)."""
@@ -147,11 +166,18 @@ class _MoEHooks:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
         try:
-            super().save_pretrained(tmp, safe_serialization=True, **kwargs)
-            write_remote_code(tmp, "ClipMoeVisionModel" if isinstance(self, CLIPVisionModel) else "ClipMoeModel")
-            for extra in (getattr(self, "tokenizer", None), getattr(self, "image_processor", None)):
-                if extra is not None:
-                    extra.save_pretrained(tmp)
+            try:
+                super().save_pretrained(tmp, safe_serialization=True, **kwargs)
+                write_remote_code(tmp, "ClipMoeVisionModel" if isinstance(self, CLIPVisionModel) else "ClipMoeModel")
+                for extra in (getattr(self, "tokenizer", None), getattr(self, "image_processor", None)):
+                    if extra is not None:
+                        extra.save_pretrained(tmp)
+            except Exception as e:
+                reason = _io_failure(e)
+                if reason is None:
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise ModelWriteError(f"could not write {target}: {reason}; removed the partial {tmp}") from e
             old = None
             if os.path.exists(target):
                 old = tempfile.mkdtemp(prefix=".old-", dir=parent)
@@ -162,6 +188,25 @@ class _MoEHooks:
         finally:
             if os.path.exists(tmp):
                 shutil.rmtree(tmp)
+
+
+class ModelWriteError(OSError, ValueError):
+    """A model folder could not be written (disk full, I/O error); its temporary folder has been removed."""
+
+
+def _io_failure(exc: BaseException) -> str | None:
+    """The OS's reason when ``exc`` is a failed write (safetensors and torch wrap the OSError), else None."""
+    e, seen = exc, set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e.strerror or str(e)
+        e = e.__cause__ or e.__context__
+    text = (str(exc).splitlines() or [""])[0]
+    if "I/O error" not in text:
+        return None
+    # safetensors: "Error while serializing: I/O error: No space left on device (os error 28)"
+    return text.partition("I/O error: ")[2].partition(" (os error")[0][:200] or text[:200]
 
 
 def write_remote_code(folder: str, class_name: str) -> None:
@@ -188,9 +233,7 @@ class ClipMoeModel(_MoEHooks, CLIPModel):
 
     def __init__(self, config: CLIPConfig) -> None:
         super().__init__(config)
-        spec = self.moe_spec
-        if spec is not None:
-            build_moe_structure(self, spec)
+        self._build_moe()
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected image features (not normalised)."""
@@ -214,6 +257,4 @@ class ClipMoeVisionModel(_MoEHooks, CLIPVisionModel):
 
     def __init__(self, config: CLIPVisionConfig) -> None:
         super().__init__(config)
-        spec = self.moe_spec
-        if spec is not None:
-            build_moe_structure(self, spec)
+        self._build_moe()

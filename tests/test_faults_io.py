@@ -1,0 +1,135 @@
+"""Weights that must not load, and writes that fail (disk full): issue #17 item 8."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import resource
+import select
+import shutil
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import clipmoe
+from clipmoe.formats import state_dict
+from clipmoe.formats.state_dict import CheckpointError
+from clipmoe.train.loop import CHECKPOINT, METRICS, train
+from conftest import make_tiny_clip
+from test_train import Synthetic, cfg, make_collate
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "tiny"
+    make_tiny_clip().save_pretrained(path)
+    return path
+
+
+def _rewrite(folder, edit) -> None:
+    weights = folder / "model.safetensors"
+    tensors = load_file(weights)
+    edit(tensors)
+    save_file(tensors, weights)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda t: t.__setitem__("logit_scale", t["logit_scale"].long()),
+            r"model\.safetensors: tensor logit_scale has dtype int64; weights must be floating point",
+        ),
+        (
+            lambda t: t["visual_projection.weight"].view(-1).__setitem__(7, float("nan")),
+            r"tensor visual_projection\.weight holds 1 NaN and 0 inf value\(s\) of 512",
+        ),
+        (
+            lambda t: t["text_model.final_layer_norm.bias"].__setitem__(0, float("-inf")),
+            r"tensor text_model\.final_layer_norm\.bias holds 0 NaN and 1 inf",
+        ),
+    ],
+    ids=["int64", "nan", "inf"],
+)
+def test_non_float_or_non_finite_weights_are_refused_at_load_naming_the_tensor(saved, tmp_path, edit, message):
+    folder = tmp_path / "m"
+    shutil.copytree(saved, folder)
+    clipmoe.load(folder)  # the untouched copy loads
+    _rewrite(folder, edit)
+    with pytest.raises(CheckpointError, match=message):
+        clipmoe.load(folder)
+
+
+def in_child_with_file_size_limit(limit: int, fn) -> tuple[str, str] | None:
+    """Run ``fn`` in a forked child whose files cannot grow past ``limit`` bytes (RLIMIT_FSIZE: writes fail
+    with EFBIG, as on a full disk); return the exception it raised as (type name, message), or None."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 0
+        try:
+            os.close(read_end)
+            torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork(): no parallel regions
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+            try:
+                fn()
+                result = None
+            except Exception as e:
+                result = (type(e).__name__, str(e), isinstance(e, ValueError))
+            os.write(write_end, pickle.dumps(result))
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    try:
+        ready, _, _ = select.select([read_end], [], [], 60)
+        data = os.read(read_end, 1 << 20) if ready else b""
+    finally:
+        os.close(read_end)
+        if not data:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert data, "the child died or hung"
+    return pickle.loads(data)
+
+
+def test_disk_full_while_saving_a_model_is_one_line_naming_it_and_leaves_no_temporary(tmp_path):
+    model = make_tiny_clip()
+    kind, message, is_value_error = in_child_with_file_size_limit(20_000, lambda: model.save_pretrained(tmp_path / "m"))
+    assert kind == "ModelWriteError" and is_value_error  # the CLI prints ValueErrors as one line, without a traceback
+    assert message.startswith(f"could not write {tmp_path / 'm'}: File too large; removed the partial ")
+    assert "\n" not in message
+    assert os.listdir(tmp_path) == []  # neither the model nor its temporary folder
+
+
+def test_disk_full_while_writing_a_checkpoint_file_is_one_line_and_leaves_no_temporary(tmp_path):
+    state = {"weights": torch.randn(50_000), "step": 3}
+    path = tmp_path / "checkpoint.pt"
+    kind, message, is_value_error = in_child_with_file_size_limit(
+        20_000, lambda: state_dict.save_file_atomically(state, path)
+    )
+    assert kind == "WriteError" and is_value_error
+    assert message.startswith(f"could not write {path}: File too large; removed the partial {tmp_path}/.checkpoint.pt.")
+    assert os.listdir(tmp_path) == []
+    state_dict.save_file_atomically(state, path)  # with room, it is written
+    assert torch.equal(torch.load(path)["weights"], state["weights"])
+
+
+def test_disk_full_while_writing_a_training_checkpoint_is_one_line_and_leaves_no_temporary(tmp_path):
+    """The metrics fit under the limit, the checkpoint (weights and optimizer state) does not."""
+    model = make_tiny_clip()
+    run = tmp_path / "run"
+    kind, message, is_value_error = in_child_with_file_size_limit(
+        50_000, lambda: train(model, Synthetic(16), make_collate(model), cfg(steps=4), str(run))
+    )
+    assert kind == "WriteError" and is_value_error
+    assert message.startswith(
+        f"could not write {run / CHECKPOINT}: File too large; removed the partial {run}/.{CHECKPOINT}."
+    )
+    assert "\n" not in message
+    assert sorted(os.listdir(run)) == [METRICS]  # no checkpoint, no temporary
+    train(model, Synthetic(16), make_collate(model), cfg(steps=4), str(tmp_path / "roomy"))  # with room, it runs
