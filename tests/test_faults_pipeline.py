@@ -205,7 +205,6 @@ def _every_phase(cfg_path, run_dir):
     return pipe
 
 
-@pytest.mark.slow
 def test_kill_and_resume_is_exact_in_every_training_phase(tmp_path, world, base_dir, monkeypatch):
     from clipmoe.train import loop
 
@@ -292,7 +291,6 @@ def test_too_many_bad_samples_fail_every_rerun_with_the_same_names(
     assert not (tmp_path / "run" / "report.md").exists()
 
 
-@pytest.mark.slow
 def test_a_resumed_training_phase_keeps_the_skips_before_its_checkpoint(
     tmp_path, world_310_with_10_corrupt, base_dir, monkeypatch
 ):
@@ -338,7 +336,6 @@ def test_a_resumed_training_phase_keeps_the_skips_before_its_checkpoint(
 # ------------------------------------------------------------------------------------------ item 6: data identity
 
 
-@pytest.mark.slow
 def test_data_changed_between_stages_is_refused_naming_what_changed(tmp_path, world, base_dir, capsys):
     import shutil
 
