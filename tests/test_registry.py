@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import yaml
+from PIL import Image
 
 from clipmoe import cli
 from clipmoe.dmu.baselines import BASELINES, baseline_runs, rows
@@ -98,6 +99,9 @@ def test_partial_phase_sections_keep_their_own_defaults():
 def test_relative_paths_follow_the_config_file_and_the_snapshot_works_from_anywhere(tmp_path, monkeypatch):
     project = tmp_path / "project"
     (project / "data" / "train").mkdir(parents=True)
+    for i in range(8):  # a run checks its config against the data before writing anything
+        Image.new("RGB", (8, 8), (30 * i, 0, 0)).save(project / "data" / "train" / f"{i}.png")
+        (project / "data" / "train" / f"{i}.txt").write_text(f"sample {i}")
     (project / "configs").mkdir()
     cfg_path = project / "configs" / "run.yaml"
     cfg_path.write_text(yaml.safe_dump({"base_model": "builtin:tiny-clip", "data": {"train": "../data/train"}}))

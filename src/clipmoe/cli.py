@@ -41,7 +41,7 @@ def run_status(args: argparse.Namespace) -> None:
     from .dmu.config import load_config
     from .dmu.pipeline import default_run_dir, print_plan
 
-    print_plan(load_config(args.config), args.run_dir or default_run_dir(args.config))
+    print_plan(load_config(args.config), args.run_dir or default_run_dir(args.config), check=False)
 
 
 def add_stage(p: argparse.ArgumentParser, stage: Stage) -> None:
@@ -69,14 +69,13 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
 
 def _open_pipeline(args: argparse.Namespace):
     from .dmu.config import load_config
-    from .dmu.pipeline import Pipeline, default_run_dir, open_run, print_plan
+    from .dmu.pipeline import default_run_dir, open_pipeline, print_plan
     from .train.distributed import init_distributed
 
-    if getattr(args, "dry_run", False):
+    if getattr(args, "dry_run", False):  # the same checks as a run (validate_run), then the plan
         print_plan(load_config(args.config), args.run_dir or default_run_dir(args.config), args.fork)
         return None
-    cfg, run_dir = open_run(args.config, args.run_dir, getattr(args, "fork", None))
-    return Pipeline(cfg, run_dir, init_distributed(cfg.device))
+    return open_pipeline(args.config, args.run_dir, getattr(args, "fork", None), init_distributed)
 
 
 def _close(pipe) -> None:

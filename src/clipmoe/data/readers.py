@@ -105,15 +105,27 @@ class SkipLog:
             raise ValueError(f"max_skipped_fraction must be in [0, 1], got {max_fraction}")
         self.max_fraction = max_fraction
         self.entries: list[SkipEntry] = []
-        self._seen_indices: set[int] = set()
+        self._seen_indices: dict[int, SkipEntry] = {}
 
     def add(self, key: str, path: str, reason: str, index: int | None = None) -> None:
         """Record one skipped sample. ``index`` (a dataset index) de-duplicates load-time skips across passes."""
+        entry = SkipEntry(key, path, reason)
         if index is not None:
             if index in self._seen_indices:
                 return
-            self._seen_indices.add(index)
-        self.entries.append(SkipEntry(key, path, reason))
+            self._seen_indices[index] = entry
+        self.entries.append(entry)
+
+    def load_time(self) -> list[list]:
+        """The load-time skips (found while decoding, by dataset index) as JSON-able ``[index, key, path,
+        reason]`` rows: what a pass stores with its artifacts (embedding chunks, training checkpoints), so a
+        resumed or rerun pass counts them again instead of forgetting samples it does not decode twice."""
+        return [[i, e.key, e.path, e.reason] for i, e in self._seen_indices.items()]
+
+    def restore(self, rows: list[list]) -> None:
+        """Re-add rows of ``load_time()`` (de-duplicated by index, like any load-time skip)."""
+        for index, key, path, reason in rows:
+            self.add(key, path, reason, index=int(index))
 
     def __len__(self) -> int:
         return len(self.entries)

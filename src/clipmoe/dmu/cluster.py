@@ -36,13 +36,14 @@ def cluster_features(
     previous: np.ndarray | None = None,
     seed: int = 0,
     chunk: int = 1 << 20,
+    niter: int = 25,
 ) -> np.ndarray:
     """Accumulated pseudo-labels for every sample of ``store`` (-1 for samples whose image was unreadable)."""
     valid = np.asarray(store.valid, dtype=bool)
     rows = np.flatnonzero(valid)
     img = np.concatenate([store.image[rows[i : i + chunk]] for i in range(0, len(rows), chunk)])
     txt = np.concatenate([store.text[rows[i : i + chunk]] for i in range(0, len(rows), chunk)])
-    ids = kmeans(txt, k_text, seed) * k_image + kmeans(img, k_image, seed + 1)
+    ids = kmeans(txt, k_text, seed, niter) * k_image + kmeans(img, k_image, seed + 1, niter)
     labels = np.full(store.num_samples, -1, np.int64)
     base = previous[rows] if previous is not None else np.zeros(len(rows), np.int64)
     if previous is not None and (base < 0).any():

@@ -7,7 +7,9 @@ Unknown keys, wrong types, missing paths and impossible values are collected and
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -122,14 +124,48 @@ def load_config(path: str | os.PathLike, check_paths: bool = True) -> PipelineCo
     Relative paths in it (base_model, data.train, data.root, data.eval) are taken relative to the file's folder, so the config, and the
     snapshot a run writes of it, mean the same from any working directory."""
     path = os.fspath(path)
+    raw = read_yaml(path)
+    return config_from_dict(raw, source=path, check_paths=check_paths, base_dir=os.path.dirname(os.path.abspath(path)))
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, with two fixes for config files: a key given twice in one mapping is an error
+    (PyYAML keeps the last silently), and ``1e-5`` is a float (YAML 1.1 wants ``1.0e-5``; PyYAML reads
+    ``1e-5`` as a string)."""
+
+
+def _strict_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict:
+    loader.flatten_mapping(node)
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if isinstance(key, (str, int, float, bool)) and key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first given on line {seen[key]})", key_node.start_mark
+            )
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _strict_mapping)
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(path: str) -> Any:
+    """A YAML (or JSON) config file, read strictly (``_StrictLoader``); problems as one ``ConfigError``."""
     if not os.path.isfile(path):
         raise ConfigError(f"no config file at {path}")
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         try:
-            raw = yaml.safe_load(f)
+            return yaml.load(f, Loader=_StrictLoader)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from e
-    return config_from_dict(raw, source=path, check_paths=check_paths, base_dir=os.path.dirname(os.path.abspath(path)))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not UTF-8 text: {e}") from e
 
 
 def config_from_dict(
@@ -264,16 +300,45 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
+DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+UPCYCLE_TRAINABLE = ("router+experts", "all", "router")
+
+
 def _semantic_errors(cfg: PipelineConfig, check_paths: bool) -> list[str]:
+    """Every value in range, checked before any work (each problem one line naming its key)."""
     errors = []
+
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            errors.append(f"{key}: {what}, got {_get(cfg, key)!r}")
+
     if cfg.moe.experts < 1:
         errors.append(f"moe.experts: must be >= 1, got {cfg.moe.experts}")
     if not 1 <= cfg.moe.top_k <= max(cfg.moe.experts, 1):
         errors.append(f"moe.top_k: {cfg.moe.top_k} is impossible with {cfg.moe.experts} experts")
     if cfg.cluster.image_clusters < 1 or cfg.cluster.text_clusters < 1:
         errors.append("cluster: image_clusters and text_clusters must be >= 1")
+    need(cfg.cluster.niter >= 1, "cluster.niter", "must be >= 1 (k-means iterations)")
     if cfg.precision not in ("fp32", "bf16"):
         errors.append(f"precision: must be fp32 or bf16, got {cfg.precision!r}")
+    need(bool(DEVICE.match(cfg.device)), "device", "must be auto, cpu, cuda or cuda:N")
+    need(cfg.seed >= 0, "seed", "must be >= 0")
+    need(0 <= cfg.moe.expert_dropout < 1, "moe.expert_dropout", "must be in [0, 1)")
+    need(cfg.moe.dispatch in ("auto", "loop", "grouped_mm"), "moe.dispatch", "must be auto, loop or grouped_mm")
+    need(cfg.embed.batch_size > 0, "embed.batch_size", "must be > 0")
+    need(cfg.embed.chunk_size > 0, "embed.chunk_size", "must be > 0")
+    need(cfg.eval.batch_size > 0, "eval.batch_size", "must be > 0")
+    need(cfg.eval.throughput_batch > 0, "eval.throughput_batch", "must be > 0")
+    need(0 <= cfg.data.max_skipped_fraction <= 1, "data.max_skipped_fraction", "must be in [0, 1]")
+    need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    need(cfg.prepare.keep_positions >= 1, "prepare.keep_positions", "must be >= 1")
+    need(cfg.prepare.stretch_factor >= 1, "prepare.stretch_factor", "must be >= 1")
+    need(cfg.baselines.upcycle_noise >= 0, "baselines.upcycle_noise", "must be >= 0")
+    need(
+        cfg.baselines.upcycle_trainable in UPCYCLE_TRAINABLE,
+        "baselines.upcycle_trainable",
+        f"must be one of {', '.join(UPCYCLE_TRAINABLE)}",
+    )
     enabled = cfg.baselines.enabled
     if enabled != "all" and not (isinstance(enabled, list) and all(isinstance(k, str) for k in enabled)):
         errors.append(f"baselines.enabled: expected 'all' or a list of baseline keys, got {enabled!r}")
@@ -282,10 +347,7 @@ def _semantic_errors(cfg: PipelineConfig, check_paths: bool) -> list[str]:
         errors.append(f"baselines.budgets: unknown rule(s) {unknown}; known: {', '.join(BUDGETS)}")
     if cfg.mcl.trainable != "ffn":
         errors.append(f"mcl.trainable: MCL stages train FFNs only, got {cfg.mcl.trainable!r}")
-    if not isinstance(cfg.moe.layers, (str, int, list, dict)) or (
-        isinstance(cfg.moe.layers, str) and cfg.moe.layers != "all"
-    ):
-        errors.append(f"moe.layers: expected 'all', an int, a list or a per-tower mapping, got {cfg.moe.layers!r}")
+    errors += _layer_errors(cfg.moe.layers, _base_depth(cfg.base_model) if check_paths else None)
     if check_paths:
         if not cfg.base_model.startswith("builtin:") and not os.path.exists(cfg.base_model):
             errors.append(f"base_model: no such file or folder: {cfg.base_model}")
@@ -294,6 +356,50 @@ def _semantic_errors(cfg: PipelineConfig, check_paths: bool) -> list[str]:
             if p is not None and not _path_exists(p):
                 errors.append(f"data.{key}: no such file or folder: {p}")
     return errors
+
+
+def _base_depth(base_model: str) -> dict[str, int] | None:
+    """Blocks per tower of the base model, from its ``config.json`` (None when it has none: a checkpoint file)."""
+    if base_model.startswith("builtin:"):
+        from ..assets import ASSETS
+
+        folder = os.path.join(ASSETS, base_model.removeprefix("builtin:"))
+    else:
+        folder = base_model
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            hf = json.load(f)
+        return {t: int(hf[f"{t}_config"]["num_hidden_layers"]) for t in ("vision", "text")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _layer_errors(layers: Any, depth: dict[str, int] | None) -> list[str]:
+    """``moe.layers`` against the base model's depth (``depth`` None: only what needs no depth)."""
+    if isinstance(layers, dict):
+        unknown = sorted(set(layers) - {"vision", "text"})
+        if unknown:
+            return [f"moe.layers: unknown tower(s) {unknown}; expected vision and/or text"]
+        selections = [(f"moe.layers.{t}", t, sel) for t, sel in layers.items()]
+    else:
+        selections = [("moe.layers", t, layers) for t in ("vision", "text")]
+    errors = []
+    for key, tower, sel in selections:
+        n = depth[tower] if depth else None
+        of = f" (the base model's {tower} tower has {n} blocks)" if n is not None else ""
+        if sel == "all":
+            continue
+        if isinstance(sel, bool) or not isinstance(sel, (int, list)):
+            errors.append(f"{key}: expected 'all', an int or a list of block indices, got {sel!r}")
+        elif isinstance(sel, int) and not (sel >= 0 and (n is None or sel <= n)):
+            errors.append(f"{key}: cannot make the last {sel} blocks MoE{of}")
+        elif isinstance(sel, list):
+            bad = [
+                i for i in sel if isinstance(i, bool) or not isinstance(i, int) or i < 0 or (n is not None and i >= n)
+            ]
+            if bad:
+                errors.append(f"{key}: block indices {bad} out of range{of or ' (indices start at 0)'}")
+    return list(dict.fromkeys(errors))
 
 
 def _path_exists(p: str) -> bool:

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..train.distributed import DistEnv, barrier
+from ..utils.io import write_json
 
 DONE = "DONE"
 
@@ -66,6 +67,11 @@ def embed_dataset(
     store = FeatureStore(folder, n, dim, "r+")
     chunks = range(env.rank, (n + chunk_size - 1) // chunk_size, env.world_size)
     todo = [c for c in chunks if not os.path.exists(_marker(folder, c))]
+    skips = getattr(dataset, "skips", None)
+    if skips is not None:  # finished chunks' skips first: the log keeps the order of an uninterrupted pass
+        for c in chunks:
+            if c not in todo:
+                skips.restore(_chunk_skips(folder, c))
     model.to(env.device).eval()
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     bar = tqdm(
@@ -93,9 +99,16 @@ def embed_dataset(
                 bar.update(len(idx))
             for arr in (store.image, store.text, store.valid):
                 arr.flush()
-            open(_marker(folder, c), "w").close()
+            # The chunk's skips are part of its result: a rerun that finds it done counts them again.
+            lo, hi = rows[0], rows[-1] + 1
+            found = [r for r in skips.load_time() if lo <= r[0] < hi] if skips is not None else []
+            write_json(_marker(folder, c), {"skipped": found})
     bar.close()
+    barrier(env)
     if hasattr(dataset, "end_pass") and env.is_main:
+        if skips is not None:  # every chunk's skips, from earlier runs and other ranks too
+            for c in range((n + chunk_size - 1) // chunk_size):
+                skips.restore(_chunk_skips(folder, c))
         summary = dataset.end_pass(os.path.join(folder, "skipped.log"))
         if len(dataset.skips):
             print(f"{desc}: {summary}")
@@ -104,6 +117,14 @@ def embed_dataset(
         open(os.path.join(folder, DONE), "w").close()
     barrier(env)
     return FeatureStore.open(folder)
+
+
+def _chunk_skips(folder: str, chunk: int) -> list[list]:
+    try:
+        with open(_marker(folder, chunk)) as f:
+            return json.load(f).get("skipped", [])
+    except (OSError, ValueError, AttributeError):
+        return []  # no marker (a rank's chunk not done), or an empty one written by an older version
 
 
 def _marker(folder: str, chunk: int) -> str:

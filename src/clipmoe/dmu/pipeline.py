@@ -9,7 +9,10 @@ training phase resumes from its last checkpoint.
 
 Layout of a run directory::
 
-    config.yaml                    snapshot of the validated config (paths made absolute)
+    config.yaml                    snapshot of the validated config (paths made absolute), written only
+                                   after every check (validate_run) has passed
+    .lock                          held by the run's main process (utils/lock.py): one run per directory
+    */dataset.json.gz              the training set's identity, recorded by each stage that reads it
     base/                          the prepared base model (stage 0)
     stage{s}/embed/                features of the training set under the stage-s model
     stage{s}/cluster/              accumulated pseudo-labels after stage s, sizes, histogram
@@ -40,12 +43,14 @@ from ..model.stretch import stretch_text_positions
 from ..model.surgery import assemble_moe
 from ..train.distributed import DistEnv, barrier, full_state_dict
 from ..train.loop import train
-from ..utils.io import write_json
+from ..utils.io import atomic_file, write_json
+from ..utils.lock import lock_folder
 from .baselines import BaselineRun, Row, baseline_runs, rows, set_expert_dropout
 from .budgets import BUDGETS
 from .cluster import cluster_features, write_cluster_outputs
 from .config import ConfigError, PipelineConfig, TrainConfig, diff_configs, load_config
 from .embed import FeatureStore, embed_dataset
+from .identity import check_identity, dataset_identity, write_identity
 from .report import evaluate_row, phase_parameters, write_report
 from .stages import STAGE_BY_NAME, Stage, plan
 
@@ -56,7 +61,7 @@ class Pipeline:
     def __init__(self, cfg: PipelineConfig, run_dir: str, env: DistEnv | None = None) -> None:
         self.cfg, self.run_dir = cfg, os.path.abspath(run_dir)
         self.env = env or DistEnv()
-        self._dataset = None
+        self._dataset, self._identity = None, None
         self.log = print if self.env.is_main else (lambda *a, **k: None)
 
     # ---------------------------------------------------------------- helpers
@@ -73,12 +78,23 @@ class Pipeline:
         return self.path(STAGE_BY_NAME[stage].outputs(instance)[name])
 
     def dataset(self):
+        """The training set, refused (``DataChanged``) if it differs from what any stage of this run read."""
         if self._dataset is None:
             d = self.cfg.data
-            self._dataset = open_dataset(
+            dataset = open_dataset(
                 d.train, d.format, caption=d.caption, root=d.root, max_skipped_fraction=d.max_skipped_fraction
             )
+            identity = dataset_identity(dataset)
+            if os.path.isdir(self.run_dir):
+                check_identity(self.run_dir, identity)
+            self._dataset, self._identity = dataset, identity
         return self._dataset
+
+    def record_data(self, folder: str) -> None:
+        """Record the training set's identity in a stage's folder before the stage reads it."""
+        self.dataset()
+        if self.env.is_main:
+            write_identity(folder, self._identity)
 
     def load(self, path: str) -> ClipMoeModel:
         model = load(path, device=self.env.device)
@@ -88,12 +104,14 @@ class Pipeline:
     def save(self, model: ClipMoeModel, path: str) -> None:
         state = full_state_dict(model, self.env)  # collective when FSDP left the model sharded; else None
         if self.env.is_main:
+            refuse_nonfinite(state if state is not None else model.state_dict(), path)
             model.save_pretrained(path, **({"state_dict": state} if state is not None else {}))
         barrier(self.env)
 
     def train(self, model: ClipMoeModel, tcfg: TrainConfig, folder: str, desc: str, labels=None) -> dict:
         """One training phase on the run's training set (the one loop every phase uses)."""
         collate = ClipCollator(model.tokenizer, model.image_processor)
+        self.record_data(folder)
         return train(model, self.dataset(), collate, tcfg, folder, self.env, labels=labels, desc=desc)
 
     def _timed(self, name: str, fn):
@@ -140,6 +158,7 @@ class Pipeline:
         if os.path.exists(self.out("embed", s, "done")):
             return FeatureStore.open(folder)
         model = self.load(self.stage_model(s))
+        self.record_data(folder)
         return embed_dataset(
             model,
             self.dataset(),
@@ -160,7 +179,9 @@ class Pipeline:
             previous = self.cluster(s - 1) if s > 0 else None
             c = self.cfg.cluster
             if self.env.is_main:
-                labels = cluster_features(store, c.image_clusters, c.text_clusters, previous, self.cfg.seed + s)
+                labels = cluster_features(
+                    store, c.image_clusters, c.text_clusters, previous, self.cfg.seed + s, niter=c.niter
+                )
                 stats = write_cluster_outputs(folder, labels, f"after stage {s}")
                 self.log(
                     f"stage {s}: {stats['clusters']} accumulated clusters, largest {stats['largest']}, "
@@ -301,6 +322,15 @@ class Pipeline:
         return {s.task(i): os.path.exists(self.path(s.done_path(i))) for s, i in self.tasks()}
 
 
+def refuse_nonfinite(state: dict[str, torch.Tensor], path: str) -> None:
+    """No model is saved with a NaN or an infinity in it: raise naming the tensors instead."""
+    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in state.items() if v.is_floating_point()}
+    bad = {k: n for k, n in bad.items() if n}
+    if bad:
+        names = ", ".join(f"{k} ({n})" for k, n in list(bad.items())[:5]) + (" ..." if len(bad) > 5 else "")
+        raise ValueError(f"refusing to save {path}: {sum(bad.values())} non-finite values in {names}")
+
+
 # -------------------------------------------------------------------- run directory
 
 
@@ -308,21 +338,60 @@ def default_run_dir(config_path: str) -> str:
     return os.path.splitext(config_path)[0] + "-run"
 
 
-def open_run(config_path: str, run_dir: str | None = None, fork: str | None = None) -> tuple[PipelineConfig, str]:
-    """Validate the config and bind it to its run directory (snapshot; refuse a changed config)."""
+def check_device(device: str) -> None:
+    """The config's device exists here (``auto`` always does)."""
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device: {device!r}, but no CUDA device is available (use cpu or auto)")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device: {device!r}, but there are only {torch.cuda.device_count()} CUDA device(s)")
+
+
+def validate_run(cfg: PipelineConfig, run_dir: str, fork: str | None = None, env: DistEnv | None = None) -> Pipeline:
+    """Every check a run makes before it writes anything; ``clipmoe run`` and ``--dry-run`` both call it.
+
+    The config against the run directory's snapshot (or the fork's source and target), the device, and the
+    config against the data (``Pipeline.check_data``). Returns the pipeline over the directory the run writes
+    (the fork's with ``fork``); raises ``ConfigError`` (a ``ValueError``) listing the problems."""
+    if fork:
+        if os.path.exists(fork):
+            raise ConfigError(f"cannot fork into {fork}: it exists")
+        if not os.path.exists(os.path.join(run_dir, "config.yaml")):
+            raise ConfigError(f"cannot fork {run_dir}: it is not a run directory (no config.yaml)")
+    elif os.path.exists(os.path.join(run_dir, "config.yaml")):
+        _refuse_changed_config(run_dir, cfg)
+    check_device(cfg.device)
+    pipe = Pipeline(cfg, fork or run_dir, env)
+    pipe.check_data()
+    return pipe
+
+
+def open_pipeline(config_path: str, run_dir: str | None = None, fork: str | None = None, init_env=None) -> Pipeline:
+    """Validate the config (``validate_run``), then bind it to its run directory: fork, lock, snapshot.
+    Nothing is written before every check has passed; a second process on the same run directory gets
+    ``FolderLocked`` (one line naming the holder). ``init_env(device)`` sets up the process group (the CLI's
+    ``init_distributed``); None: one process."""
     cfg = load_config(config_path)
     run_dir = run_dir or default_run_dir(config_path)
-    if fork:
-        _fork(run_dir, fork, cfg)
-        run_dir = fork
-    snapshot = os.path.join(run_dir, "config.yaml")
-    if os.path.exists(snapshot):
-        _refuse_changed_config(run_dir, cfg)
-    else:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(snapshot, "w") as f:
-            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    return cfg, run_dir
+    check_device(cfg.device)
+    pipe = validate_run(cfg, run_dir, fork, init_env(cfg.device) if init_env else None)
+    if pipe.env.is_main:  # validation passed: from here on the run directory is written
+        if fork:
+            _fork(run_dir, fork, cfg)
+        lock_folder(pipe.run_dir)  # one run per directory, for the life of this (main) process
+        snapshot = pipe.path("config.yaml")
+        if not os.path.exists(snapshot):
+            with atomic_file(snapshot) as f:
+                yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    barrier(pipe.env)
+    return pipe
+
+
+def open_run(config_path: str, run_dir: str | None = None, fork: str | None = None) -> tuple[PipelineConfig, str]:
+    """Validate the config and bind it to its run directory (``open_pipeline``): (config, run directory)."""
+    pipe = open_pipeline(config_path, run_dir, fork)
+    return pipe.cfg, pipe.run_dir
 
 
 def _changed_keys(run_dir: str, cfg: PipelineConfig) -> list[str]:
@@ -376,8 +445,13 @@ def _fork(src: str, dst: str, cfg: PipelineConfig) -> None:
     print(f"forked {src} -> {dst}; reused: {', '.join(copied) or 'nothing'} (changed: {', '.join(sorted(changed))})")
 
 
-def print_plan(cfg: PipelineConfig, run_dir: str, fork: str | None = None) -> None:
-    """What ``clipmoe run`` would do, writing nothing: it refuses here what the run would refuse."""
+def print_plan(cfg: PipelineConfig, run_dir: str, fork: str | None = None, check: bool = True) -> None:
+    """What ``clipmoe run`` would do, writing nothing: it refuses here (``validate_run``, the same checks) what
+    the run would refuse. ``check=False`` (``clipmoe status``) skips the checks that read the data."""
+    if check:
+        validate_run(cfg, run_dir, fork)
+    elif not fork and os.path.exists(run_dir):
+        _refuse_changed_config(run_dir, cfg)
     done = Pipeline(cfg, run_dir).status() if os.path.exists(run_dir) else {}
     if fork:
         if os.path.exists(fork):
@@ -386,8 +460,6 @@ def print_plan(cfg: PipelineConfig, run_dir: str, fork: str | None = None) -> No
         done = {task: ok and task in reuse for task, ok in done.items()}
         print(f"fork of {run_dir} (changed: {', '.join(sorted(changed)) or 'nothing'})")
         run_dir = fork
-    elif os.path.exists(run_dir):
-        _refuse_changed_config(run_dir, cfg)
     print(f"run directory: {run_dir}")
     print(
         f"base model: {cfg.base_model}; {cfg.moe.experts} experts (top-{cfg.moe.top_k}) = base FFN + "

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# GlobalBatchSampler's policies for clusters smaller than a batch (train/samplers.py)
+SMALL_CLUSTER_POLICIES = ("shrink", "drop")
+
 
 @dataclass
 class TrainConfig:
@@ -61,6 +64,22 @@ class TrainConfig:
             "epochs": self.epochs > 0,
             "logit_scale": not isinstance(self.logit_scale, str) or self.logit_scale == "model",
             "loss": self.loss in ("auto", "softmax", "sigmoid"),  # loss_sigmoid.LOSSES (this module is torch-free)
+            "router_lr": self.router_lr is None or self.router_lr > 0,
+            "weight_decay": self.weight_decay >= 0,
+            "betas": all(0 <= b < 1 for b in self.betas),
+            "warmup_steps": self.warmup_steps >= 0,
+            "grad_clip": self.grad_clip >= 0,
+            "label_smoothing": 0 <= self.label_smoothing < 1,
+            "balance_weight": self.balance_weight >= 0,
+            "text_balance_factor": self.text_balance_factor >= 0,
+            "z_loss_weight": self.z_loss_weight >= 0,
+            "trainable": self.trainable in ("all", "ffn", "router", "router+experts"),
+            "last_n_blocks": self.last_n_blocks is None or self.last_n_blocks >= 1,
+            "small_clusters": self.small_clusters in SMALL_CLUSTER_POLICIES,
+            "min_batch": self.min_batch >= 1,
+            "checkpoint_every": self.checkpoint_every > 0,
+            "log_every": self.log_every > 0,
+            "num_workers": self.num_workers >= 0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:

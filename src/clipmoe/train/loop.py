@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..formats.state_dict import save_file_atomically
 from ..model.modeling import tower_layers
 from ..model.moe import load_balancing_loss, router_z_loss
+from ..utils.io import atomic_file
 from .config import TrainConfig
 from .distributed import DistEnv, barrier
 from .loss import global_router_losses
@@ -35,6 +36,10 @@ from .samplers import GlobalBatchSampler
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+
+
+class NonFiniteError(ValueError):
+    """Training produced a non-finite loss or weights; the message names the phase, step and batch."""
 
 
 class _ContrastiveForward(nn.Module):
@@ -161,16 +166,23 @@ def train(
     clamp_scale = cfg.logit_scale is None and resolve_loss(cfg.loss, model) == "softmax"
     step = 0
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
+    skipped: list[str] = []
     if os.path.exists(ckpt_path):
-        step = _load_checkpoint(ckpt_path, model, optimizer, scheduler, cfg)
+        resumed: dict = {}
+        step = _load_checkpoint(ckpt_path, model, optimizer, scheduler, cfg, resumed)
+        # Skips seen before the checkpoint are a property of the data: counted again, not forgotten.
+        skipped = json.loads(resumed.get("skipped", "[]"))
+        if hasattr(dataset, "skips"):
+            dataset.skips.restore(json.loads(resumed.get("skips", "[]")))
+    if env.is_main:
+        _drop_metrics_after(os.path.join(out_dir, METRICS), step)  # a resumed run logs those steps again
     metrics = MetricsLog(out_dir) if env.is_main else None
 
     bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not env.is_main, unit="step", dynamic_ncols=True)
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    skipped: list[str] = []
     samples_seen, t0 = 0, time.perf_counter()
     micro = step * cfg.grad_accum
-    batches = _batch_stream(dataset, sampler, collate, micro, cfg.num_workers)
+    batches = _batch_stream(dataset, sampler, collate, micro, cfg.num_workers, cfg.seed)
     try:
         while step < total_steps:
             optimizer.zero_grad(set_to_none=True)
@@ -196,6 +208,11 @@ def train(
                         if bal is not None:
                             loss = loss + cfg.balance_weight * bal
                             logged["balance"] = logged.get("balance", 0.0) + bal.item() / cfg.grad_accum
+                    if not math.isfinite(loss.item()):
+                        raise NonFiniteError(
+                            f"{desc}: non-finite loss ({loss.item()}) at step {step + 1} of {total_steps}; "
+                            f"batch keys: {_batch_keys(dataset, batch)}"
+                        )
                     (loss / cfg.grad_accum).backward()
                 logged["clip"] = logged.get("clip", 0.0) + clip.item() / cfg.grad_accum
                 logged["loss"] = logged.get("loss", 0.0) + loss.item() / cfg.grad_accum
@@ -220,8 +237,12 @@ def train(
                     **logged,
                 }
                 metrics.write(record)
+            if (step % cfg.checkpoint_every == 0 and step < total_steps) or step == total_steps:
+                _check_finite(named, env, f"{desc}: non-finite weights after step {step} of {total_steps}")
             if step % cfg.checkpoint_every == 0 and step < total_steps:
-                _save_checkpoint(ckpt_path, model, optimizer, scheduler, step, cfg, env)
+                _save_checkpoint(
+                    ckpt_path, model, optimizer, scheduler, step, cfg, env, extra=_skip_state(dataset, skipped)
+                )
             if on_step is not None:
                 on_step(step, total_steps)
     finally:
@@ -257,8 +278,12 @@ def _param_groups(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> li
     ]
 
 
-def _batch_stream(dataset, sampler: GlobalBatchSampler, collate, start_micro: int, num_workers: int):
-    """Endless micro-batches, epoch after epoch, starting at global micro-batch ``start_micro``."""
+def _batch_stream(dataset, sampler: GlobalBatchSampler, collate, start_micro: int, num_workers: int, seed: int = 0):
+    """Endless micro-batches, epoch after epoch, starting at global micro-batch ``start_micro``.
+
+    Each epoch's DataLoader draws its workers' base seed from its own generator, seeded by (seed, epoch):
+    without one, opening an iterator draws from the global torch RNG, so a run resumed mid-epoch (a new
+    iterator where the uninterrupted run had none) would shift every later dropout mask."""
     per_epoch = len(sampler)
     epoch, pos = divmod(start_micro, per_epoch)
     while True:
@@ -268,9 +293,32 @@ def _batch_stream(dataset, sampler: GlobalBatchSampler, collate, start_micro: in
             collate_fn=collate,
             num_workers=num_workers,
             persistent_workers=False,
+            generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch),
         )
         yield from loader
         epoch, pos = epoch + 1, 0
+
+
+def _batch_keys(dataset, batch: dict, first: int = 8) -> str:
+    """The sample keys of a batch (dataset indices when the dataset has no keys), for error messages."""
+    index = batch["index"].tolist() if "index" in batch else []
+    records = getattr(dataset, "records", None)
+    keys = [records[i].key if records is not None else str(i) for i in index]
+    return ", ".join(keys[:first]) + (f", ... ({len(keys)} in all)" if len(keys) > first else "") or "unknown"
+
+
+def _check_finite(named: list[tuple[str, torch.Tensor]], env: DistEnv, what: str) -> None:
+    """Raise ``NonFiniteError`` if any trainable parameter holds a NaN or an infinity (every rank agrees)."""
+    from torch.distributed.tensor import DTensor
+
+    bad = [n for n, p in named if not torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all()]
+    if env.enabled:  # FSDP shards differ per rank: one verdict for all
+        flag = torch.tensor(float(len(bad)), device=env.device)
+        dist.all_reduce(flag)
+        if flag.item() and not bad:
+            bad = ["(a shard on another rank)"]
+    if bad:
+        raise NonFiniteError(f"{what}: {', '.join(bad[:5])}" + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
 
 
 class _no_sync:
@@ -341,7 +389,13 @@ def _trainable_state(model: nn.Module, keep: bool = True) -> dict[str, torch.Ten
     return state
 
 
-def _save_checkpoint(path, model, optimizer, scheduler, step, cfg, env: DistEnv) -> None:
+def _skip_state(dataset, skipped: list[str]) -> dict[str, str]:
+    """What a checkpoint keeps of the skips so far: this phase's list and the dataset's load-time skips."""
+    rows = dataset.skips.load_time() if hasattr(dataset, "skips") else []
+    return {"skipped": json.dumps(skipped), "skips": json.dumps(rows)}
+
+
+def _save_checkpoint(path, model, optimizer, scheduler, step, cfg, env: DistEnv, extra: dict | None = None) -> None:
     """Called on every rank: the gathering is collective; rank 0 writes; the closing barrier makes every rank
     see the new file before going on (a rank that stopped right after could otherwise resume from the old
     one)."""
@@ -362,6 +416,8 @@ def _save_checkpoint(path, model, optimizer, scheduler, step, cfg, env: DistEnv)
             "rng_torch": torch.get_rng_state(),
             "rng_numpy": json.dumps(_np_state_to_json(np.random.get_state())),
             "rng_python": json.dumps(_py_state_to_json(random.getstate())),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            **(extra or {}),
         }
         # Atomic: a kill mid-write leaves the previous checkpoint intact; a full disk removes the temporary and
         # raises one WriteError naming the file.
@@ -369,8 +425,9 @@ def _save_checkpoint(path, model, optimizer, scheduler, step, cfg, env: DistEnv)
     barrier(env)
 
 
-def _load_checkpoint(path, model, optimizer, scheduler, cfg: TrainConfig) -> int:
-    """Every rank reads the whole file and keeps its own shard of each parameter and optimizer state."""
+def _load_checkpoint(path, model, optimizer, scheduler, cfg: TrainConfig, extra: dict | None = None) -> int:
+    """Every rank reads the whole file and keeps its own shard of each parameter and optimizer state; the
+    ``extra`` entries it was saved with are put into ``extra``."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -402,7 +459,30 @@ def _load_checkpoint(path, model, optimizer, scheduler, cfg: TrainConfig) -> int
     torch.set_rng_state(state["rng_torch"])
     np.random.set_state(_np_state_from_json(json.loads(state["rng_numpy"])))
     random.setstate(_py_state_from_json(json.loads(state["rng_python"])))
+    if extra is not None:
+        extra.update({k: state[k] for k in ("skipped", "skips") if k in state})
+    cuda = state.get("rng_cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
     return int(state["step"])
+
+
+def _drop_metrics_after(path: str, step: int) -> None:
+    """Keep only the records of steps <= ``step`` (the checkpoint a run resumes from; 0 when it starts over)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+    if len(keep) != len(lines):
+        with atomic_file(path) as f:
+            f.writelines(keep)
 
 
 # RNG states travel as JSON strings so the checkpoint loads with weights_only=True.

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SMALL_CLUSTER_POLICIES = ("shrink", "drop")
+from .config import SMALL_CLUSTER_POLICIES
 
 
 @dataclass
