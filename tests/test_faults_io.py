@@ -133,3 +133,19 @@ def test_disk_full_while_writing_a_training_checkpoint_is_one_line_and_leaves_no
     assert "\n" not in message
     assert sorted(os.listdir(run)) == [METRICS]  # no checkpoint, no temporary
     train(model, Synthetic(16), make_collate(model), cfg(steps=4), str(tmp_path / "roomy"))  # with room, it runs
+
+
+def test_disk_full_when_allocating_the_feature_store_is_one_line_and_leaves_nothing(tmp_path):
+    """Embedding writes into memory-mapped files; a sparse file meeting a full disk kills the process with SIGBUS.
+    The store is allocated up front, so a full disk is one error naming the file, and nothing is left half made."""
+    from clipmoe.dmu.embed import FeatureStore
+
+    result = in_child_with_file_size_limit(100_000, lambda: FeatureStore.create(str(tmp_path), 1000, 128))
+    assert result is not None, "allocating 1 MB past a 100 kB limit must fail"
+    name, message, is_value_error = result
+    assert name == "WriteError" and is_value_error
+    assert message.startswith("could not write ") and "image.f32" in message and "\n" not in message
+    assert os.listdir(tmp_path) == []
+    FeatureStore.create(str(tmp_path), 10, 4)  # with room, all three files at their full size
+    assert sorted(os.listdir(tmp_path)) == ["image.f32", "text.f32", "valid.u8"]
+    assert os.path.getsize(tmp_path / "image.f32") == 4 * 10 * 4 and os.path.getsize(tmp_path / "valid.u8") == 10

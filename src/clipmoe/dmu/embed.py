@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..train.distributed import DistEnv, barrier
-from ..utils.io import write_json
+from ..utils.io import write_error, write_json
 
 DONE = "DONE"
 
@@ -31,6 +31,24 @@ class FeatureStore:
         self.image = np.memmap(os.path.join(folder, "image.f32"), np.float32, mode, shape=shape)
         self.text = np.memmap(os.path.join(folder, "text.f32"), np.float32, mode, shape=shape)
         self.valid = np.memmap(os.path.join(folder, "valid.u8"), np.uint8, mode, shape=(num_samples,))
+
+    @classmethod
+    def create(cls, folder: str, num_samples: int, dim: int) -> None:
+        """Allocate the store's files on disk up front. A memory-mapped file that is only extended (sparse)
+        meets a full disk on some later page write, and the process dies of SIGBUS naming nothing; allocating
+        the blocks now turns that into one error naming the file, before any embedding work."""
+        sizes = {"image.f32": 4 * num_samples * dim, "text.f32": 4 * num_samples * dim, "valid.u8": num_samples}
+        for name, size in sizes.items():
+            path = os.path.join(folder, name)
+            try:
+                with open(path, "wb") as f:
+                    if size:
+                        os.posix_fallocate(f.fileno(), 0, size)
+            except OSError as e:
+                for other in sizes:  # all or nothing: a rerun allocates the store again
+                    if os.path.exists(os.path.join(folder, other)):
+                        os.remove(os.path.join(folder, other))
+                raise write_error(path, e.strerror or str(e), tmp=path) from e
 
     @classmethod
     def open(cls, folder: str) -> FeatureStore:
@@ -62,7 +80,8 @@ def embed_dataset(
     if env.is_main:
         with open(os.path.join(folder, "meta.json"), "w") as f:
             json.dump({"num_samples": n, "dim": dim}, f)
-        FeatureStore(folder, n, dim, "w+" if not os.path.exists(os.path.join(folder, "image.f32")) else "r+")
+        if not os.path.exists(os.path.join(folder, "image.f32")):
+            FeatureStore.create(folder, n, dim)
     barrier(env)
     store = FeatureStore(folder, n, dim, "r+")
     chunks = range(env.rank, (n + chunk_size - 1) // chunk_size, env.world_size)
