@@ -50,7 +50,7 @@ class TrainConfig:
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per block, for towers that do not fit one device)
     extra: dict = field(default_factory=dict)  # free-form, recorded in metrics
     # Router losses on routing statistics summed over all ranks (= the single-process value on the global
-    # batch); False computes them per rank, as the official code does.
+    # batch); False computes them per rank (the official code does too, and also divides by the world size).
     global_balance: bool = True
 
     def __post_init__(self) -> None:
