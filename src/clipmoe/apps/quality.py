@@ -23,7 +23,7 @@ import yaml
 
 from ..data.world import FINETUNE_BACKGROUNDS, FINETUNE_COLORS, WorldConfig, generate_world
 from ..dmu.pipeline import Pipeline, open_run
-from ..eval.classification import evaluate_classification
+from ..eval.classification import classification_metrics, zero_shot_classifier
 from ..eval.datasets import load_wds
 from ..eval.features import encode_images
 from ..eval.linear_probe import linear_probe_accuracy
@@ -412,7 +412,8 @@ def attribute_probes(model, world: str, batch_size: int = 256) -> dict[str, dict
         data = load_wds(os.path.join(world, "eval", f"cls_{a['name']}"))
         if features is None:  # every cls_ set holds the same images in the same order
             features = encode_images(model, data.images, batch_size=batch_size)
-        zero_shot = evaluate_classification(model, data, batch_size=batch_size)["top1"]
+        classifier = zero_shot_classifier(model, data.classnames, data.templates, batch_size=batch_size)
+        zero_shot = classification_metrics(features, classifier, data.targets)["top1"]
         y, half = data.targets, len(data.targets) // 2
         folds = [(slice(0, half), slice(half, None)), (slice(half, None), slice(0, half))]
         probe = (

@@ -39,6 +39,7 @@ import os
 import re
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,6 +157,21 @@ class SkipLog:
                 f.write("\t".join(escape_field(x) for x in (e.key, e.path, e.reason)) + "\n")
 
 
+def _read_record(rec: Record) -> bytes:
+    """A record's bytes through a file handle of its own (safe from any thread): a whole file, or a tar member."""
+    with open(rec.path, "rb") as f:
+        if rec.offset < 0:
+            return f.read()
+        f.seek(rec.offset)
+        return _whole_member(f.read(rec.size), rec)
+
+
+def _whole_member(data: bytes, rec: Record) -> bytes:
+    if len(data) != rec.size:
+        raise OSError(f"tar ended after {len(data)} of {rec.size} bytes")
+    return data
+
+
 class ImageTextDataset(torch.utils.data.Dataset):
     """Map-style image-caption dataset over an index of ``Record``; ``__getitem__`` decodes the image fully."""
 
@@ -179,15 +195,10 @@ class ImageTextDataset(torch.utils.data.Dataset):
     def preload(self, threads: int = 16) -> None:
         """Read every image's bytes into memory once (decoding stays per sample). For small images on a file
         system that serves small files slowly; a file that cannot be read is left to fail at decode time."""
-        from concurrent.futures import ThreadPoolExecutor
 
         def read(rec: Record) -> bytes | None:
             try:
-                with open(rec.path, "rb") as f:
-                    if rec.offset >= 0:
-                        f.seek(rec.offset)
-                        return f.read(rec.size)
-                    return f.read()
+                return _read_record(rec)
             except OSError:
                 return None
 
@@ -219,14 +230,10 @@ class ImageTextDataset(torch.utils.data.Dataset):
         if self._cache is not None and index is not None and self._cache[index] is not None:
             return self._cache[index]
         if rec.offset < 0:
-            with open(rec.path, "rb") as f:
-                return f.read()
-        f = self._shard(rec.path)
+            return _read_record(rec)
+        f = self._shard(rec.path)  # tar members: one open handle per shard and process
         f.seek(rec.offset)
-        data = f.read(rec.size)
-        if len(data) != rec.size:
-            raise OSError(f"tar ended after {len(data)} of {rec.size} bytes")
-        return data
+        return _whole_member(f.read(rec.size), rec)
 
     def _shard(self, path: str) -> io.BufferedReader:
         # A forked DataLoader worker inherits the parent's handles, whose shared file position would race
