@@ -29,6 +29,7 @@ TORCH_FREE = {
     "clipmoe.dmu.budgets",
     "clipmoe.train.config",
     "clipmoe.model.options",
+    "clipmoe.formats.hub",  # model-name resolution, used by the config's validation
 }
 
 

@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ..formats.hub import resolve_model
 from ..formats.load import WEIGHT_FILES, load
 from ..utils.dtypes import DTYPES, torch_dtype
 from ..utils.images import IMAGE_EXTENSIONS, is_image_file
@@ -171,11 +172,11 @@ def build_index(
     model is an error, since features of two models cannot share an index. ``workers`` threads decode
     images while the model runs (PIL releases the GIL while decoding).
     """
-    images_dir, model_path, out = (os.path.abspath(os.fspath(p)) for p in (images_dir, model, out))
+    images_dir, out = (os.path.abspath(os.fspath(p)) for p in (images_dir, out))
     if not os.path.isdir(images_dir):
         raise FileNotFoundError(f"no such image folder: {images_dir}")
-    if not os.path.exists(model_path):
-        raise FileNotFoundError(f"no model at {model_path}")
+    # A hub id becomes its snapshot folder in the HF cache: the index records that pinned commit's files.
+    model_path = os.path.abspath(resolve_model(model))
     if batch_size < 1 or chunk_size < 1 or workers < 1:
         raise ValueError("batch_size, chunk_size and workers must be >= 1")
     files, irregular = scan_images(images_dir)
@@ -489,7 +490,9 @@ def _read_faiss(path: str, dim: int):
 
 def add_index_arguments(parser) -> None:
     parser.add_argument("images_dir", help="folder of images (searched recursively)")
-    parser.add_argument("--model", required=True, help="model folder or checkpoint file")
+    parser.add_argument(
+        "--model", required=True, help="model folder, checkpoint file or Hugging Face id owner/name[@revision]"
+    )
     parser.add_argument("--out", required=True, help="index folder to write (or resume)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--chunk-size", type=int, default=1024, help="images per saved progress chunk")

@@ -92,7 +92,7 @@ class EvalConfig:
 
 @dataclass
 class PipelineConfig:
-    base_model: str  # HF CLIP folder, checkpoint file, or "builtin:tiny-clip"
+    base_model: str  # HF CLIP folder, checkpoint file, "builtin:tiny-clip", or a hub id owner/name[@revision]
     data: DataConfig
     seed: int = 0
     device: str = "auto"
@@ -122,7 +122,8 @@ def load_config(path: str | os.PathLike, check_paths: bool = True) -> PipelineCo
     """Read and validate a pipeline config file; every problem is reported in one ``ConfigError``.
 
     Relative paths in it (base_model, data.train, data.root, data.eval) are taken relative to the file's folder, so the config, and the
-    snapshot a run writes of it, mean the same from any working directory."""
+    snapshot a run writes of it, mean the same from any working directory. A ``base_model`` that is no such
+    path but a Hugging Face repo id (``owner/name[@revision]``) stays an id (``formats/hub.py``)."""
     path = os.fspath(path)
     raw = read_yaml(path)
     return config_from_dict(raw, source=path, check_paths=check_paths, base_dir=os.path.dirname(os.path.abspath(path)))
@@ -269,7 +270,18 @@ def _resolve_paths(cfg: PipelineConfig, base_dir: str) -> PipelineConfig:
     data = dataclasses.replace(
         cfg.data, **{k: resolve_path(getattr(cfg.data, k), base_dir) for k in ("train", "root", "eval")}
     )
-    return dataclasses.replace(cfg, base_model=resolve_path(cfg.base_model, base_dir), data=data)
+    return dataclasses.replace(cfg, base_model=_resolve_base_model(cfg.base_model, base_dir), data=data)
+
+
+def _resolve_base_model(name: str, base_dir: str) -> str:
+    """The base model's path relative to ``base_dir`` if it exists there (a local folder wins), else a repo id
+    as written, else the (missing) path, which validation then names."""
+    from ..formats.hub import parse_repo_id
+
+    path = resolve_path(name, base_dir)
+    if path is None or os.path.exists(path) or parse_repo_id(name) is None:
+        return path
+    return name
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -347,10 +359,12 @@ def _semantic_errors(cfg: PipelineConfig, check_paths: bool) -> list[str]:
         errors.append(f"baselines.budgets: unknown rule(s) {unknown}; known: {', '.join(BUDGETS)}")
     if cfg.mcl.trainable != "ffn":
         errors.append(f"mcl.trainable: MCL stages train FFNs only, got {cfg.mcl.trainable!r}")
-    errors += _layer_errors(cfg.moe.layers, _base_depth(cfg.base_model) if check_paths else None)
+    depth = None
     if check_paths:
-        if not cfg.base_model.startswith("builtin:") and not os.path.exists(cfg.base_model):
-            errors.append(f"base_model: no such file or folder: {cfg.base_model}")
+        depth, base_errors = _base_depth(cfg.base_model)
+        errors += base_errors
+    errors += _layer_errors(cfg.moe.layers, depth)
+    if check_paths:
         for key in ("train", "root", "eval"):
             p = getattr(cfg.data, key)
             if p is not None and not _path_exists(p):
@@ -358,20 +372,29 @@ def _semantic_errors(cfg: PipelineConfig, check_paths: bool) -> list[str]:
     return errors
 
 
-def _base_depth(base_model: str) -> dict[str, int] | None:
-    """Blocks per tower of the base model, from its ``config.json`` (None when it has none: a checkpoint file)."""
-    if base_model.startswith("builtin:"):
-        from ..assets import ASSETS
+def _base_depth(base_model: str) -> tuple[dict[str, int] | None, list[str]]:
+    """Blocks per tower of the base model, from its ``config.json`` only (for a hub id that one file is fetched,
+    or read from the cache offline), and the problems with ``base_model``. The depth is None for a checkpoint
+    file, and for a hub id whose config is neither cached nor downloadable now: ``--dry-run`` then says it
+    would download it and a run refuses (``dmu.pipeline.base_model_unavailable``)."""
+    from ..formats.hub import ModelNotCachedError, ModelNotFoundError, model_config_path, parse_repo_id
 
-        folder = os.path.join(ASSETS, base_model.removeprefix("builtin:"))
-    else:
-        folder = base_model
+    if not (os.path.exists(base_model) or base_model.startswith("builtin:") or parse_repo_id(base_model)):
+        return None, [f"base_model: no such file or folder: {base_model}"]
     try:
-        with open(os.path.join(folder, "config.json")) as f:
+        path = model_config_path(base_model)
+    except ModelNotCachedError:
+        return None, []
+    except ModelNotFoundError as e:
+        return None, [f"base_model: {e}"]
+    if path is None:
+        return None, []
+    try:
+        with open(path) as f:
             hf = json.load(f)
-        return {t: int(hf[f"{t}_config"]["num_hidden_layers"]) for t in ("vision", "text")}
+        return {t: int(hf[f"{t}_config"]["num_hidden_layers"]) for t in ("vision", "text")}, []
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return None, []
 
 
 def _layer_errors(layers: Any, depth: dict[str, int] | None) -> list[str]:

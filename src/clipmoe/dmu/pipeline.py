@@ -34,9 +34,9 @@ import numpy as np
 import torch
 import yaml
 
-from ..assets import resolve_model_path
 from ..data.collate import ClipCollator
 from ..data.readers import open_dataset
+from ..formats.hub import ModelNotCachedError, ModelNotFoundError, model_config_path
 from ..formats.load import load
 from ..model.modeling import ClipMoeModel
 from ..model.stretch import stretch_text_positions
@@ -136,7 +136,7 @@ class Pipeline:
         out = self.out("prepare", None, "model")
         if os.path.exists(out):
             return out
-        model = load(resolve_model_path(self.cfg.base_model))
+        model = load(self.cfg.base_model)  # a path, builtin: or hub id (formats/hub.py)
         for attr in ("tokenizer", "image_processor"):
             if getattr(model, attr, None) is None:
                 raise ValueError(
@@ -348,12 +348,28 @@ def check_device(device: str) -> None:
             raise ConfigError(f"device: {device!r}, but there are only {torch.cuda.device_count()} CUDA device(s)")
 
 
-def validate_run(cfg: PipelineConfig, run_dir: str, fork: str | None = None, env: DistEnv | None = None) -> Pipeline:
+def base_model_unavailable(cfg: PipelineConfig) -> str | None:
+    """Why the base model's config cannot be read now: a hub id neither in the HF cache nor downloadable
+    (offline, no network). None when it can (a local path, a builtin, a cached or downloadable id)."""
+    try:
+        model_config_path(cfg.base_model)
+    except ModelNotCachedError as e:
+        return str(e)
+    except ModelNotFoundError:  # no such path or repo: config validation names it (status only counts fewer)
+        pass
+    return None
+
+
+def validate_run(
+    cfg: PipelineConfig, run_dir: str, fork: str | None = None, env: DistEnv | None = None, dry_run: bool = False
+) -> Pipeline:
     """Every check a run makes before it writes anything; ``clipmoe run`` and ``--dry-run`` both call it.
 
-    The config against the run directory's snapshot (or the fork's source and target), the device, and the
-    config against the data (``Pipeline.check_data``). Returns the pipeline over the directory the run writes
-    (the fork's with ``fork``); raises ``ConfigError`` (a ``ValueError``) listing the problems."""
+    The config against the run directory's snapshot (or the fork's source and target), the device, the base
+    model, and the config against the data (``Pipeline.check_data``). Returns the pipeline over the directory
+    the run writes (the fork's with ``fork``); raises ``ConfigError`` (a ``ValueError``) listing the problems.
+    A base model that is a hub id whose config is not cached and cannot be downloaded now is a refusal for a
+    run; ``dry_run`` lets it pass (``print_plan`` says it would be downloaded)."""
     if fork:
         if os.path.exists(fork):
             raise ConfigError(f"cannot fork into {fork}: it exists")
@@ -362,6 +378,9 @@ def validate_run(cfg: PipelineConfig, run_dir: str, fork: str | None = None, env
     elif os.path.exists(os.path.join(run_dir, "config.yaml")):
         _refuse_changed_config(run_dir, cfg)
     check_device(cfg.device)
+    unavailable = None if dry_run else base_model_unavailable(cfg)
+    if unavailable:
+        raise ConfigError(f"base_model: {unavailable}")
     pipe = Pipeline(cfg, fork or run_dir, env)
     pipe.check_data()
     return pipe
@@ -449,7 +468,7 @@ def print_plan(cfg: PipelineConfig, run_dir: str, fork: str | None = None, check
     """What ``clipmoe run`` would do, writing nothing: it refuses here (``validate_run``, the same checks) what
     the run would refuse. ``check=False`` (``clipmoe status``) skips the checks that read the data."""
     if check:
-        validate_run(cfg, run_dir, fork)
+        validate_run(cfg, run_dir, fork, dry_run=True)
     elif not fork and os.path.exists(run_dir):
         _refuse_changed_config(run_dir, cfg)
     done = Pipeline(cfg, run_dir).status() if os.path.exists(run_dir) else {}
@@ -465,11 +484,16 @@ def print_plan(cfg: PipelineConfig, run_dir: str, fork: str | None = None, check
         f"base model: {cfg.base_model}; {cfg.moe.experts} experts (top-{cfg.moe.top_k}) = base FFN + "
         f"{cfg.stages} MCL stage(s)"
     )
-    try:
-        params = phase_parameters(cfg)
-    except (OSError, ValueError) as e:
-        params = {}
-        print(f"(parameter counts unavailable: {e})")
+    unavailable = base_model_unavailable(cfg)
+    params = {}
+    if unavailable:  # a dry run or status (a run refuses in validate_run)
+        print(f"would download {cfg.base_model} (config not cached; layers checked at run time)")
+        print(f"  ({unavailable})")
+    else:
+        try:
+            params = phase_parameters(cfg)
+        except (OSError, ValueError) as e:
+            print(f"(parameter counts unavailable: {e})")
     for phase, counts in params.items():
         print(
             f"  {phase:<18} trainable {counts['trainable']:>13,}  total {counts['total']:>13,}  "

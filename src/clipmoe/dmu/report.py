@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from ..assets import resolve_model_path
 from ..eval import evaluate_suite, plot_routing
+from ..formats.hub import model_config_path
 from ..formats.load import model_class_for
 from ..model.modeling import ClipMoeModel
 from ..model.surgery import find_ffns, resolve_layers
@@ -74,8 +74,11 @@ def evaluate_row(model: ClipMoeModel, cfg: PipelineConfig, name: str) -> dict:
 
 def phase_parameters(cfg: PipelineConfig) -> dict[str, dict[str, int]]:
     """Trainable / total / active parameters of each phase, from the base model's config (no weights read)."""
-    folder = resolve_model_path(cfg.base_model)
-    with open(os.path.join(folder, "config.json")) as f:
+    config_path = model_config_path(cfg.base_model)  # a hub id: its config.json alone, no weights
+    if config_path is None:
+        raise ValueError(f"{cfg.base_model} has no config.json (a checkpoint file: convert it to a folder first)")
+    folder = os.path.dirname(config_path)
+    with open(config_path) as f:
         model_class = model_class_for(json.load(f).get("model_type"), folder)  # CLIP, SigLIP or SigLIP 2
     config = model_class.config_class.from_pretrained(folder, local_files_only=True)
     with torch.device("meta"):

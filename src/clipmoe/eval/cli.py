@@ -30,7 +30,9 @@ TASKS = ("retrieval", "classification", "mmvp", "probes", "routing", "suite")
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="model folder or checkpoint file (anything clipmoe.load opens)")
+    parser.add_argument(
+        "model", help="model folder, checkpoint file or Hugging Face id owner/name[@revision] (as clipmoe.load)"
+    )
     parser.add_argument("--task", required=True, choices=TASKS)
     parser.add_argument("--data", required=True, help="dataset or eval/ folder (see above)")
     parser.add_argument("--split", default=None, help="webdataset / Karpathy split (default: test, or the only one)")

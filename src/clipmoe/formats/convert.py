@@ -31,12 +31,15 @@ from transformers.initialization import no_init_weights
 from ..data.processing import OPENAI_MEAN, OPENAI_STD, ImageTransform, TextTokenizer
 from ..model.modeling import TOWERS, ClipMoeModel, MoESpec
 from ..utils.keys import key_mismatch
+from .hub import parse_repo_id, resolve_file, resolve_model
 from .state_dict import CheckpointError, load_state_dict_strict, read_state_dict
 
 CLI_CONVERT_HELP = """Convert a checkpoint file (OpenAI CLIP, open_clip, official CLIP-MoE, HF state dict) to a clipmoe folder.
 
 The output is an HF-style folder that `clipmoe.load` opens. The checkpoint holds no tokenizer: pass --tokenizer DIR
-to include one. The image preprocessing (OpenAI's: resize, center crop to the model's resolution, normalise) is
+to include one. SRC may be a Hugging Face repo id (owner/name[@revision]) with --file naming the checkpoint in it;
+--tokenizer may be a repo id too (only its tokenizer files are fetched). Both go through the HF cache (HF_HOME,
+HF_HUB_OFFLINE). The image preprocessing (OpenAI's: resize, center crop to the model's resolution, normalise) is
 written from the inferred resolution and the --image-* options.
 """
 
@@ -581,7 +584,12 @@ def attach_tokenizer(model: ClipMoeModel, folder: str | os.PathLike) -> TextToke
 
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="checkpoint file (.pt/.bin state dict or TorchScript archive, .safetensors)")
+    parser.add_argument(
+        "src",
+        help="checkpoint file (.pt/.bin state dict or TorchScript archive, .safetensors), or a Hugging Face repo id "
+        "owner/name[@revision] with --file",
+    )
+    parser.add_argument("--file", metavar="NAME", help="the checkpoint file inside the repo SRC names")
     parser.add_argument("dst", help="output folder (HF layout, opened by clipmoe.load)")
     parser.add_argument("--top-k", type=int, default=2, help="experts per token for MoE checkpoints (default 2)")
     parser.add_argument(
@@ -590,7 +598,9 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="FFN activation (default quick_gelu, as OpenAI CLIP; gelu for open_clip models trained without it)",
     )
-    parser.add_argument("--tokenizer", metavar="DIR", help="folder with an HF tokenizer to include in the output")
+    parser.add_argument(
+        "--tokenizer", metavar="DIR", help="folder (or Hugging Face repo id) with an HF tokenizer to include"
+    )
     parser.add_argument(
         "--image-size",
         type=int,
@@ -607,6 +617,12 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    if args.file:
+        if os.path.exists(args.src) or parse_repo_id(args.src) is None:
+            raise ValueError(f"--file names a file inside a Hugging Face repo; {args.src} is not a repo id")
+        args.src = resolve_file(args.src, args.file)
+    elif not os.path.exists(args.src) and parse_repo_id(args.src) is not None:
+        raise ValueError(f"{args.src} is a Hugging Face repo id: name the checkpoint file in it with --file")
     if os.path.isdir(args.src):
         raise ValueError(f"{args.src} is a folder; convert reads one checkpoint file (clipmoe.load opens folders)")
     if os.path.exists(args.dst) and not args.overwrite and not (os.path.isdir(args.dst) and not os.listdir(args.dst)):
@@ -621,7 +637,7 @@ def run_convert(args: argparse.Namespace) -> int:
         size=args.image_size or crop, crop_size=crop, mean=tuple(args.image_mean), std=tuple(args.image_std)
     )
     if args.tokenizer:
-        attach_tokenizer(model, args.tokenizer)
+        attach_tokenizer(model, resolve_model(args.tokenizer, weights=False))
     model.save_pretrained(args.dst)
 
     vc, tc, spec = model.config.vision_config, model.config.text_config, model.moe_spec

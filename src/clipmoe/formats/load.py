@@ -16,6 +16,7 @@ import torch
 from ..data.processing import ImageTransform, TextTokenizer
 from ..model.modeling import ClipMoeModel
 from .convert import convert_file
+from .hub import resolve_model
 from .state_dict import WEIGHT_FILES, CheckpointError, load_state_dict_strict, read_state_dict
 
 __all__ = ["WEIGHT_FILES", "CheckpointError", "attach_processing", "load", "model_class_for"]
@@ -26,12 +27,13 @@ def load(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
 ) -> ClipMoeModel:
-    """Open a CLIP or CLIP-MoE: an HF folder, or a checkpoint file (OpenAI, open_clip, official CLIP-MoE).
+    """Open a CLIP or CLIP-MoE: an HF folder, a checkpoint file (OpenAI, open_clip, official CLIP-MoE), a shipped
+    ``builtin:`` model or a Hugging Face Hub id ``owner/name[@revision]`` (``formats/hub.py``: the HF cache).
 
     The returned model has ``.tokenizer`` (``TextTokenizer``) and ``.image_processor`` (``ImageTransform``)
     when the folder provides them. Routers stay fp32 when ``dtype`` is a half type.
     """
-    path = os.fspath(path)
+    path = resolve_model(path)
     if os.path.isdir(path):
         model = _load_folder(path)
     elif os.path.isfile(path):

@@ -10,8 +10,7 @@ import torch
 
 from ..utils.io import atomic_file
 from ..utils.keys import key_mismatch
-
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+from .hub import WEIGHT_FILES as WEIGHT_FILES  # defined with the model-name resolution (torch-free)
 
 
 class CheckpointError(ValueError):
