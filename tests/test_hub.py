@@ -112,10 +112,10 @@ def test_the_test_cache_is_a_valid_huggingface_hub_cache(hub_home):
 
 
 def test_a_cached_id_loads_offline_and_a_missing_one_names_id_cache_and_offline(hub_home, tmp_path, tiny_clip_dir):
-    world = tmp_path / "images"
-    world.mkdir()
-    for i in range(3):
-        Image.new("RGB", (40, 40), (80 * i, 20, 200)).save(world / f"{i}.png")
+    world = tmp_path / "images"  # an ImageFolder (class = folder), for index and eval
+    for i, colour in enumerate(("red", "blue", "green")):
+        (world / colour).mkdir(parents=True)
+        Image.new("RGB", (40, 40), (80 * i, 20, 200)).save(world / colour / f"{i}.png")
     proc = run_python(
         f"""
         import json, torch
@@ -144,6 +144,8 @@ def test_a_cached_id_loads_offline_and_a_missing_one_names_id_cache_and_offline(
         out["converted_equal"] = torch.equal(converted.encode_image(pixels), direct.encode_image(pixels))
         out["converted_tokenizer"] = converted.tokenizer is not None
         out["index"] = main(["index", {str(world)!r}, "--model", {REPO!r}, "--out", {str(tmp_path / "idx")!r}])
+        out["eval"] = main(["eval", {REPO!r}, "--task", "classification", "--data", {str(world)!r}, "--device",
+                            "cpu", "--out", {str(tmp_path / "eval.json")!r}])
         out["convert_without_file"] = main(["convert", {REPO!r}, {str(tmp_path / "c2")!r}])
         print(json.dumps(out))
         """,
@@ -163,6 +165,8 @@ def test_a_cached_id_loads_offline_and_a_missing_one_names_id_cache_and_offline(
     assert out["index"] == 0
     with open(tmp_path / "idx" / "index.json") as f:
         assert json.load(f)["model"] == out["snapshot"]  # the pinned snapshot the index was built with
+    with open(tmp_path / "eval.json") as f:
+        assert out["eval"] == 0 and json.load(f)  # clipmoe eval on the id: results written
     assert out["convert_without_file"] == 2 and "name the checkpoint file in it with --file" in proc.stderr
 
 
