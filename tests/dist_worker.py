@@ -2,6 +2,10 @@
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist_worker.py OUT_DIR [SCENARIO ...]
 
+``SCENARIOS`` (the default) have a one-process reference; ``FAULTS`` (named explicitly) test failures under
+DDP: a run killed and resumed (``DIST_WORKER_KILL_AT_STEP=n`` SIGKILLs every rank after step n) and
+non-finite values met on one rank. ``DIST_WORKER_TIMEOUT_S`` sets the collective timeout (default 120 s).
+
 Each scenario trains a tiny real HF CLIP or CLIP-MoE with ``clipmoe.train.loop.train`` on a synthetic,
 cluster-labelled dataset and writes ``OUT_DIR/SCENARIO/rank{r}.pt``: the trainable weights before and after
 training, the gradients every optimizer step applied (DDP-averaged; unsharded under FSDP), the loss of the
@@ -12,8 +16,11 @@ may no longer agree on which collective comes next).
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import sys
+import time
 import traceback
 from dataclasses import replace
 
@@ -22,6 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from clipmoe import sparse_upcycle
+from clipmoe.dmu.pipeline import Pipeline
 from clipmoe.train.config import TrainConfig
 from clipmoe.train.distributed import (
     DistEnv,
@@ -31,7 +39,7 @@ from clipmoe.train.distributed import (
     init_distributed,
     shutdown_distributed,
 )
-from clipmoe.train.loop import balance_loss, train
+from clipmoe.train.loop import CHECKPOINT, METRICS, NonFiniteError, balance_loss, train
 from clipmoe.train.loss import ClipLoss
 from clipmoe.train.samplers import GlobalBatchSampler
 from conftest import WORDS, make_tiny_clip
@@ -56,7 +64,7 @@ class ClusterData(Dataset):
         return N
 
     def item(self, i: int):
-        return self.pixels[i], self.captions[i], self.valid[i]
+        return i, self.pixels[i], self.captions[i], self.valid[i]
 
     def __getitem__(self, i: int):
         if self.fail_at is not None and len(self.seen) >= self.fail_at:
@@ -68,9 +76,10 @@ class ClusterData(Dataset):
 def make_collate(model):
     def collate(items):
         return {
-            "pixel_values": torch.stack([p for p, _, _ in items]),
-            **model.tokenizer([c for _, c, _ in items]),
-            "valid": torch.tensor([v for _, _, v in items]),
+            "index": torch.tensor([i for i, _, _, _ in items]),  # the keys a non-finite loss is reported with
+            "pixel_values": torch.stack([p for _, p, _, _ in items]),
+            **model.tokenizer([c for _, _, c, _ in items]),
+            "valid": torch.tensor([v for _, _, _, v in items]),
         }
 
     return collate
@@ -274,14 +283,8 @@ def embed(out_dir: str, env: DistEnv) -> dict:
 
     model = tiny_moe()
     data = ClusterData()
-    base = make_collate(model)
-
-    def collate(items):  # the embedding pass needs each sample's index
-        idx = [i for i, _ in items]
-        return {"index": torch.tensor(idx), **base([data.item(i) for i in idx])}
-
-    indexed = [(i, None) for i in range(len(data))]
-    store = embed_dataset(model, indexed, collate, out_dir, env, batch_size=3, chunk_size=5)
+    items = [data.item(i) for i in range(len(data))]  # the embedding pass needs each sample's index: items carry it
+    store = embed_dataset(model, items, make_collate(model), out_dir, env, batch_size=3, chunk_size=5)
     return {
         "image": torch.from_numpy(np.array(store.image)),
         "text": torch.from_numpy(np.array(store.text)),
@@ -293,15 +296,93 @@ def embed(out_dir: str, env: DistEnv) -> dict:
 SCENARIOS = {f.__name__: f for f in (mcl, router, accum_ckpt, bf16, unused_expert, fsdp, embed)}
 
 
+# ------------------------------------------------------------------------------------------------- faults
+def dropout(out_dir: str, env: DistEnv) -> dict:
+    """Routers and experts with expert dropout 0.1, 6 steps, a checkpoint every 2. With
+    ``DIST_WORKER_KILL_AT_STEP=n`` every rank SIGKILLs itself right after step n (after a barrier, so rank 0
+    has logged step n): the process group dies as under a real kill, and the same command then resumes."""
+    kill_at = int(os.environ.get("DIST_WORKER_KILL_AT_STEP", "0"))
+
+    def kill(step: int, total: int) -> None:
+        if step == kill_at:
+            barrier(env)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    cfg = config(steps=6, lr=1e-3, trainable="router+experts", balance_weight=0.01, checkpoint_every=2)
+    model = sparse_upcycle(make_tiny_clip(), 4, top_k=2, noise=0.01, expert_dropout=0.1)
+    initial = trainable_weights(model)
+    train(model, ClusterData(), make_collate(model), cfg, out_dir, env, on_step=kill)
+    return {"initial": initial, "weights": trainable_weights(model), "rng": torch.get_rng_state()}
+
+
+def _expect_error(fn, error: type[Exception]) -> dict:
+    """Run ``fn``, which must raise ``error``: its message and how long this rank took to get it."""
+    t0 = time.perf_counter()
+    try:
+        fn()
+    except error as e:
+        return {"error": str(e), "seconds": time.perf_counter() - t0}
+    raise AssertionError(f"no {error.__name__} raised")
+
+
+def nan_one_rank(out_dir: str, env: DistEnv) -> dict:
+    """One sample of rank 1's third batch has NaN pixels: every rank must stop at step 3 with one message
+    naming it, leaving the step-2 checkpoint (finite) and no step-3 record."""
+    cfg = config(steps=6, trainable="ffn", checkpoint_every=2)
+    rank1 = GlobalBatchSampler(N, cfg.batch_size, world_size=2, rank=1, seed=cfg.seed, min_batch=cfg.min_batch)
+    bad = next(i for i in list(rank1.local_batches(0))[2] if ClusterData().valid[i])
+    pixels = ClusterData().pixels.clone()
+    pixels[bad] = float("nan")
+    model = make_tiny_clip()
+    data = ClusterData(pixels)
+    result = _expect_error(lambda: train(model, data, make_collate(model), cfg, out_dir, env), NonFiniteError)
+    return {**result, "bad": bad, **_leftovers(out_dir)}
+
+
+def huge_lr(out_dir: str, env: DistEnv) -> dict:
+    """lr 1000 on the FFNs: the weights diverge; every rank stops with the same message."""
+    cfg = config(steps=30, lr=1000.0, trainable="ffn", checkpoint_every=2)
+    model = make_tiny_clip()
+    result = _expect_error(lambda: train(model, ClusterData(), make_collate(model), cfg, out_dir, env), NonFiniteError)
+    return {**result, **_leftovers(out_dir)}
+
+
+def save_nan(out_dir: str, env: DistEnv) -> dict:
+    """The pipeline's save of a model holding a NaN (checked on rank 0, which holds the whole state): every
+    rank raises, none waits at a barrier, nothing is written."""
+    model = make_tiny_clip()
+    with torch.no_grad():
+        model.text_projection.weight[0, 0] = float("nan")
+    path = os.path.join(out_dir, "model")
+    pipe = Pipeline(None, out_dir, env)  # save reads only the process group from the pipeline
+    return {**_expect_error(lambda: pipe.save(model, path), ValueError), "written": os.path.exists(path)}
+
+
+def _leftovers(out_dir: str) -> dict:
+    """What a failed phase left: the checkpoint's step and whether its weights are finite, the logged steps."""
+    ckpt = os.path.join(out_dir, CHECKPOINT)
+    state = torch.load(ckpt, weights_only=True) if os.path.exists(ckpt) else None
+    metrics = os.path.join(out_dir, METRICS)
+    return {
+        "checkpoint_step": state and state["step"],
+        "checkpoint_finite": state is not None and all(torch.isfinite(t).all() for t in state["trainable"].values()),
+        "logged": [json.loads(line)["step"] for line in open(metrics)] if os.path.exists(metrics) else [],
+    }
+
+
+FAULTS = {f.__name__: f for f in (dropout, nan_one_rank, huge_lr, save_nan)} | {"dropout_uninterrupted": dropout}
+
+
 def main(argv: list[str]) -> int:
     torch.set_num_threads(1)  # the ranks share the machine's cores
     out_dir, names = argv[0], argv[1:] or list(SCENARIOS)
-    env = init_distributed("cpu", timeout_s=120)  # a collective that waits longer fails instead of hanging
+    # A collective that waits longer fails instead of hanging.
+    env = init_distributed("cpu", timeout_s=float(os.environ.get("DIST_WORKER_TIMEOUT_S", "120")))
     try:
         for name in names:
             os.makedirs(os.path.join(out_dir, name), exist_ok=True)
             try:
-                result = SCENARIOS[name](os.path.join(out_dir, name, "train"), env)
+                result = {**SCENARIOS, **FAULTS}[name](os.path.join(out_dir, name, "train"), env)
             except Exception:
                 with open(os.path.join(out_dir, name, f"rank{env.rank}.error"), "w") as f:
                     f.write(traceback.format_exc())

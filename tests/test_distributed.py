@@ -1,4 +1,5 @@
-"""Distributed training on 2 CPU processes (gloo) against one process on the same global batches.
+"""Distributed training on 2 CPU processes (gloo) against one process on the same global batches; then faults
+under DDP (a kill and resume with dropout, NaNs met on one rank, a NaN model at save) in two more launches.
 
 One torchrun launch runs every scenario of dist_worker.py while this process runs the same scenarios as a
 single process, the reference. Tolerances, fp32 (measured values in docs/distributed.md):
@@ -13,7 +14,9 @@ single process, the reference. Tolerances, fp32 (measured values in docs/distrib
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -56,25 +59,41 @@ class Runs:
             return "".join(line for line in f.readlines()[-40:] if "step/s" not in line)
 
 
+def launch(out: str, *scenarios: str, **env: str) -> subprocess.Popen:
+    """torchrun with 2 ranks of dist_worker.py writing into ``out`` (its log: out/torchrun.log); ``env`` is
+    added to the workers' environment."""
+    os.makedirs(out, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}", WORKER, out]
+    with open(os.path.join(out, "torchrun.log"), "a") as log:
+        # Own session, so that a timeout kills torchrun and both ranks together.
+        return subprocess.Popen(
+            [*cmd, *scenarios], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **env}
+        )
+
+
+def finish(proc: subprocess.Popen, timeout_s: float) -> int | None:
+    """The exit status, or None after killing the whole launch at the timeout."""
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Runs:
     out = str(tmp_path_factory.mktemp("distributed"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}", WORKER, out]
-    with open(os.path.join(out, "torchrun.log"), "w") as log:
-        # Own session, so that a timeout kills torchrun and both ranks together.
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            reference = {
-                name: scenario(os.path.join(out, "reference", name), DistEnv())
-                for name, scenario in dist_worker.SCENARIOS.items()
-            }
-            returncode = proc.wait(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            returncode = None
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    proc = launch(out)
+    try:
+        reference = {
+            name: scenario(os.path.join(out, "reference", name), DistEnv())
+            for name, scenario in dist_worker.SCENARIOS.items()
+        }
+    finally:
+        returncode = finish(proc, TIMEOUT_S)
     return Runs(out, reference, returncode)
 
 
@@ -213,3 +232,76 @@ def test_sharded_embedding_fills_one_store_like_one_process(runs):
         assert torch.equal(r["valid"], ref["valid"])
     assert len(ranks[0]["chunks_by_me"]) == len(ref["chunks_by_me"])  # every chunk marked done
     assert not bool(ref["valid"][3]) and bool(ref["valid"][0])  # unreadable rows are marked invalid
+
+
+# ------------------------------------------------------------------------------------------------ faults
+FAULT_TIMEOUT_S = 60  # the workers' collective timeout in the fault runs: a rank left waiting fails by then
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory) -> tuple[Runs, list[int]]:
+    """Two launches. The first runs the ``dropout`` scenario and SIGKILLs every rank after step 3 (its last
+    checkpoint at step 2, step 3 already logged). The second repeats it (the resume), then runs it
+    uninterrupted in another folder, then the NaN scenarios."""
+    out = str(tmp_path_factory.mktemp("faults"))
+    timeout = {"DIST_WORKER_TIMEOUT_S": str(FAULT_TIMEOUT_S)}
+    killed = finish(launch(out, "dropout", DIST_WORKER_KILL_AT_STEP="3", **timeout), TIMEOUT_S)
+    assert killed not in (0, None), "the killed run did not die"
+    assert not os.path.exists(os.path.join(out, "dropout", "rank0.pt"))
+    metrics = os.path.join(out, "dropout", "train", dist_worker.METRICS)
+    logged_at_kill = [json.loads(line)["step"] for line in open(metrics)]
+    scenarios = ("dropout", "dropout_uninterrupted", "nan_one_rank", "huge_lr", "save_nan")
+    return Runs(out, {}, finish(launch(out, *scenarios, **timeout), TIMEOUT_S)), logged_at_kill
+
+
+def test_ddp_kill_and_resume_with_dropout_equals_an_uninterrupted_run(faults):
+    runs, logged_at_kill = faults
+    r0, r1 = runs.ranks("dropout")
+    c0, c1 = runs.ranks("dropout_uninterrupted")
+    assert logged_at_kill == [1, 2, 3]  # the resume from step 2 logs step 3 again...
+    train_dir = os.path.join(runs.out, "dropout", "train")
+    steps = [json.loads(line)["step"] for line in open(os.path.join(train_dir, dist_worker.METRICS))]
+    assert steps == [1, 2, 3, 4, 5, 6]  # ...once
+    for name, w in c0["weights"].items():
+        torch.testing.assert_close(r0["weights"][name], w, rtol=0, atol=1e-6, msg=_labelled(name))
+    assert_ranks_identical(r0, r1)
+    assert_trained(r0)
+    # The ranks' generators drift apart (each rank's dropout draws as many values as its experts get tokens),
+    # so the checkpoint holds one state per rank, and each rank resumed with its own (with rank 0's state on
+    # both ranks the final weights differ by about 1e-3).
+    assert not torch.equal(c0["rng"], c1["rng"])
+    assert torch.equal(r0["rng"], c0["rng"]) and torch.equal(r1["rng"], c1["rng"])
+    assert len(torch.load(os.path.join(train_dir, dist_worker.CHECKPOINT), weights_only=True)["rng"]) == WORLD
+
+
+def assert_same_error_quickly(ranks: list[dict]) -> str:
+    """Every rank got the same error, each within seconds (a rank left waiting at a collective would have
+    failed with gloo's timeout error after FAULT_TIMEOUT_S instead)."""
+    assert ranks[0]["error"] == ranks[1]["error"], [r["error"] for r in ranks]
+    assert all(r["seconds"] < 10 for r in ranks), [r["seconds"] for r in ranks]
+    return ranks[0]["error"]
+
+
+def test_ddp_nan_on_one_rank_stops_every_rank_naming_the_sample(faults):
+    ranks = faults[0].ranks("nan_one_rank")
+    error = assert_same_error_quickly(ranks)
+    assert error == f"train: non-finite loss (nan) at step 3 of 6; batch keys: {ranks[1]['bad']}"
+    for r in ranks:  # the step-2 checkpoint, finite; step 3 neither logged nor saved
+        assert r["checkpoint_step"] == 2 and r["checkpoint_finite"] and r["logged"] == [1, 2]
+
+
+def test_ddp_diverging_training_stops_every_rank_at_one_step(faults):
+    ranks = faults[0].ranks("huge_lr")
+    error = assert_same_error_quickly(ranks)
+    assert re.fullmatch(r"train: non-finite (loss \(nan\) at step \d+ of 30; batch keys: \d+, .*|weights .*)", error)
+    for r in ranks:
+        assert r["checkpoint_finite"] and r["logged"] and max(r["logged"]) < 30
+
+
+def test_ddp_model_with_nan_is_refused_on_every_rank_and_not_written(faults):
+    runs = faults[0]
+    ranks = runs.ranks("save_nan")
+    error = assert_same_error_quickly(ranks)
+    assert error.startswith("refusing to save ") and "text_projection.weight (1)" in error
+    assert not any(r["written"] for r in ranks)
+    assert runs.returncode == 0  # the ranks still agreed on every collective after the three failures

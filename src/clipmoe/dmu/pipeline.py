@@ -41,7 +41,7 @@ from ..formats.load import load
 from ..model.modeling import ClipMoeModel
 from ..model.stretch import stretch_text_positions
 from ..model.surgery import assemble_moe
-from ..train.distributed import DistEnv, barrier, full_state_dict
+from ..train.distributed import DistEnv, barrier, full_state_dict, on_main
 from ..train.loop import train
 from ..utils.io import atomic_file, write_json
 from ..utils.lock import lock_folder
@@ -103,10 +103,12 @@ class Pipeline:
 
     def save(self, model: ClipMoeModel, path: str) -> None:
         state = full_state_dict(model, self.env)  # collective when FSDP left the model sharded; else None
-        if self.env.is_main:
+
+        def write() -> None:
             refuse_nonfinite(state if state is not None else model.state_dict(), path)
             model.save_pretrained(path, **({"state_dict": state} if state is not None else {}))
-        barrier(self.env)
+
+        on_main(write, self.env)  # a refusal or a failed write on rank 0 raises on every rank, none waits
 
     def train(self, model: ClipMoeModel, tcfg: TrainConfig, folder: str, desc: str, labels=None) -> dict:
         """One training phase on the run's training set (the one loop every phase uses)."""

@@ -7,6 +7,8 @@ No home-made process management: launch with ``torchrun --nproc-per-node N clipm
 from __future__ import annotations
 
 import os
+import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -62,6 +64,35 @@ def shutdown_distributed(env: DistEnv) -> None:
 def barrier(env: DistEnv) -> None:
     if env.enabled:
         dist.barrier()
+
+
+def on_main(fn: Callable[[], None], env: DistEnv) -> None:
+    """Run ``fn`` on the main rank only (a write, a check before a write); if it raises, every rank raises the
+    same error. A collective: call it on every rank; the others wait until the main rank is done, as at a
+    barrier. Without it a failure on rank 0 (a model refused for its NaN, a full disk) would leave the other
+    ranks waiting at their next collective until the timeout."""
+    error = None
+    if env.is_main:
+        try:
+            fn()
+        except Exception as e:
+            error = e
+    if env.enabled:
+        box = [_picklable(error) if env.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        error = error if env.is_main else box[0]
+    if error is not None:
+        raise error
+
+
+def _picklable(error: Exception | None) -> Exception | None:
+    # An error that cannot cross the process boundary as itself goes as a ValueError with its message: the
+    # other ranks must receive something, or they would wait in the broadcast forever.
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return ValueError(f"{type(error).__name__}: {error}")
 
 
 def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:

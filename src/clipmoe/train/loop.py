@@ -28,8 +28,9 @@ from ..formats.state_dict import save_file_atomically
 from ..model.modeling import tower_layers
 from ..model.moe import load_balancing_loss, router_z_loss
 from ..utils.io import atomic_file
+from ..utils.keys import first_few
 from .config import TrainConfig
-from .distributed import DistEnv, barrier
+from .distributed import DistEnv, on_main
 from .loss import global_router_losses
 from .loss_sigmoid import contrastive_loss, resolve_loss
 from .samplers import GlobalBatchSampler
@@ -169,7 +170,7 @@ def train(
     skipped: list[str] = []
     if os.path.exists(ckpt_path):
         resumed: dict = {}
-        step = _load_checkpoint(ckpt_path, model, optimizer, scheduler, cfg, resumed)
+        step = _load_checkpoint(ckpt_path, model, optimizer, scheduler, cfg, resumed, env.rank)
         # Skips seen before the checkpoint are a property of the data: counted again, not forgotten.
         skipped = json.loads(resumed.get("skipped", "[]"))
         if hasattr(dataset, "skips"):
@@ -208,11 +209,7 @@ def train(
                         if bal is not None:
                             loss = loss + cfg.balance_weight * bal
                             logged["balance"] = logged.get("balance", 0.0) + bal.item() / cfg.grad_accum
-                    if not math.isfinite(loss.item()):
-                        raise NonFiniteError(
-                            f"{desc}: non-finite loss ({loss.item()}) at step {step + 1} of {total_steps}; "
-                            f"batch keys: {_batch_keys(dataset, batch)}"
-                        )
+                    _check_loss(loss, (img, txt), valid, dataset, batch, env, desc, step + 1, total_steps)
                     (loss / cfg.grad_accum).backward()
                 logged["clip"] = logged.get("clip", 0.0) + clip.item() / cfg.grad_accum
                 logged["loss"] = logged.get("loss", 0.0) + loss.item() / cfg.grad_accum
@@ -299,12 +296,43 @@ def _batch_stream(dataset, sampler: GlobalBatchSampler, collate, start_micro: in
         epoch, pos = epoch + 1, 0
 
 
-def _batch_keys(dataset, batch: dict, first: int = 8) -> str:
+def _batch_keys(dataset, batch: dict) -> list[str]:
     """The sample keys of a batch (dataset indices when the dataset has no keys), for error messages."""
     index = batch["index"].tolist() if "index" in batch else []
     records = getattr(dataset, "records", None)
-    keys = [records[i].key if records is not None else str(i) for i in index]
-    return ", ".join(keys[:first]) + (f", ... ({len(keys)} in all)" if len(keys) > first else "") or "unknown"
+    return [records[i].key if records is not None else str(i) for i in index]
+
+
+def _check_loss(loss, features, valid, dataset, batch: dict, env: DistEnv, desc: str, step: int, total: int) -> None:
+    """Raise ``NonFiniteError`` on every rank, with one message, when the loss is non-finite on any rank.
+
+    Collective (one scalar all-reduce per micro-batch, before the backward pass): a rank raising alone would
+    leave the others waiting in DDP's gradient all-reduce until the timeout. The message names the samples
+    whose features are non-finite, on any rank (the likely culprits: the gathered features spread one bad
+    sample to every rank's loss), or, when every feature is finite, the batches of the ranks whose loss is not.
+    """
+    value = loss.item()
+    bad = not math.isfinite(value)
+    if env.enabled:
+        flag = torch.tensor(float(bad), device=env.device)
+        dist.all_reduce(flag)
+        bad = flag.item() > 0
+    if not bad:
+        return
+    keys = _batch_keys(dataset, batch)
+    rows = ~torch.stack([torch.isfinite(f).all(-1) for f in features]).all(0).cpu()
+    if valid is not None:  # unreadable samples' rows are dropped from the loss: not culprits
+        rows &= valid.bool().cpu()
+    report = (value, [k for k, r in zip(keys, rows.tolist()) if r], [] if math.isfinite(value) else keys)
+    reports = [report]
+    if env.enabled:
+        reports = [None] * env.world_size
+        dist.all_gather_object(reports, report)
+    value = next(v for v, _, _ in reports if not math.isfinite(v))
+    named = [k for _, culprits, _ in reports for k in culprits] or [k for _, _, whole in reports for k in whole]
+    raise NonFiniteError(
+        f"{desc}: non-finite loss ({value}) at step {step} of {total}; batch keys: {first_few(named, 8) or 'unknown'}"
+    )
 
 
 def _check_finite(named: list[tuple[str, torch.Tensor]], env: DistEnv, what: str) -> None:
@@ -396,9 +424,12 @@ def _skip_state(dataset, skipped: list[str]) -> dict[str, str]:
 
 
 def _save_checkpoint(path, model, optimizer, scheduler, step, cfg, env: DistEnv, extra: dict | None = None) -> None:
-    """Called on every rank: the gathering is collective; rank 0 writes; the closing barrier makes every rank
-    see the new file before going on (a rank that stopped right after could otherwise resume from the old
-    one)."""
+    """Called on every rank: the gathering is collective; rank 0 writes; every rank waits for the write (a rank
+    that stopped right after could otherwise resume from the old file) and raises if it failed.
+
+    The RNG states are every rank's: ranks draw different numbers of dropout values (their tokens reach the
+    experts in different numbers), so after the first step their generators differ, and a resumed rank 1 with
+    rank 0's state would draw other dropout masks than the uninterrupted run."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     trainable = _trainable_state(model, keep=env.is_main)
@@ -406,28 +437,53 @@ def _save_checkpoint(path, model, optimizer, scheduler, step, cfg, env: DistEnv,
     optim_state = get_optimizer_state_dict(
         model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
-    if env.is_main:
+    rng = _rng_state()
+    ranks = [rng]
+    if env.enabled:
+        ranks = [None] * env.world_size if env.is_main else None
+        dist.gather_object(rng, ranks, dst=0)
+
+    def write() -> None:
         state = {
             "step": step,
             "config": json.dumps(asdict(cfg), sort_keys=True, default=str),
             "trainable": trainable,
             "optimizer": optim_state,
             "scheduler": scheduler.state_dict(),
-            "rng_torch": torch.get_rng_state(),
-            "rng_numpy": json.dumps(_np_state_to_json(np.random.get_state())),
-            "rng_python": json.dumps(_py_state_to_json(random.getstate())),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "rng": ranks,  # rank r's at index r
             **(extra or {}),
         }
         # Atomic: a kill mid-write leaves the previous checkpoint intact; a full disk removes the temporary and
-        # raises one WriteError naming the file.
+        # raises one WriteError naming the file (on every rank).
         save_file_atomically(state, path)
-    barrier(env)
+
+    on_main(write, env)
 
 
-def _load_checkpoint(path, model, optimizer, scheduler, cfg: TrainConfig, extra: dict | None = None) -> int:
-    """Every rank reads the whole file and keeps its own shard of each parameter and optimizer state; the
-    ``extra`` entries it was saved with are put into ``extra``."""
+def _rng_state() -> dict:
+    """This process's RNG states: torch (CPU, and every CUDA device once initialised), numpy, Python."""
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": json.dumps(_np_state_to_json(np.random.get_state())),
+        "python": json.dumps(_py_state_to_json(random.getstate())),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+    }
+
+
+def _set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(_np_state_from_json(json.loads(rng["numpy"])))
+    random.setstate(_py_state_from_json(json.loads(rng["python"])))
+    cuda = rng.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _load_checkpoint(
+    path, model, optimizer, scheduler, cfg: TrainConfig, extra: dict | None = None, rank: int = 0
+) -> int:
+    """Every rank reads the whole file and keeps its own shard of each parameter and optimizer state and its
+    own RNG states; the ``extra`` entries it was saved with are put into ``extra``."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -439,6 +495,10 @@ def _load_checkpoint(path, model, optimizer, scheduler, cfg: TrainConfig, extra:
         raise ValueError(
             f"{path} was written with different training settings ({', '.join(changed)}); "
             "delete it to restart this phase"
+        )
+    if "rng" not in state:
+        raise ValueError(
+            f"{path} was written by an older clipmoe (one RNG state, not one per rank); delete it to restart this phase"
         )
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(state["trainable"]) != expected:
@@ -456,14 +516,11 @@ def _load_checkpoint(path, model, optimizer, scheduler, cfg: TrainConfig, extra:
         model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True, strict=False)
     )
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng_torch"])
-    np.random.set_state(_np_state_from_json(json.loads(state["rng_numpy"])))
-    random.setstate(_py_state_from_json(json.loads(state["rng_python"])))
+    # Under another world size than at save time the batches differ anyway: ranks without a state take rank 0's.
+    rngs = state["rng"]
+    _set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
     if extra is not None:
         extra.update({k: state[k] for k in ("skipped", "skips") if k in state})
-    cuda = state.get("rng_cuda") or []
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
     return int(state["step"])
 
 
