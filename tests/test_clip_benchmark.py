@@ -183,3 +183,13 @@ def test_check_numpy_matches_what_clip_benchmark_accuracy_does():
         with pytest.raises(RuntimeError, match=f"numpy {np.__version__}.*install numpy<2.4"):
             check_numpy()
     assert works == (tuple(int(p) for p in np.__version__.split(".")[:2]) < (2, 4))
+
+
+def test_entry_point_makes_clipmoe_the_default_model_type_of_eval_only():
+    from clipmoe.eval.clip_benchmark import _with_model_type
+
+    assert _with_model_type(["eval", "--pretrained", "m"]) == ["eval", "--pretrained", "m", "--model_type", "clipmoe"]
+    chosen = ["eval", "--pretrained", "m", "--model_type", "open_clip"]
+    assert _with_model_type(chosen) == chosen
+    assert _with_model_type(["eval", "--model_type=open_clip"]) == ["eval", "--model_type=open_clip"]
+    assert _with_model_type(["build", "a.json"]) == ["build", "a.json"]  # its other subcommand takes no model
