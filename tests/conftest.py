@@ -68,3 +68,25 @@ def batch(tiny_clip):
     pixels = torch.randn(3, 3, 32, 32)
     text = tiny_clip.tokenizer(["a photo of a red cube", "blue sphere on the left", "a small green cone"])
     return pixels, text
+
+
+def _topk_accuracy(output, target, topk=(1,)):
+    """clip_benchmark's ``accuracy``, unchanged but for ``.item()``: its ``float()`` of a 1-element array is a
+    TypeError from numpy 2.4 on (``clipmoe.eval.clip_benchmark.check_numpy``)."""
+    pred = output.topk(max(topk), 1, True, True)[1].t()
+    correct = pred.eq(target.view(1, -1).expand_as(pred))
+    return [correct[:k].reshape(-1).float().sum().item() / len(target) for k in topk]
+
+
+@pytest.fixture
+def clip_benchmark_numpy(monkeypatch):
+    """clip_benchmark's zero-shot classification as is where the installed numpy runs it, else with the one
+    numpy-2.4-safe line above."""
+    from clip_benchmark.metrics import zeroshot_classification
+
+    from clipmoe.eval.clip_benchmark import check_numpy
+
+    try:
+        check_numpy()
+    except RuntimeError:
+        monkeypatch.setattr(zeroshot_classification, "accuracy", _topk_accuracy)

@@ -11,12 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from clipmoe.eval import evaluate_classification, load_image_folder, load_wds, zero_shot_classifier
+from clipmoe.eval.clip_benchmark import eval_loader, wrap
 from conftest import make_tiny_clip
 from test_eval_data import (
-    ClipBenchmarkModel,
     LookupClip,
-    clip_benchmark_loader,
-    clip_benchmark_tokenizer,
     id_image,
     image_bytes,
     noise_image,
@@ -43,28 +41,14 @@ def _lookup_model(labels: list[int], classnames, templates, image_noise: float, 
     return LookupClip(images, texts)
 
 
-def _topk_accuracy(output, target, topk=(1,)):
-    """clip_benchmark's ``accuracy``, unchanged but for ``.item()``: its ``float()`` of a 1-element array is a
-    TypeError under current numpy 2."""
-    pred = output.topk(max(topk), 1, True, True)[1].t()
-    correct = pred.eq(target.view(1, -1).expand_as(pred))
-    return [correct[:k].reshape(-1).float().sum().item() / len(target) for k in topk]
-
-
-@pytest.fixture
-def clip_benchmark_numpy2(monkeypatch):
-    from clip_benchmark.metrics import zeroshot_classification
-
-    monkeypatch.setattr(zeroshot_classification, "accuracy", _topk_accuracy)
-
-
 def _clip_benchmark(model, data):
     from clip_benchmark.metrics import zeroshot_classification
 
+    cb_model, transform, tokenizer = wrap(model)
     return zeroshot_classification.evaluate(
-        ClipBenchmarkModel(model),
-        clip_benchmark_loader(data, model.image_processor, batch_size=8),
-        clip_benchmark_tokenizer(model),
+        cb_model,
+        eval_loader(data, transform, batch_size=8),
+        tokenizer,
         data.classnames,
         data.templates,
         "cpu",
@@ -73,7 +57,7 @@ def _clip_benchmark(model, data):
 
 
 @pytest.mark.parametrize("which", ["tiny_clip", "noisy_lookup", "three_classes"])
-def test_classification_equals_clip_benchmark(tmp_path, which, clip_benchmark_numpy2):
+def test_classification_equals_clip_benchmark(tmp_path, which, clip_benchmark_numpy):
     classes = CLASSES[:3] if which == "three_classes" else CLASSES
     labels = [(i * 7) % len(classes) for i in range(40)]
     if which == "tiny_clip":

@@ -7,12 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from clipmoe.eval import evaluate_retrieval, load_wds, retrieval_metrics, topk_similarity
+from clipmoe.eval.clip_benchmark import eval_loader, wrap
 from conftest import WORDS, make_tiny_clip
 from test_eval_data import (
-    ClipBenchmarkModel,
     LookupClip,
-    clip_benchmark_loader,
-    clip_benchmark_tokenizer,
     id_image,
     noise_image,
     write_wds_retrieval,
@@ -56,10 +54,11 @@ def test_retrieval_equals_clip_benchmark(tmp_path, which):
     data = load_wds(write_wds_retrieval(tmp_path / "ret", images, captions, shards=3))
 
     ours = evaluate_retrieval(model, data, batch_size=7)
+    cb_model, transform, tokenizer = wrap(model)
     theirs = zeroshot_retrieval.evaluate(
-        ClipBenchmarkModel(model),
-        clip_benchmark_loader(data, model.image_processor),
-        clip_benchmark_tokenizer(model),
+        cb_model,
+        eval_loader(data, transform, batch_size=5),
+        tokenizer,
         "cpu",
         amp=False,
         recall_k_list=[1, 5, 10],
