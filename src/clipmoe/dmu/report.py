@@ -20,7 +20,7 @@ import torch
 
 from ..assets import resolve_model_path
 from ..eval import evaluate_suite, plot_routing
-from ..formats.load import model_class_for
+from ..formats.load import read_config
 from ..model.modeling import ClipMoeModel
 from ..model.surgery import find_ffns, resolve_layers
 from ..utils.io import write_text
@@ -75,9 +75,7 @@ def evaluate_row(model: ClipMoeModel, cfg: PipelineConfig, name: str) -> dict:
 def phase_parameters(cfg: PipelineConfig) -> dict[str, dict[str, int]]:
     """Trainable / total / active parameters of each phase, from the base model's config (no weights read)."""
     folder = resolve_model_path(cfg.base_model)
-    with open(os.path.join(folder, "config.json")) as f:
-        model_class = model_class_for(json.load(f).get("model_type"), folder)  # CLIP, SigLIP or SigLIP 2
-    config = model_class.config_class.from_pretrained(folder, local_files_only=True)
+    model_class, config = read_config(folder)  # CLIP, SigLIP or SigLIP 2
     with torch.device("meta"):
         base = model_class(config)
     total = sum(p.numel() for p in base.parameters())
