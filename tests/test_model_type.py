@@ -37,9 +37,6 @@ from clipmoe.model.modeling_siglip import Siglip2MoeModel, SiglipMoeModel
 from conftest import make_tiny_clip
 from tiny_siglip import make_tiny_siglip
 
-# No download is ever attempted: every folder is local.
-os.environ["HF_HUB_OFFLINE"] = "1"
-
 
 def _moe(base=None, layers="all"):
     moe = sparse_upcycle(base if base is not None else make_tiny_clip(), 4, top_k=2, noise=0.05, layers=layers)
@@ -91,6 +88,19 @@ def test_moe_folders_declare_their_own_types(tmp_path):
     # Saving a loaded MoE again writes the same config.
     loaded.save_pretrained(tmp_path / "again")
     assert json.loads((tmp_path / "again" / "config.json").read_text()) == full
+
+
+def test_a_subclass_is_saved_as_the_clipmoe_class_it_derives_from(tmp_path):
+    class Custom(ClipMoeModel):  # e.g. a user's subclass adding a method: the folder's code does not have it
+        pass
+
+    moe = _moe()
+    custom = Custom(moe.config)
+    custom.load_state_dict(moe.state_dict())
+    custom.save_pretrained(tmp_path / "custom")
+    config = json.loads((tmp_path / "custom" / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling.ClipMoeModel"
+    assert config["model_type"] == "clip_moe"
 
 
 def test_dense_folders_stay_plain_hf_types(tmp_path):

@@ -115,11 +115,12 @@ def has_moe_layers(moe: dict | None) -> bool:
 # config classes put the width back before the strict check (``from_dict``, which every loading path of
 # transformers goes through). Renaming the weights file would also stop dense classes, but with an error
 # ("no file named model.safetensors") that says nothing about what to do instead.
-def guard_config(config: dict, widths: dict[str, int]) -> None:
+def guard_config(config: dict, widths: dict[str, int], tower_only: bool = False) -> None:
     """Guard the towers named in ``widths`` (tower -> FFN width) of a config.json dict, in place: a full
-    model's ``text_config`` / ``vision_config``, or, for a single tower's flat config, the config itself."""
+    model's ``text_config`` / ``vision_config``, or, with ``tower_only`` (a single tower's flat config),
+    the config itself."""
     for tower, width in widths.items():
-        target = config.setdefault(TOWER_KEYS[tower], {}) if TOWER_KEYS["vision"] in config else config
+        target = config if tower_only else config.setdefault(TOWER_KEYS[tower], {})
         target[FFN_WIDTH_KEY] = width
         target["intermediate_size"] = GUARD
 
@@ -245,8 +246,10 @@ class _MoEHooks:
     remote_module = "modeling"  # the file of the remote code that defines this class
 
     def remote_entry(self) -> str:
-        """``module.Class`` of this model in the remote code a saved folder carries (its ``auto_map``)."""
-        return f"{self.remote_module}.{type(self).__name__}"
+        """``module.Class`` of this model in the remote code a saved folder carries (its ``auto_map``): the
+        class itself, or for a subclass defined elsewhere, the clipmoe class it derives from."""
+        cls = next(c for c in type(self).__mro__ if c.__module__.rpartition(".")[2] == self.remote_module)
+        return f"{self.remote_module}.{cls.__name__}"
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Write the HF folder (config with its ``moe`` section, safetensors, tokenizer, preprocessor) into a
@@ -323,10 +326,11 @@ def write_remote_code(folder: str, model: _MoEHooks) -> None:
     entry, config_class = model.remote_entry(), model.config_class
     if has_moe_layers(config.get("moe")):
         config["model_type"] = config_class.model_type
-        layers = config["moe"]["layers"]
-        guard_config(config, {t: tower_config(model.config, t).intermediate_size for t in TOWERS if layers.get(t)})
+        layers, tower_only = config["moe"]["layers"], getattr(model, "is_vision_tower", False)
+        widths = {t: tower_config(model.config, t).intermediate_size for t in TOWERS if layers.get(t)}
+        guard_config(config, widths, tower_only)
         config["auto_map"] = {"AutoConfig": f"{model.remote_module}.{config_class.__name__}", "AutoModel": entry}
-        if not getattr(model, "is_vision_tower", False):
+        if not tower_only:
             config["auto_map"]["AutoModelForZeroShotImageClassification"] = entry
     else:
         config["model_type"] = config_class.dense_config_class.model_type
