@@ -231,7 +231,12 @@ def test_zero_shot_pipeline_on_a_moe_folder_gives_our_classifier_predictions(tmp
     (tmp_path / "pipe.py").write_text(PIPELINE)
     args = [str(folder), ",".join(paths), ",".join(labels), template, str(tmp_path / "out.json")]
     run = subprocess.run(
-        [sys.executable, str(tmp_path / "pipe.py"), *args], cwd=tmp_path, env=env, capture_output=True, text=True
+        [sys.executable, str(tmp_path / "pipe.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads((tmp_path / "out.json").read_text())
