@@ -1,5 +1,5 @@
-"""HF-native export: saved folders load with stock transformers (no clipmoe), and the vision tower is a
-``CLIPVisionModel`` drop-in for LLaVA-style feature extraction."""
+"""HF-native export: saved folders load with stock transformers (no clipmoe) through their remote code, and the
+vision tower keeps the ``CLIPVisionModel`` call contract for LLaVA-style feature extraction."""
 
 import json
 import os
@@ -161,9 +161,14 @@ def test_vision_tower_call_contract(tmp_path):
     assert torch.equal(moe.visual_projection(theirs.pooler_output), moe.encode_image(pixels))
 
     config = json.loads((tmp_path / "tower" / "config.json").read_text())
-    assert config["model_type"] == "clip_vision_model"
+    assert config["model_type"] == "clip_moe_vision_model"  # its own type: CLIPVisionModel refuses it
     assert config["moe"]["layers"] == {"vision": [1]}  # the text tower's MoE layers are not the tower's business
-    assert config["auto_map"] == {"AutoModel": "modeling.ClipMoeVisionModel"}
+    assert config["auto_map"] == {
+        "AutoConfig": "modeling.ClipMoeVisionConfig",
+        "AutoModel": "modeling.ClipMoeVisionModel",
+    }
+    with pytest.raises(Exception, match=r"clipmoe\.load\(folder\)"):
+        CLIPVisionModel.from_pretrained(tmp_path / "tower")
     # LLaVA preprocesses with CLIPImageProcessor from the same folder; it must match our transform.
     image = _images()[0]
     hf = CLIPImageProcessor.from_pretrained(tmp_path / "tower")(image, return_tensors="pt")["pixel_values"][0]

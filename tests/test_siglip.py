@@ -157,7 +157,7 @@ def test_strict_loading_names_missing_and_unexpected_keys(tmp_path):
         clipmoe.load(tmp_path / "moe")
     (tmp_path / "odd").mkdir()
     (tmp_path / "odd" / "config.json").write_text('{"model_type": "blip"}')
-    with pytest.raises(CheckpointError, match="'clip', 'siglip', 'siglip2'"):
+    with pytest.raises(CheckpointError, match="'clip', 'clip_moe', 'siglip', 'siglip2', 'siglip_moe', 'siglip2_moe'"):
         clipmoe.load(tmp_path / "odd")
 
 

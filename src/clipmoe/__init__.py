@@ -14,7 +14,9 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _API = {
     "CheckpointError": "clipmoe.formats.state_dict",
+    "ClipMoeConfig": "clipmoe.model.modeling",
     "ClipMoeModel": "clipmoe.model.modeling",
+    "ClipMoeVisionConfig": "clipmoe.model.modeling",
     "ClipMoeVisionModel": "clipmoe.model.modeling",
     "MoEFeedForward": "clipmoe.model.moe",
     "MoEOptions": "clipmoe.model.options",
@@ -30,7 +32,9 @@ _API = {
 
 __all__ = [
     "CheckpointError",
+    "ClipMoeConfig",
     "ClipMoeModel",
+    "ClipMoeVisionConfig",
     "ClipMoeVisionModel",
     "MoEFeedForward",
     "MoEOptions",
@@ -49,7 +53,7 @@ if TYPE_CHECKING:
     from .formats.convert import convert_file
     from .formats.load import load
     from .formats.state_dict import CheckpointError
-    from .model.modeling import ClipMoeModel, ClipMoeVisionModel, MoESpec
+    from .model.modeling import ClipMoeConfig, ClipMoeModel, ClipMoeVisionConfig, ClipMoeVisionModel, MoESpec
     from .model.moe import MoEFeedForward, load_balancing_loss, router_z_loss
     from .model.options import MoEOptions
     from .model.surgery import assemble_moe, find_ffns, sparse_upcycle

@@ -20,7 +20,7 @@ import torch
 
 from ..eval import evaluate_suite, plot_routing
 from ..formats.hub import model_config_path
-from ..formats.load import model_class_for
+from ..formats.load import read_config
 from ..model.modeling import ClipMoeModel
 from ..model.surgery import find_ffns, resolve_layers
 from ..utils.io import write_text
@@ -77,10 +77,7 @@ def phase_parameters(cfg: PipelineConfig) -> dict[str, dict[str, int]]:
     config_path = model_config_path(cfg.base_model)  # a hub id: its config.json alone, no weights
     if config_path is None:
         raise ValueError(f"{cfg.base_model} has no config.json (a checkpoint file: convert it to a folder first)")
-    folder = os.path.dirname(config_path)
-    with open(config_path) as f:
-        model_class = model_class_for(json.load(f).get("model_type"), folder)  # CLIP, SigLIP or SigLIP 2
-    config = model_class.config_class.from_pretrained(folder, local_files_only=True)
+    model_class, config = read_config(os.path.dirname(config_path))  # CLIP, SigLIP or SigLIP 2
     with torch.device("meta"):
         base = model_class(config)
     total = sum(p.numel() for p in base.parameters())

@@ -2,9 +2,10 @@
 
 Every folder ``save_pretrained`` writes already carries its modeling code and an ``auto_map``, so
 ``AutoModel.from_pretrained(folder, trust_remote_code=True)`` rebuilds it with transformers alone. This
-module adds the vision-tower-only variant, a ``CLIPVisionModel``-style folder (config of model_type
-``clip_vision_model`` plus ``preprocessor_config.json``), and the ``clipmoe export`` command that turns any
-model clipmoe can open (a folder, or a checkpoint file) into such a folder.
+module adds the vision-tower-only variant (the ``CLIPVisionModel`` call contract and weight layout, plus
+``preprocessor_config.json``; model_type ``clip_moe_vision_model`` when it holds experts, which the dense
+``CLIPVisionModel`` refuses, ``clip_vision_model`` when dense), and the ``clipmoe export`` command that turns
+any model clipmoe can open (a folder, or a checkpoint file) into such a folder.
 """
 
 from __future__ import annotations
@@ -38,10 +39,11 @@ def vision_tower(model: ClipMoeModel) -> ClipMoeVisionModel:
 
 
 def export_vision_tower(model: ClipMoeModel, directory: str | os.PathLike) -> ClipMoeVisionModel:
-    """Write the vision tower of ``model`` as a ``CLIPVisionModel``-style HF folder and return the tower.
+    """Write the vision tower of ``model`` as an HF folder and return the tower.
 
-    The folder holds config.json (model_type ``clip_vision_model``, the vision ``moe`` section and an
-    ``auto_map``), model.safetensors with unprefixed keys (``embeddings.*``, ``encoder.*``, as transformers
+    The folder holds config.json (model_type ``clip_moe_vision_model`` with the vision ``moe`` section, or
+    ``clip_vision_model`` for a dense tower; SigLIP: ``siglip(2)_moe_vision_model``; and an ``auto_map``),
+    model.safetensors with unprefixed keys (``embeddings.*``, ``encoder.*``, as transformers
     5's ``CLIPVisionModel.save_pretrained`` writes them), ``modeling.py``/``moe.py`` and
     ``preprocessor_config.json`` (``CLIPImageProcessor``). The write is atomic.
     """
@@ -61,7 +63,8 @@ def add_export_arguments(parser) -> None:
     parser.add_argument(
         "--vision-tower",
         action="store_true",
-        help="write only the vision tower, as a CLIPVisionModel-style folder (LLaVA-style encoders)",
+        help="write only the vision tower (CLIPVisionModel call contract; load a MoE tower with AutoModel and "
+        "trust_remote_code=True, as LLaVA-style encoders can)",
     )
     parser.add_argument(
         "--dtype",
@@ -82,4 +85,6 @@ def run_export(args) -> int:
     moe = len(model.moe_layers("vision" if args.vision_tower else None))
     print(f"wrote {what} ({moe} MoE layers) to {args.out}")
     print(f"transformers alone loads it: AutoModel.from_pretrained({str(args.out)!r}, trust_remote_code=True)")
+    if moe:
+        print("transformers' dense classes (CLIPModel, CLIPVisionModel, ...) refuse it: it holds experts")
     return 0

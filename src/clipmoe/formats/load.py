@@ -1,5 +1,9 @@
 """Opening models from disk: HF CLIP, SigLIP and SigLIP 2 folders (dense or MoE) and, via ``convert``, single files.
 
+A folder's model_type picks the class and its config class: the plain HF type (``clip``, ``siglip``,
+``siglip2``) is a dense model, or an MoE saved before MoE folders had their own type (opened as before, with
+a warning that says how to re-save it); ``clip_moe``, ``siglip_moe``, ``siglip2_moe`` are MoE folders.
+
 Loading is strict: a missing or unexpected key is an error that names the keys, never a silently random
 layer; a tensor that is not floating point where the model has floating-point weights (e.g. int64, which
 ``load_state_dict`` would silently cast), or that holds NaN or inf, is an error naming the tensor. Files are
@@ -10,16 +14,18 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import torch
 
 from ..data.processing import ImageTransform, TextTokenizer
-from ..model.modeling import ClipMoeModel
+from ..model.modeling import ClipMoeModel, has_moe_layers
+from ..model.modeling_siglip import FAMILIES
 from .convert import convert_file
 from .hub import resolve_model
 from .state_dict import WEIGHT_FILES, CheckpointError, load_state_dict_strict, read_state_dict
 
-__all__ = ["WEIGHT_FILES", "CheckpointError", "attach_processing", "load", "model_class_for"]
+__all__ = ["WEIGHT_FILES", "CheckpointError", "attach_processing", "load", "model_class_for", "read_config"]
 
 
 def load(
@@ -52,10 +58,7 @@ def _load_folder(folder: str) -> ClipMoeModel:
     config_path = os.path.join(folder, "config.json")
     if not os.path.exists(config_path):
         raise CheckpointError(f"{folder} has no config.json; is it an HF CLIP folder?")
-    with open(config_path) as f:
-        model_type = json.load(f).get("model_type")
-    model_class = model_class_for(model_type, folder)
-    config = model_class.config_class.from_pretrained(folder, local_files_only=True)
+    model_class, config = read_config(folder)
     weights = next((os.path.join(folder, w) for w in WEIGHT_FILES if os.path.exists(os.path.join(folder, w))), None)
     if weights is None:
         raise CheckpointError(f"{folder} has no weights ({' or '.join(WEIGHT_FILES)})")
@@ -66,17 +69,37 @@ def _load_folder(folder: str) -> ClipMoeModel:
 
 
 def model_class_for(model_type: str | None, folder: str = "the folder"):
-    """The clipmoe class that opens a full model of this ``model_type`` (config.json): CLIP, SigLIP, SigLIP 2."""
-    if model_type == "clip":
+    """The clipmoe class that opens a full model of this ``model_type`` (config.json): CLIP, SigLIP, SigLIP 2,
+    dense or MoE."""
+    if model_type in ("clip", ClipMoeModel.config_class.model_type):
         return ClipMoeModel
-    from ..model.modeling_siglip import FAMILIES
-
     if model_type in FAMILIES:
         return FAMILIES[model_type]
+    known = ["clip", ClipMoeModel.config_class.model_type, *FAMILIES]
     raise CheckpointError(
-        f"{folder} holds a {model_type!r} model; clipmoe.load opens full CLIP, SigLIP and SigLIP 2 models "
-        f"('clip', {', '.join(repr(t) for t in FAMILIES)})"
+        f"{folder} holds a {model_type!r} model; clipmoe.load opens full CLIP, SigLIP and SigLIP 2 models, "
+        f"dense or MoE ({', '.join(repr(t) for t in known)})"
     )
+
+
+def read_config(folder: str):
+    """``(model class, config)`` of a model folder: the MoE config class for an MoE model_type, the dense HF
+    one for a plain type. An MoE saved under the plain type (by an older clipmoe) opens as before, with
+    one warning: such a folder is opened silently, with random FFNs, by transformers' dense classes."""
+    with open(os.path.join(folder, "config.json")) as f:
+        raw = json.load(f)
+    model_type = raw.get("model_type")
+    model_class = model_class_for(model_type, folder)
+    moe_config = model_class.config_class
+    config_class = moe_config if model_type == moe_config.model_type else moe_config.dense_config_class
+    if config_class is not moe_config and has_moe_layers(raw.get("moe")):
+        warnings.warn(
+            f"{folder} is a MoE saved with model_type {model_type!r} (an older clipmoe): transformers' dense "
+            f"classes open it silently, with random FFNs. Re-save it to get model_type {moe_config.model_type!r}: "
+            f"clipmoe export {folder} NEW_FOLDER (or model.save_pretrained(NEW_FOLDER))",
+            stacklevel=2,
+        )
+    return model_class, config_class.from_pretrained(folder, local_files_only=True)
 
 
 def attach_processing(model: ClipMoeModel, folder: str) -> None:

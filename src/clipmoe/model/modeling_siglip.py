@@ -22,8 +22,11 @@ them unchanged. What differs from CLIP, and where it is handled:
   also accepts ordinary ``[B, 3, H, W]`` images and patchifies them exactly as ``Siglip2ImageProcessor``
   does (every patch real), which is how clipmoe's fixed-size image pipeline feeds it.
 
-Like ``modeling.py`` this file imports only torch, transformers and its siblings: it is shipped as remote
-code in saved folders (``auto_map`` -> ``modeling_siglip.<Class>``; needs transformers >= 4.49 for SigLIP 2).
+Saved MoE folders declare their own model types (``siglip_moe``, ``siglip2_moe``, ``siglip_moe_vision_model``,
+``siglip2_moe_vision_model``; the config classes below) and guard their MoE towers against dense classes, as
+``modeling.py`` describes. Like ``modeling.py`` this file imports only torch, transformers and its siblings: it
+is shipped as remote code in saved folders (``auto_map`` -> ``modeling_siglip.<Class>``; needs transformers
+>= 4.49 for SigLIP 2).
 """
 
 from __future__ import annotations
@@ -40,16 +43,45 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from .modeling import _MoEHooks
+from .modeling import MoEConfigMixin, _MoEHooks, register_auto_classes
+
+
+class SiglipMoeConfig(MoEConfigMixin, SiglipConfig):
+    """``SiglipConfig`` of a SigLIP-MoE (model_type ``siglip_moe``); ``moe`` is its ``MoESpec`` as a dict."""
+
+    model_type = "siglip_moe"
+    dense_config_class = SiglipConfig
+    moe: dict | None = None
+
+
+class Siglip2MoeConfig(MoEConfigMixin, Siglip2Config):
+    """``Siglip2Config`` of a SigLIP 2-MoE (model_type ``siglip2_moe``)."""
+
+    model_type = "siglip2_moe"
+    dense_config_class = Siglip2Config
+    moe: dict | None = None
+
+
+class SiglipMoeVisionConfig(MoEConfigMixin, SiglipVisionConfig):
+    """``SiglipVisionConfig`` of a SigLIP-MoE vision tower (model_type ``siglip_moe_vision_model``)."""
+
+    model_type = "siglip_moe_vision_model"
+    dense_config_class = SiglipVisionConfig
+    moe: dict | None = None
+
+
+class Siglip2MoeVisionConfig(MoEConfigMixin, Siglip2VisionConfig):
+    """``Siglip2VisionConfig`` of a SigLIP 2-MoE vision tower (model_type ``siglip2_moe_vision_model``)."""
+
+    model_type = "siglip2_moe_vision_model"
+    dense_config_class = Siglip2VisionConfig
+    moe: dict | None = None
 
 
 class _SiglipHooks(_MoEHooks):
     loss_family = "sigmoid"  # the loss the base was trained with (the training loop's ``loss: auto``)
     text_padding = "max_length"  # the text tower pools the last position: pad every text to the context
-    _remote_name = ""
-
-    def remote_entry(self) -> str:
-        return f"modeling_siglip.{self._remote_name}"
+    remote_module = "modeling_siglip"
 
 
 def patchify(pixel_values: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -70,9 +102,8 @@ def patchify(pixel_values: torch.Tensor, patch_size: int) -> tuple[torch.Tensor,
 class SiglipMoeVisionModel(_SiglipHooks, SiglipVisionModel):
     """SigLIP vision tower alone, with the ``SiglipVisionModel`` call contract (LLaVA-style drop-in)."""
 
-    config_class = SiglipVisionConfig
+    config_class = SiglipMoeVisionConfig
     is_vision_tower = True
-    _remote_name = "SiglipMoeVisionModel"
 
     def __init__(self, config: SiglipVisionConfig) -> None:
         super().__init__(config)
@@ -82,9 +113,8 @@ class SiglipMoeVisionModel(_SiglipHooks, SiglipVisionModel):
 class Siglip2MoeVisionModel(_SiglipHooks, Siglip2VisionModel):
     """SigLIP 2 vision tower alone, with the ``Siglip2VisionModel`` call contract (patches, mask, grid)."""
 
-    config_class = Siglip2VisionConfig
+    config_class = Siglip2MoeVisionConfig
     is_vision_tower = True
-    _remote_name = "Siglip2MoeVisionModel"
 
     def __init__(self, config: Siglip2VisionConfig) -> None:
         super().__init__(config)
@@ -94,9 +124,8 @@ class Siglip2MoeVisionModel(_SiglipHooks, Siglip2VisionModel):
 class SiglipMoeModel(_SiglipHooks, SiglipModel):
     """HF ``SiglipModel`` plus MoE FFNs (from ``config.moe``) and CLIP-style encode functions."""
 
-    config_class = SiglipConfig
+    config_class = SiglipMoeConfig
     vision_tower_class = SiglipMoeVisionModel
-    _remote_name = "SiglipMoeModel"
 
     def __init__(self, config: SiglipConfig) -> None:
         super().__init__(config)
@@ -117,9 +146,8 @@ class SiglipMoeModel(_SiglipHooks, SiglipModel):
 class Siglip2MoeModel(_SiglipHooks, Siglip2Model):
     """HF ``Siglip2Model`` (NaFlex) plus MoE FFNs and CLIP-style encode functions."""
 
-    config_class = Siglip2Config
+    config_class = Siglip2MoeConfig
     vision_tower_class = Siglip2MoeVisionModel
-    _remote_name = "Siglip2MoeModel"
 
     def __init__(self, config: Siglip2Config) -> None:
         super().__init__(config)
@@ -149,5 +177,16 @@ class Siglip2MoeModel(_SiglipHooks, Siglip2Model):
         return self.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
 
 
-# model_type in config.json -> the class that opens it (clipmoe.load)
-FAMILIES = {"siglip": SiglipMoeModel, "siglip2": Siglip2MoeModel}
+# model_type in config.json (dense and MoE) -> the class that opens it (clipmoe.load)
+FAMILIES = {
+    "siglip": SiglipMoeModel,
+    "siglip2": Siglip2MoeModel,
+    SiglipMoeConfig.model_type: SiglipMoeModel,
+    Siglip2MoeConfig.model_type: Siglip2MoeModel,
+}
+
+if __name__.startswith("clipmoe."):  # the installed package, not a saved folder's copy of this file
+    register_auto_classes(SiglipMoeConfig, SiglipMoeModel, zero_shot=True)
+    register_auto_classes(Siglip2MoeConfig, Siglip2MoeModel, zero_shot=True)
+    register_auto_classes(SiglipMoeVisionConfig, SiglipMoeVisionModel, zero_shot=False)
+    register_auto_classes(Siglip2MoeVisionConfig, Siglip2MoeVisionModel, zero_shot=False)

@@ -1,8 +1,11 @@
 """The CLIP-MoE model: an HF ``CLIPModel`` whose chosen FFNs are ``MoEFeedForward`` layers.
 
-The MoE structure lives in ``config.moe`` (see ``MoESpec``), so a saved folder is an ordinary HF CLIP
-folder plus one config section. This file imports only torch, transformers and ``.moe`` so that it can be
-copied next to an exported model and loaded with ``trust_remote_code`` without clipmoe installed.
+The MoE structure lives in ``config.moe`` (see ``MoESpec``). A saved MoE folder declares its own model type
+(``clip_moe``, ``clip_moe_vision_model`` for a vision tower; ``ClipMoeConfig``, ``ClipMoeVisionConfig``) and
+carries this file, ``moe.py`` and an ``auto_map``, so transformers alone rebuilds it with
+``trust_remote_code``, and a dense transformers class refuses it (``guard_config``). A dense model saves as
+the plain HF type (``clip``): any CLIP loader opens it correctly. This file imports only torch, transformers
+and ``.moe`` so that it can be copied next to an exported model and loaded without clipmoe installed.
 """
 
 from __future__ import annotations
@@ -15,11 +18,28 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForZeroShotImageClassification,
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+)
 
 from .moe import EXPERT_KERNELS, MoEFeedForward
 
 TOWERS = ("vision", "text")
+TOWER_KEYS = {"vision": "vision_config", "text": "text_config"}  # where a full config.json keeps each tower
+
+# The key that holds a MoE tower's FFN width in a saved config.json; ``intermediate_size`` holds GUARD there.
+FFN_WIDTH_KEY = "ffn_intermediate_size"
+GUARD = (
+    "this tower's FFNs are mixtures of experts (clipmoe), which a dense transformers class would replace with "
+    "random FFNs. Open the folder with clipmoe.load(folder) or AutoModel.from_pretrained(folder, "
+    f"trust_remote_code=True) (transformers' zero-shot pipeline: trust_remote_code=True). FFN width: {FFN_WIDTH_KEY}"
+)
 
 
 @dataclass
@@ -76,6 +96,75 @@ def build_moe_structure(model: nn.Module, spec: MoESpec) -> None:
                 cfg.hidden_act,
                 spec.expert_dropout,
             )
+
+
+def has_moe_layers(moe: dict | None) -> bool:
+    """Whether a config's ``moe`` section puts experts in any block (a folder without is a dense model)."""
+    return bool(moe) and any(moe.get("layers", {}).values())
+
+
+# Why a dense class fails instead of warning. transformers 5 opens a folder of another model_type with a
+# warning only (``You are using a model of type clip_moe to instantiate a model of type clip``), and loads
+# the MoE weights with the FFNs missing, i.e. random, reported in a load report nobody reads. What it does
+# refuse is a config whose typed fields have the wrong type: its configs are strict dataclasses, so
+# ``CLIPVisionConfig(intermediate_size="...")`` raises, quoting the value. A saved MoE tower therefore keeps
+# its FFN width under FFN_WIDTH_KEY and GUARD, the instructions, in ``intermediate_size``: every dense class
+# that builds that tower (CLIPModel, CLIPVisionModel, CLIPVisionModelWithProjection, SiglipModel, ... on a
+# full folder or a tower export) stops there with GUARD in its message, and only towers that hold experts
+# are guarded (CLIPTextModel still opens the dense text tower of a vision-only MoE, correctly). The MoE
+# config classes put the width back before the strict check (``from_dict``, which every loading path of
+# transformers goes through). Renaming the weights file would also stop dense classes, but with an error
+# ("no file named model.safetensors") that says nothing about what to do instead.
+def guard_config(config: dict, widths: dict[str, int], tower_only: bool = False) -> None:
+    """Guard the towers named in ``widths`` (tower -> FFN width) of a config.json dict, in place: a full
+    model's ``text_config`` / ``vision_config``, or, with ``tower_only`` (a single tower's flat config),
+    the config itself."""
+    for tower, width in widths.items():
+        target = config if tower_only else config.setdefault(TOWER_KEYS[tower], {})
+        target[FFN_WIDTH_KEY] = width
+        target["intermediate_size"] = GUARD
+
+
+def unguard_config(config: dict) -> dict:
+    """A copy of a config.json dict with every guarded tower's ``intermediate_size`` restored."""
+    config = dict(config)
+    for key in (None, *TOWER_KEYS.values()):
+        tower = config if key is None else config.get(key)
+        if isinstance(tower, dict) and FFN_WIDTH_KEY in tower:
+            tower = dict(tower)
+            tower["intermediate_size"] = tower.pop(FFN_WIDTH_KEY)
+            if key is None:
+                config = tower
+            else:
+                config[key] = tower
+    return config
+
+
+class MoEConfigMixin:
+    """What the MoE config classes add to the HF config they subclass: their own ``model_type`` (the class
+    attribute; a dict's ``model_type`` is dropped, since a tower's dict names its dense type) and the guarded
+    towers of a saved config.json opened again."""
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        config_dict = {k: v for k, v in unguard_config(config_dict).items() if k != "model_type"}
+        return super().from_dict(config_dict, **kwargs)
+
+
+class ClipMoeConfig(MoEConfigMixin, CLIPConfig):
+    """``CLIPConfig`` of a CLIP-MoE (model_type ``clip_moe``); ``moe`` is its ``MoESpec`` as a dict."""
+
+    model_type = "clip_moe"
+    dense_config_class = CLIPConfig
+    moe: dict | None = None
+
+
+class ClipMoeVisionConfig(MoEConfigMixin, CLIPVisionConfig):
+    """``CLIPVisionConfig`` of a CLIP-MoE vision tower (model_type ``clip_moe_vision_model``)."""
+
+    model_type = "clip_moe_vision_model"
+    dense_config_class = CLIPVisionConfig
+    moe: dict | None = None
 
 
 class _MoEHooks:
@@ -154,9 +243,13 @@ class _MoEHooks:
             inactive += per_expert * (m.num_experts - m.top_k)
         return {"trainable": trainable, "total": total, "active": total - inactive}
 
+    remote_module = "modeling"  # the file of the remote code that defines this class
+
     def remote_entry(self) -> str:
-        """``module.Class`` of this model in the remote code a saved folder carries (its ``auto_map``)."""
-        return "ClipMoeVisionModel" if isinstance(self, CLIPVisionModel) else "ClipMoeModel"
+        """``module.Class`` of this model in the remote code a saved folder carries (its ``auto_map``): the
+        class itself, or for a subclass defined elsewhere, the clipmoe class it derives from."""
+        cls = next(c for c in type(self).__mro__ if c.__module__.rpartition(".")[2] == self.remote_module)
+        return f"{self.remote_module}.{cls.__name__}"
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Write the HF folder (config with its ``moe`` section, safetensors, tokenizer, preprocessor) into a
@@ -164,7 +257,8 @@ class _MoEHooks:
 
         The folder also carries this file and ``moe.py`` plus an ``auto_map`` in config.json, so every saved
         CLIP-MoE is HF-native: ``AutoModel.from_pretrained(folder, trust_remote_code=True)`` rebuilds it
-        with transformers alone, without clipmoe installed."""
+        with transformers alone, without clipmoe installed. A model with MoE layers is saved under its own
+        model_type with its MoE towers guarded against dense classes (``write_remote_code``)."""
         target = os.path.abspath(os.fspath(save_directory))
         parent = os.path.dirname(target)
         os.makedirs(parent, exist_ok=True)
@@ -172,7 +266,7 @@ class _MoEHooks:
         try:
             try:
                 super().save_pretrained(tmp, safe_serialization=True, **kwargs)
-                write_remote_code(tmp, self.remote_entry())
+                write_remote_code(tmp, self)
                 for extra in (getattr(self, "tokenizer", None), getattr(self, "image_processor", None)):
                     if extra is not None:
                         extra.save_pretrained(tmp)
@@ -213,33 +307,54 @@ def _io_failure(exc: BaseException) -> str | None:
     return text.partition("I/O error: ")[2].partition(" (os error")[0][:200] or text[:200]
 
 
-def write_remote_code(folder: str, class_name: str) -> None:
-    """Copy this file and ``moe.py`` into ``folder`` and point config.json's ``auto_map`` at ``class_name``.
-
-    ``class_name`` may name another module of this folder (``"modeling_siglip.SiglipMoeModel"``): that file
-    is copied too.
+def write_remote_code(folder: str, model: _MoEHooks) -> None:
+    """Copy this file, ``moe.py`` and the model's own module into ``folder`` and finish its config.json.
 
     The copies are taken from wherever this module was imported from, so a model that was itself loaded
-    as remote code saves the same code again. Only ``AutoModel`` is mapped: it is the entry point LLaVA-style
-    loaders and feature extractors use, and mapping more classes would promise behaviour nobody tests.
+    as remote code saves the same code again. A model with MoE layers gets its MoE model_type, guarded
+    towers (``guard_config``) and an ``auto_map`` for ``AutoConfig``, ``AutoModel`` and, for a full model,
+    ``AutoModelForZeroShotImageClassification`` (transformers' zero-shot pipeline). A dense model keeps the
+    plain HF model_type and maps ``AutoModel`` only (to a class with the clipmoe hooks): HF's own classes
+    open it correctly.
     """
     here = os.path.dirname(os.path.abspath(__file__))
-    shutil.copyfile(os.path.join(here, "modeling.py"), os.path.join(folder, "modeling.py"))
-    shutil.copyfile(os.path.join(here, "moe.py"), os.path.join(folder, "moe.py"))
-    module, _, name = class_name.rpartition(".")
-    if module and module != "modeling":
+    for module in dict.fromkeys(("modeling", "moe", model.remote_module)):
         shutil.copyfile(os.path.join(here, f"{module}.py"), os.path.join(folder, f"{module}.py"))
     config_path = os.path.join(folder, "config.json")
     with open(config_path) as f:
         config = json.load(f)
-    config["auto_map"] = {"AutoModel": f"{module or 'modeling'}.{name}"}
+    entry, config_class = model.remote_entry(), model.config_class
+    if has_moe_layers(config.get("moe")):
+        config["model_type"] = config_class.model_type
+        layers, tower_only = config["moe"]["layers"], getattr(model, "is_vision_tower", False)
+        widths = {t: tower_config(model.config, t).intermediate_size for t in TOWERS if layers.get(t)}
+        guard_config(config, widths, tower_only)
+        config["auto_map"] = {"AutoConfig": f"{model.remote_module}.{config_class.__name__}", "AutoModel": entry}
+        if not tower_only:
+            config["auto_map"]["AutoModelForZeroShotImageClassification"] = entry
+    else:
+        config["model_type"] = config_class.dense_config_class.model_type
+        config["auto_map"] = {"AutoModel": entry}
     with open(config_path, "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
 
 
+def register_auto_classes(config_class: type, model_class: type, zero_shot: bool) -> None:
+    """Make transformers' Auto classes (and so its pipelines) open ``config_class.model_type`` folders with
+    ``model_class`` without ``trust_remote_code``. clipmoe calls it when its model code is imported; a
+    folder's remote code does not (its ``auto_map`` serves that purpose, only for the code it carries)."""
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoModel.register(config_class, model_class, exist_ok=True)
+    if zero_shot:
+        AutoModelForZeroShotImageClassification.register(config_class, model_class, exist_ok=True)
+
+
 class ClipMoeModel(_MoEHooks, CLIPModel):
-    """HF ``CLIPModel`` plus MoE FFNs (from ``config.moe``) and CLIP-style encode functions."""
+    """HF ``CLIPModel`` plus MoE FFNs (from ``config.moe``) and CLIP-style encode functions. Built from a
+    ``ClipMoeConfig`` or, for a dense CLIP or a model being assembled, a plain ``CLIPConfig``."""
+
+    config_class = ClipMoeConfig
 
     def __init__(self, config: CLIPConfig) -> None:
         super().__init__(config)
@@ -257,9 +372,10 @@ class ClipMoeModel(_MoEHooks, CLIPModel):
 
 
 class ClipMoeVisionModel(_MoEHooks, CLIPVisionModel):
-    """Vision tower only, with the ``CLIPVisionModel`` call contract (LLaVA-style drop-in)."""
+    """Vision tower only, with the ``CLIPVisionModel`` call contract (LLaVA-style feature extraction)."""
 
-    config_class = CLIPVisionConfig
+    config_class = ClipMoeVisionConfig
+    is_vision_tower = True
     # transformers 5 saves a vision tower with unprefixed keys (``encoder.*``), while 4.x (LLaVA pins 4.37)
     # nests the tower under ``.vision_model``. With this prefix 4.x strips nothing and loads the unprefixed
     # keys into that submodule, so one folder serves both; 5.x has no such submodule and ignores it.
@@ -268,3 +384,8 @@ class ClipMoeVisionModel(_MoEHooks, CLIPVisionModel):
     def __init__(self, config: CLIPVisionConfig) -> None:
         super().__init__(config)
         self._build_moe()
+
+
+if __name__.startswith("clipmoe."):  # the installed package, not a saved folder's copy of this file
+    register_auto_classes(ClipMoeConfig, ClipMoeModel, zero_shot=True)
+    register_auto_classes(ClipMoeVisionConfig, ClipMoeVisionModel, zero_shot=False)
