@@ -3,8 +3,9 @@
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist_worker.py OUT_DIR [SCENARIO ...]
 
 ``SCENARIOS`` (the default) have a one-process reference; ``FAULTS`` (named explicitly) test failures under
-DDP: a run killed and resumed (``DIST_WORKER_KILL_AT_STEP=n`` SIGKILLs every rank after step n) and
-non-finite values met on one rank. ``DIST_WORKER_TIMEOUT_S`` sets the collective timeout (default 120 s).
+DDP: a run killed and resumed (``DIST_WORKER_KILL_AT_STEP=n`` SIGKILLs every rank after step n),
+non-finite values met on one rank, too many bad samples (some seen by one rank only) and work of rank 0 alone
+that fails. ``DIST_WORKER_TIMEOUT_S`` sets the collective timeout (default 120 s).
 
 Each scenario trains a tiny real HF CLIP or CLIP-MoE with ``clipmoe.train.loop.train`` on a synthetic,
 cluster-labelled dataset and writes ``OUT_DIR/SCENARIO/rank{r}.pt``: the trainable weights before and after
@@ -358,6 +359,93 @@ def save_nan(out_dir: str, env: DistEnv) -> dict:
     return {**_expect_error(lambda: pipe.save(model, path), ValueError), "written": os.path.exists(path)}
 
 
+BAD_IMAGES = (1, 6, 14)  # in chunks 0, 1 and 3 of 4 samples: rank 0's chunk and two of rank 1's
+
+
+def _bad_images_folder(data: str, env: DistEnv) -> None:
+    """24 real PNG + caption files in ``data``, the ``BAD_IMAGES`` cut short (12.5%: above the 1% limit)."""
+    from PIL import Image
+
+    if env.is_main:
+        os.makedirs(data)
+        for i in range(24):
+            path = os.path.join(data, f"s{i:02d}.png")
+            Image.new("RGB", (32, 32), (10 * i, 128, 255 - 10 * i)).save(path)
+            if i in BAD_IMAGES:
+                with open(path, "r+b") as f:
+                    f.truncate(40)  # indexed fine, fails to decode
+            with open(os.path.join(data, f"s{i:02d}.txt"), "w") as f:
+                f.write(WORDS[i % len(WORDS)])
+    barrier(env)
+
+
+def embed_skips(out_dir: str, env: DistEnv) -> dict:
+    """The embed stage over ``_bad_images_folder``: every rank raises the same DataError at once, naming all
+    three bad samples (two were read by rank 1 only); then a rerun (a fresh dataset, the chunks already done)
+    fails the same way."""
+    from clipmoe.data.collate import ClipCollator
+    from clipmoe.data.readers import DataError, open_dataset
+    from clipmoe.dmu.embed import DONE, embed_dataset
+
+    data, features = os.path.join(out_dir, "data"), os.path.join(out_dir, "features")
+    _bad_images_folder(data, env)
+    model = make_tiny_clip()
+    collate = ClipCollator(model.tokenizer, model.image_processor)
+    runs = []
+    for _ in range(2):
+        dataset = open_dataset(data)
+        runs.append(
+            _expect_error(lambda: embed_dataset(model, dataset, collate, features, env, 4, 4), DataError)  # noqa: B023
+        )
+    with open(os.path.join(features, "skipped.log")) as f:
+        logged = sorted(line.split("\t")[0] for line in f.read().splitlines()[1:])
+    return {"runs": runs, "logged": logged, "done": os.path.exists(os.path.join(features, DONE))}
+
+
+def train_skips(out_dir: str, env: DistEnv) -> dict:
+    """One epoch of training over ``_bad_images_folder`` (each rank reads its half of every batch), with a
+    checkpoint after step 2: under a 50% limit it passes and lists every rank's skips; under the default 1%
+    every rank raises the same DataError at once, counting all three."""
+    from clipmoe.data.collate import ClipCollator
+    from clipmoe.data.readers import DataError, open_dataset
+
+    data = os.path.join(out_dir, "data")
+    _bad_images_folder(data, env)
+    model = make_tiny_clip()
+    collate = ClipCollator(model.tokenizer, model.image_processor)
+    cfg = config(epochs=1, trainable="ffn", checkpoint_every=2)
+    lenient = open_dataset(data, max_skipped_fraction=0.5)
+    stats = train(model, lenient, collate, cfg, os.path.join(out_dir, "lenient"), env)
+    strict = open_dataset(data)
+    failed = _expect_error(lambda: train(model, strict, collate, cfg, os.path.join(out_dir, "strict"), env), DataError)
+    with open(os.path.join(out_dir, "lenient", "skipped.log")) as f:
+        logged = sorted(line.split("\t")[0] for line in f.read().splitlines()[1:])
+    named = sorted(s.partition(":")[0] for s in stats["skipped_samples"])
+    return {**failed, "named": named, "logged": logged}
+
+
+def cluster_fails(out_dir: str, env: DistEnv) -> dict:
+    """The cluster stage's k-means, on rank 0 only, fails (2 embedded samples for 3 clusters): every rank
+    raises its error at once and no labels are written."""
+    from clipmoe.dmu.config import DataConfig, PipelineConfig
+    from clipmoe.dmu.embed import DONE, FeatureStore
+
+    pipe = Pipeline(PipelineConfig("unused", DataConfig("unused")), out_dir, env)
+    store = pipe.out("embed", 0, "features")
+    if env.is_main:  # a finished store of 2 samples, as the embed stage leaves it
+        os.makedirs(store)
+        FeatureStore.create(store, 2, 16)
+        with open(os.path.join(store, "meta.json"), "w") as f:
+            json.dump({"num_samples": 2, "dim": 16}, f)
+        valid = FeatureStore(store, 2, 16, "r+").valid
+        valid[:] = 1
+        valid.flush()
+        open(os.path.join(store, DONE), "w").close()
+    barrier(env)
+    result = _expect_error(lambda: pipe.cluster(0), ValueError)
+    return {**result, "written": os.path.exists(pipe.out("cluster", 0, "labels"))}
+
+
 def _leftovers(out_dir: str) -> dict:
     """What a failed phase left: the checkpoint's step and whether its weights are finite, the logged steps."""
     ckpt = os.path.join(out_dir, CHECKPOINT)
@@ -370,7 +458,9 @@ def _leftovers(out_dir: str) -> dict:
     }
 
 
-FAULTS = {f.__name__: f for f in (dropout, nan_one_rank, huge_lr, save_nan)} | {"dropout_uninterrupted": dropout}
+FAULTS = {
+    f.__name__: f for f in (dropout, nan_one_rank, huge_lr, save_nan, embed_skips, train_skips, cluster_fails)
+} | {"dropout_uninterrupted": dropout}
 
 
 def main(argv: list[str]) -> int:

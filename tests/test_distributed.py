@@ -1,5 +1,6 @@
 """Distributed training on 2 CPU processes (gloo) against one process on the same global batches; then faults
-under DDP (a kill and resume with dropout, NaNs met on one rank, a NaN model at save) in two more launches.
+under DDP (a kill and resume with dropout, NaNs met on one rank, a NaN model at save, too many bad samples in
+embedding and training, a k-means failure on rank 0) in two more launches.
 
 One torchrun launch runs every scenario of dist_worker.py while this process runs the same scenarios as a
 single process, the reference. Tolerances, fp32 (measured values in docs/distributed.md):
@@ -31,6 +32,7 @@ import dist_worker
 from clipmoe.model.moe import load_balancing_loss, router_z_loss
 from clipmoe.train.distributed import DistEnv
 from clipmoe.train.loss import global_router_losses
+from clipmoe.train.samplers import GlobalBatchSampler
 
 WORLD = 2
 TIMEOUT_S = 300  # the run takes about 20 s; a hang (a collective that never matches) ends here
@@ -250,7 +252,16 @@ def faults(tmp_path_factory) -> tuple[Runs, list[int]]:
     assert not os.path.exists(os.path.join(out, "dropout", "rank0.pt"))
     metrics = os.path.join(out, "dropout", "train", dist_worker.METRICS)
     logged_at_kill = [json.loads(line)["step"] for line in open(metrics)]
-    scenarios = ("dropout", "dropout_uninterrupted", "nan_one_rank", "huge_lr", "save_nan")
+    scenarios = (
+        "dropout",
+        "dropout_uninterrupted",
+        "nan_one_rank",
+        "huge_lr",
+        "save_nan",
+        "embed_skips",
+        "train_skips",
+        "cluster_fails",
+    )
     return Runs(out, {}, finish(launch(out, *scenarios, **timeout), TIMEOUT_S)), logged_at_kill
 
 
@@ -304,4 +315,34 @@ def test_ddp_model_with_nan_is_refused_on_every_rank_and_not_written(faults):
     error = assert_same_error_quickly(ranks)
     assert error.startswith("refusing to save ") and "text_projection.weight (1)" in error
     assert not any(r["written"] for r in ranks)
-    assert runs.returncode == 0  # the ranks still agreed on every collective after the three failures
+
+
+def test_ddp_too_many_bad_samples_fail_every_rank_and_every_rerun_naming_them(faults):
+    ranks = faults[0].ranks("embed_skips")
+    bad = [f"s{i:02d}" for i in dist_worker.BAD_IMAGES]
+    for run in range(2):  # the run, then the rerun over the finished chunks
+        error = assert_same_error_quickly([r["runs"][run] for r in ranks])
+        assert error.startswith("skipped 3 of 24 samples (12.50%, limit 1.00%)"), error
+        assert all(key in error for key in bad), error  # two of them were read by rank 1 only
+    assert ranks[0]["runs"][0]["error"] == ranks[0]["runs"][1]["error"]
+    assert all(r["logged"] == bad and not r["done"] for r in ranks)
+
+
+def test_ddp_training_counts_every_ranks_skips_and_stops_every_rank_above_the_limit(faults):
+    ranks = faults[0].ranks("train_skips")
+    bad = [f"s{i:02d}" for i in dist_worker.BAD_IMAGES]
+    rank1 = GlobalBatchSampler(24, 8, world_size=WORLD, rank=1, seed=0, min_batch=4).local_batches(0)
+    assert set(dist_worker.BAD_IMAGES) <= {i for batch in rank1 for i in batch}  # rank 0 decodes none of them
+    for r in ranks:  # the stats and the log name every rank's skips
+        assert r["named"] == bad and r["logged"] == bad
+    error = assert_same_error_quickly(ranks)
+    assert error.startswith("skipped 3 of 24 samples (12.50%, limit 1.00%)"), error
+
+
+def test_ddp_cluster_failure_on_rank_0_raises_on_every_rank(faults):
+    runs = faults[0]
+    ranks = runs.ranks("cluster_fails")
+    error = assert_same_error_quickly(ranks)
+    assert error == "cannot make 3 k-means clusters from 2 samples"
+    assert not any(r["written"] for r in ranks)
+    assert runs.returncode == 0  # the ranks still agreed on every collective after all the failures

@@ -41,7 +41,7 @@ from ..dmu.config import ConfigError, DataConfig, TrainConfig, build_section
 from ..eval.datasets import load_wds
 from ..eval.retrieval import evaluate_retrieval
 from ..model.modeling import ClipMoeModel
-from ..train.distributed import init_distributed
+from ..train.distributed import DistEnv, init_distributed, on_main
 from ..train.loop import train
 
 PRETRAIN_DEFAULTS = {"logit_scale": None, "label_smoothing": 0.0, "lr": 5e-4, "weight_decay": 0.2}
@@ -138,8 +138,9 @@ def read_pretrain_config(config_path: str, check_paths: bool = True) -> Pretrain
     return PretrainConfig(raw["out"], data, tcfg, model, tok, int(raw.get("seed", 0)), curve)
 
 
-def _curve_logger(model: ClipMoeModel, spec: dict, path: str, is_main: bool):
-    """``on_step`` callback: every ``spec['every']`` steps, held-out retrieval R@1 and the learned temperature."""
+def _curve_logger(model: ClipMoeModel, spec: dict, path: str, env: DistEnv):
+    """``on_step`` callback: every ``spec['every']`` steps, held-out retrieval R@1 and the learned temperature,
+    measured on the main rank (its error raises on every rank)."""
     dataset = load_wds(spec["eval"])
     done = set()
     if os.path.exists(path):  # a resumed run: keep the points already measured
@@ -147,8 +148,12 @@ def _curve_logger(model: ClipMoeModel, spec: dict, path: str, is_main: bool):
             done = {json.loads(line)["step"] for line in f if line.strip()}
 
     def log(step: int, total: int) -> None:
-        if not is_main or (step % spec["every"] and step != total) or step in done:
+        if (step % spec["every"] and step != total) or step in done:
             return
+        on_main(lambda: measure(step), env)
+        done.add(step)
+
+    def measure(step: int) -> None:
         model.eval()
         with torch.no_grad():
             m = evaluate_retrieval(model, dataset, batch_size=256)
@@ -161,7 +166,6 @@ def _curve_logger(model: ClipMoeModel, spec: dict, path: str, is_main: bool):
         }
         with open(path, "a") as f:
             f.write(json.dumps(point) + "\n")
-        done.add(step)
 
     return log
 
@@ -186,7 +190,7 @@ def pretrain(config_path: str, preload: bool = False) -> str:
     collate = ClipCollator(model.tokenizer, model.image_processor)
     on_step = None
     if cfg.curve:
-        on_step = _curve_logger(model, cfg.curve, os.path.join(cfg.out + ".train", "curve.jsonl"), env.is_main)
+        on_step = _curve_logger(model, cfg.curve, os.path.join(cfg.out + ".train", "curve.jsonl"), env)
     train(
         model,
         dataset,
@@ -197,9 +201,12 @@ def pretrain(config_path: str, preload: bool = False) -> str:
         desc="pretrain",
         on_step=on_step,
     )
-    if env.is_main:
+
+    def save() -> None:
         model.save_pretrained(cfg.out)
         print(f"wrote {cfg.out} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)")
+
+    on_main(save, env)  # a failed write raises on every rank, none waits at the end of the run
     return cfg.out
 
 

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..train.distributed import DistEnv, barrier
+from ..train.distributed import DistEnv, barrier, on_main
 from ..utils.io import write_error, write_json
 
 DONE = "DONE"
@@ -77,12 +77,14 @@ def embed_dataset(
     if os.path.exists(os.path.join(folder, DONE)):
         return FeatureStore.open(folder)
     os.makedirs(os.path.join(folder, "chunks"), exist_ok=True)
-    if env.is_main:
+
+    def allocate() -> None:
         with open(os.path.join(folder, "meta.json"), "w") as f:
             json.dump({"num_samples": n, "dim": dim}, f)
         if not os.path.exists(os.path.join(folder, "image.f32")):
             FeatureStore.create(folder, n, dim)
-    barrier(env)
+
+    on_main(allocate, env)  # a full disk on rank 0 raises on every rank
     store = FeatureStore(folder, n, dim, "r+")
     chunks = range(env.rank, (n + chunk_size - 1) // chunk_size, env.world_size)
     todo = [c for c in chunks if not os.path.exists(_marker(folder, c))]
@@ -123,18 +125,21 @@ def embed_dataset(
             found = [r for r in skips.load_time() if lo <= r[0] < hi] if skips is not None else []
             write_json(_marker(folder, c), {"skipped": found})
     bar.close()
-    barrier(env)
-    if hasattr(dataset, "end_pass") and env.is_main:
-        if skips is not None:  # every chunk's skips, from earlier runs and other ranks too
-            for c in range((n + chunk_size - 1) // chunk_size):
-                skips.restore(_chunk_skips(folder, c))
-        summary = dataset.end_pass(os.path.join(folder, "skipped.log"))
-        if len(dataset.skips):
-            print(f"{desc}: {summary}")
-    barrier(env)
-    if env.is_main:
+    barrier(env)  # every rank's chunks are written, their skips in the chunk markers
+
+    def finish() -> None:
+        if hasattr(dataset, "end_pass"):
+            if skips is not None:  # every chunk's skips, from earlier runs and other ranks too
+                for c in range((n + chunk_size - 1) // chunk_size):
+                    skips.restore(_chunk_skips(folder, c))
+            summary = dataset.end_pass(os.path.join(folder, "skipped.log"))  # raises above the skip limit
+            if len(dataset.skips):
+                print(f"{desc}: {summary}")
         open(os.path.join(folder, DONE), "w").close()
-    barrier(env)
+
+    # Too many skips (or a failed write) on rank 0 raises the same DataError on every rank at once, instead of
+    # rank 0 raising while the others wait at a barrier for the collective timeout.
+    on_main(finish, env)
     return FeatureStore.open(folder)
 
 

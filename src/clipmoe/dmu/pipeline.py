@@ -41,7 +41,7 @@ from ..formats.load import load
 from ..model.modeling import ClipMoeModel
 from ..model.stretch import stretch_text_positions
 from ..model.surgery import assemble_moe
-from ..train.distributed import DistEnv, barrier, full_state_dict, on_main
+from ..train.distributed import DistEnv, full_state_dict, on_main
 from ..train.loop import train
 from ..utils.io import atomic_file, write_json
 from ..utils.lock import lock_folder
@@ -93,8 +93,7 @@ class Pipeline:
     def record_data(self, folder: str) -> None:
         """Record the training set's identity in a stage's folder before the stage reads it."""
         self.dataset()
-        if self.env.is_main:
-            write_identity(folder, self._identity)
+        on_main(lambda: write_identity(folder, self._identity), self.env)
 
     def load(self, path: str) -> ClipMoeModel:
         model = load(path, device=self.env.device)
@@ -119,18 +118,21 @@ class Pipeline:
     def _timed(self, name: str, fn):
         t0 = time.perf_counter()
         out = fn()
-        if self.env.is_main:
+        seconds = round(time.perf_counter() - t0, 2)
+
+        def write() -> None:
             path = self.timings_path
             timings = json.load(open(path)) if os.path.exists(path) else {}
-            timings.setdefault(name, round(time.perf_counter() - t0, 2))
+            timings.setdefault(name, seconds)
             write_json(path, timings)
+
+        on_main(write, self.env)
         return out
 
     def _write_stats(self, path: str, stats: dict) -> None:
-        if self.env.is_main:
-            if stats["skipped_samples"]:
-                self.log(f"{len(stats['skipped_samples'])} unreadable samples were masked out; see {path}")
-            write_json(path, stats)
+        if stats["skipped_samples"]:
+            self.log(f"{len(stats['skipped_samples'])} unreadable samples were masked out; see {path}")
+        on_main(lambda: write_json(path, stats), self.env)
 
     # ---------------------------------------------------------------- stages (registered in stages.py)
     def prepare(self) -> str:
@@ -180,7 +182,8 @@ class Pipeline:
             store = self.embed(s)
             previous = self.cluster(s - 1) if s > 0 else None
             c = self.cfg.cluster
-            if self.env.is_main:
+
+            def kmeans() -> None:  # on rank 0; its error (k-means, a failed write) raises on every rank
                 labels = cluster_features(
                     store, c.image_clusters, c.text_clusters, previous, self.cfg.seed + s, niter=c.niter
                 )
@@ -189,7 +192,8 @@ class Pipeline:
                     f"stage {s}: {stats['clusters']} accumulated clusters, largest {stats['largest']}, "
                     f"smallest {stats['smallest']}"
                 )
-            barrier(self.env)
+
+            on_main(kmeans, self.env)
         return np.load(labels_path)
 
     def mcl(self, s: int) -> str:
@@ -265,11 +269,13 @@ class Pipeline:
         results = {}
         for row in self.rows():
             out = os.path.join(self.out("report", None, "eval"), row.slug + ".json")
-            if not os.path.exists(out) and self.env.is_main:
-                write_json(out, evaluate_row(self.load(row.path), self.cfg, row.name))
-            barrier(self.env)
+            if not os.path.exists(out):  # evaluated on rank 0; its error raises on every rank
+                on_main(lambda row=row, out=out: write_json(out, self._evaluate_row(row)), self.env)
             results[row.name] = json.load(open(out))
         return results
+
+    def _evaluate_row(self, row: Row) -> dict:
+        return evaluate_row(self.load(row.path), self.cfg, row.name)
 
     def results(self) -> dict[str, dict]:
         """The evaluation results of every row (after ``evaluate``)."""
@@ -279,9 +285,7 @@ class Pipeline:
     def report(self) -> str:
         results = self.evaluate()
         path = self.out("report", None, "report")
-        if self.env.is_main:
-            write_report(self, results, path)
-        barrier(self.env)
+        on_main(lambda: write_report(self, results, path), self.env)
         return path
 
     def check_data(self) -> None:
@@ -397,7 +401,8 @@ def open_pipeline(config_path: str, run_dir: str | None = None, fork: str | None
     run_dir = run_dir or default_run_dir(config_path)
     check_device(cfg.device)
     pipe = validate_run(cfg, run_dir, fork, init_env(cfg.device) if init_env else None)
-    if pipe.env.is_main:  # validation passed: from here on the run directory is written
+
+    def bind() -> None:  # validation passed: from here on the run directory is written
         if fork:
             _fork(run_dir, fork, cfg)
         lock_folder(pipe.run_dir)  # one run per directory, for the life of this (main) process
@@ -405,7 +410,8 @@ def open_pipeline(config_path: str, run_dir: str | None = None, fork: str | None
         if not os.path.exists(snapshot):
             with atomic_file(snapshot) as f:
                 yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    barrier(pipe.env)
+
+    on_main(bind, pipe.env)  # a locked run directory on rank 0 refuses on every rank, none waits
     return pipe
 
 

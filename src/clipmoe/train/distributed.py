@@ -85,6 +85,15 @@ def on_main(fn: Callable[[], None], env: DistEnv) -> None:
         raise error
 
 
+def all_gather_objects(obj: object, env: DistEnv) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` in one process. A collective."""
+    if not env.enabled:
+        return [obj]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def _picklable(error: Exception | None) -> Exception | None:
     # An error that cannot cross the process boundary as itself goes as a ValueError with its message: the
     # other ranks must receive something, or they would wait in the broadcast forever.

@@ -30,7 +30,7 @@ from ..model.moe import load_balancing_loss, router_z_loss
 from ..utils.io import atomic_file
 from ..utils.keys import first_few
 from .config import TrainConfig
-from .distributed import DistEnv, on_main
+from .distributed import DistEnv, all_gather_objects, on_main
 from .loss import global_router_losses
 from .loss_sigmoid import contrastive_loss, resolve_loss
 from .samplers import GlobalBatchSampler
@@ -171,8 +171,9 @@ def train(
     if os.path.exists(ckpt_path):
         resumed: dict = {}
         step = _load_checkpoint(ckpt_path, model, optimizer, scheduler, cfg, resumed, env.rank)
-        # Skips seen before the checkpoint are a property of the data: counted again, not forgotten.
-        skipped = json.loads(resumed.get("skipped", "[]"))
+        # Skips seen before the checkpoint are a property of the data: counted again, not forgotten. The file
+        # holds every rank's; rank 0 carries them on (each rank adds its own later ones, gathered at the end).
+        skipped = json.loads(resumed.get("skipped", "[]")) if env.is_main else []
         if hasattr(dataset, "skips"):
             dataset.skips.restore(json.loads(resumed.get("skips", "[]")))
     if env.is_main:
@@ -238,7 +239,7 @@ def train(
                 _check_finite(named, env, f"{desc}: non-finite weights after step {step} of {total_steps}")
             if step % cfg.checkpoint_every == 0 and step < total_steps:
                 _save_checkpoint(
-                    ckpt_path, model, optimizer, scheduler, step, cfg, env, extra=_skip_state(dataset, skipped)
+                    ckpt_path, model, optimizer, scheduler, step, cfg, env, extra=_skip_state(dataset, skipped, env)
                 )
             if on_step is not None:
                 on_step(step, total_steps)
@@ -248,10 +249,15 @@ def train(
             metrics.close()
     model.eval()
     model.set_grad_checkpointing(False)
-    if hasattr(dataset, "end_pass") and env.is_main:
-        summary = dataset.end_pass(os.path.join(out_dir, "skipped.log"))
-        if len(dataset.skips):
-            print(f"{desc}: {summary}")
+    skipped = _all_ranks_skips(dataset, skipped, env)
+    if hasattr(dataset, "end_pass"):
+
+        def end_pass() -> None:
+            summary = dataset.end_pass(os.path.join(out_dir, "skipped.log"))  # raises above the skip limit
+            if len(dataset.skips):
+                print(f"{desc}: {summary}")
+
+        on_main(end_pass, env)  # the limit's DataError (or a failed write) raises on every rank, none waits
     return {
         "steps": total_steps,
         "loss": resolve_loss(cfg.loss, model),  # the contrastive loss this phase used (softmax | sigmoid)
@@ -417,10 +423,24 @@ def _trainable_state(model: nn.Module, keep: bool = True) -> dict[str, torch.Ten
     return state
 
 
-def _skip_state(dataset, skipped: list[str]) -> dict[str, str]:
-    """What a checkpoint keeps of the skips so far: this phase's list and the dataset's load-time skips."""
+def _all_ranks_skips(dataset, skipped: list[str], env: DistEnv) -> list[str]:
+    """Every rank's skips so far (a collective): the phase's list, in rank order, returned; the load-time
+    skips added to this rank's ``dataset.skips``. Each rank reads its own shard of every batch, so the skip
+    limit and the log need all of them."""
     rows = dataset.skips.load_time() if hasattr(dataset, "skips") else []
-    return {"skipped": json.dumps(skipped), "skips": json.dumps(rows)}
+    ranks = all_gather_objects((skipped, rows), env)
+    if hasattr(dataset, "skips"):
+        for _, r in ranks:
+            dataset.skips.restore(r)
+    return [s for listed, _ in ranks for s in listed]
+
+
+def _skip_state(dataset, skipped: list[str], env: DistEnv) -> dict[str, str]:
+    """What a checkpoint keeps of the skips so far, every rank's (a collective): this phase's list and the
+    dataset's load-time skips."""
+    every = _all_ranks_skips(dataset, skipped, env)
+    rows = dataset.skips.load_time() if hasattr(dataset, "skips") else []
+    return {"skipped": json.dumps(every), "skips": json.dumps(rows)}
 
 
 def _save_checkpoint(path, model, optimizer, scheduler, step, cfg, env: DistEnv, extra: dict | None = None) -> None:
