@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -12,6 +13,8 @@ import time
 import pytest
 import torch
 
+from clipmoe.dmu.config import load_config
+from clipmoe.dmu.pipeline import Pipeline
 from clipmoe.dmu.report import expert_names, training_curves_figure
 from clipmoe.eval import analyze_routing
 from clipmoe.eval.routing import routing_figures
@@ -192,41 +195,25 @@ def test_routing_figures_one_per_tower_with_named_experts_and_labels(routing):
     assert [t.get_text() for t in default.get_xticklabels()] == ["expert 0", "expert 1", "expert 2"]
 
 
-class _Row:
-    def __init__(self, curves):
-        self.curves = curves
-
-
-class _Pipe:
-    """What training_curves_figure reads of a pipeline: the MCL stages' folders and the config's expert count."""
-
-    def __init__(self, root):
-        self.root = root
-        self.cfg = type("C", (), {"moe": type("M", (), {"experts": 3})()})()
-
-    def out(self, stage, s, name):
-        return os.path.join(self.root, f"stage{s}", "train")
-
-
-def test_training_curves_keep_batch_kinds_apart(tmp_path):
-    import json
-
-    pipe = _Pipe(str(tmp_path))
-    folders = {"MCL stage 1": pipe.out("mcl", 1, "train"), "MCL stage 2": pipe.out("mcl", 2, "train")}
-    folders["DMU routing"] = str(tmp_path / "moe")
-    folders["dense fine-tune (1 epoch)"] = str(tmp_path / "dense")
-    for i, folder in enumerate(folders.values()):
+def test_training_curves_keep_batch_kinds_apart(tmp_path, world, base_dir):  # noqa: F811
+    cfg = load_config(write_config(tmp_path, world, base_dir, experts=3, baselines={"enabled": ["dense"]}))
+    pipe = Pipeline(cfg, str(tmp_path / "run"))
+    rows = pipe.rows()
+    folders = [folder for row in rows for _, folder in row.curves]
+    for i, folder in enumerate(folders):
         os.makedirs(folder)
         with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
-            for step in range(1, 5 + 60 * (i == 3)):
+            for step in range(1, 5 + 60 * (i == 0)):  # the first (MCL stage 1) long enough to be smoothed
                 f.write(json.dumps({"step": step, "clip": 5.0 - 0.01 * step + i}) + "\n")
-    rows = [_Row(((name, folder),)) for name, folder in folders.items()]
     fig = training_curves_figure(pipe, rows)
     mcl, rand = fig.axes[:2]
     assert "one cluster" in mcl.get_title() and "Random batches" in rand.get_title()
     assert "not comparable" in fig.get_suptitle()
-    legend = lambda ax: [t.get_text() for t in ax.get_legend().get_texts()]  # noqa: E731
-    assert legend(mcl) == ["MCL stage 1", "MCL stage 2"]
-    assert legend(rand) == ["DMU routing", "dense fine-tune (1 epoch) (mean of 3 steps)"]  # 64 steps: smoothed
+    assert _legend(mcl) == ["MCL stage 1 (mean of 3 steps)", "MCL stage 2"]
+    assert _legend(rand) == ["dense fine-tune (1 epoch)", "dense fine-tune (equal steps)", "DMU routing"]
     for ax in (mcl, rand):
         assert ax.get_xlabel() and ax.get_ylabel() == "contrastive loss"
+
+
+def _legend(ax) -> list[str]:
+    return [t.get_text() for t in ax.get_legend().get_texts()]

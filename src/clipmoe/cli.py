@@ -275,7 +275,7 @@ THREADS_HELP = (
     "load average says the machine is busy; OMP_NUM_THREADS from the environment is respected)"
 )
 # Commands whose rerun continues where an interrupted one stopped (the others start over).
-RESUMABLE = {"demo", "run", "pretrain", "index", "world", *(stage.name for stage in STAGES)}
+RESUMABLE = {"demo", "run", "pretrain", "index", *(stage.name for stage in STAGES)}
 
 
 def _chosen(argv: list[str]) -> Command | None:
@@ -287,7 +287,7 @@ def _set_threads(argv: list[str]) -> None:
     """Decide the thread count and put it in the environment before torch is imported (OpenMP reads it once)."""
     from .utils.threads import apply_threads, available_cores, choose_threads, load_average
 
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre = argparse.ArgumentParser(prog="clipmoe", add_help=False, allow_abbrev=False)
     pre.add_argument("--threads", type=int)
     requested = pre.parse_known_args(argv)[0].threads
     choice = choose_threads(available_cores(), load_average(), requested, os.environ)
