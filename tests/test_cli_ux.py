@@ -139,6 +139,7 @@ def test_ctrl_c_stops_with_one_line_then_the_rerun_resumes(tmp_path, world, base
     assert again.returncode == 0, out
     assert "plan: 7 tasks, 3 already done" in out  # prepare, embed 0, cluster 0
     assert "mcl stage 1: resuming from its last checkpoint" in out
+    assert re.search(r"^estimate: about \d+ (s|min) of embedding and training left", out, re.MULTILINE), out
     assert "Writing model shards" not in out and "Loading weights" not in out
     named = dict(re.findall(r"^(final model \(DMU CLIP-MoE\)|report|plots)[^:\n]*:\s+(\S+)$", out, re.MULTILINE))
     assert set(named) == {"final model (DMU CLIP-MoE)", "report", "plots"}, out

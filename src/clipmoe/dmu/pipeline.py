@@ -422,20 +422,21 @@ def _log(*parts) -> None:
 
 
 class _Eta:
-    """The run's remaining work (sample passes per task) and, after the first few steps of a training phase,
-    the one estimate of the time left, from the throughput measured on those steps."""
+    """The run's remaining work (sample passes per task) and, after the first few steps of each training phase,
+    an estimate of the time left from the throughput measured on those steps (so it is refreshed phase by phase:
+    MoE phases cost more per sample than the MCL stages' dense ones)."""
 
     MEASURED_STEPS = 5  # after the first step (which pays for warm-up)
 
     def __init__(self, work: dict[str, float]) -> None:
-        self.work, self.finished, self.printed = work, set(), False
+        self.work, self.finished, self.printed = work, set(), set()
         self.first: tuple[str, int, float] | None = None  # (phase, step, seconds) where the measurement starts
 
     def finish(self, task: str) -> None:
         self.finished.add(task)
 
     def observe(self, phase: str, step: int, steps: int, batch: int, elapsed: float, log) -> None:
-        if self.printed:
+        if phase in self.printed:
             return
         if self.first is None or self.first[0] != phase:
             self.first = (phase, step, elapsed)
@@ -446,7 +447,7 @@ class _Eta:
             return
         per_pass = (elapsed - first_time) / (3.0 * batch * measured)
         left = sum(w for t, w in self.work.items() if t not in self.finished) - 3.0 * batch * step
-        self.printed = True
+        self.printed.add(phase)
         log(
             f"estimate: about {_duration(max(left, 0.0) * per_pass)} of embedding and training left, then the "
             f"report's evaluation (its bar shows its own time) (rough: {(elapsed - first_time) / measured:.2f} s/step "

@@ -288,7 +288,7 @@ def _entropy(ax, r: dict, layer_names: Sequence[str]) -> None:
     ax.set_title("Router entropy per MoE layer (low = confident)", fontsize=10)
     ax.set_xlabel("MoE layer")
     ax.set_ylabel("entropy of the router softmax (nats)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="center")  # clear of the curve (near the maximum) and of the axis labels
 
 
 def plot_routing(
