@@ -95,10 +95,11 @@ def test_threads_option_reaches_torch_and_help_stays_fast(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert (
-        re.match(r"threads: 1(, passive OpenMP waiting)? \(from --threads", out.stderr)
+        re.match(r"threads: 1(, passive OpenMP waiting)? \(from --threads", out.stdout)
         and out.stdout.splitlines()[-1] == "1"
     )
-    assert "threads:" not in _clipmoe(["status", str(tmp_path / "none.yaml")]).stderr  # status computes nothing
+    status = _clipmoe(["status", str(tmp_path / "none.yaml")])  # computes nothing: no thread line
+    assert status.returncode == 2 and "threads:" not in status.stdout + status.stderr
 
 
 # ------------------------------------------------------------------------------------------ Ctrl-C, end of a run

@@ -206,7 +206,9 @@ class Command:
     help: str  # one line, shown by ``clipmoe --help``
     add: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int | None]
-    computes: bool = True  # sets torch's thread count (--threads) before it runs; False: status, export, convert
+    computes: bool = (
+        True  # sets torch's thread count (--threads) before it runs; False: status, export, convert, search
+    )
 
 
 def _stage_command(stage: Stage) -> Command:
@@ -245,7 +247,8 @@ COMMANDS: tuple[Command, ...] = (
         False,
     ),
     Command("index", "Embed a folder of images into a text-searchable faiss index (resumable).", add_index, run_index),
-    Command("search", "Find the images of an index that best match a text query.", add_search, run_search),
+    # search prints data (one result per line, or JSON) and computes little: torch's defaults, no thread line
+    Command("search", "Find the images of an index that best match a text query.", add_search, run_search, False),
     Command(
         "convert",
         "Convert a checkpoint file (OpenAI, open_clip, official CLIP-MoE) to a clipmoe folder.",
@@ -292,7 +295,7 @@ def _set_threads(argv: list[str]) -> None:
     requested = pre.parse_known_args(argv)[0].threads
     choice = choose_threads(available_cores(), load_average(), requested, os.environ)
     apply_threads(choice)
-    print(choice.line(), file=sys.stderr)
+    print(choice.line(), flush=True)  # stdout, with the run's other progress lines; stderr is for errors
 
 
 def main(argv: list[str] | None = None) -> int:
