@@ -94,9 +94,11 @@ def test_cli_suite_with_routing_plot(eval_dir, model_dirs, tmp_path, capsys):
     ]
     assert main(argv) == 0
     assert "routing" in json.loads(out.read_text())
-    with Image.open(png) as im:
-        assert im.format == "PNG"
-    assert "routing image block 1" in capsys.readouterr().out
+    for tower in ("vision", "text"):  # one figure per tower
+        with Image.open(tmp_path / f"routing_{tower}.png") as im:
+            assert im.format == "PNG"
+    printed = capsys.readouterr().out
+    assert "routing image block 1" in printed and str(tmp_path / "routing_vision.png") in printed
 
 
 def test_cli_routing_on_a_classification_dataset_groups_by_class(eval_dir, model_dirs, tmp_path):

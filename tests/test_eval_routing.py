@@ -94,12 +94,13 @@ def test_group_loads(result):
     assert result["text"]["groups"]["label"]["names"] == ["long", "short"]
 
 
-def test_plot_routing_writes_a_png(result, tmp_path):
+def test_plot_routing_writes_one_page_width_png_per_tower(result, tmp_path):
     out = tmp_path / "figs" / "routing.png"
-    plot_routing(result, out)
-    with Image.open(out) as im:
-        assert im.format == "PNG" and im.width > 400
-    assert [p.name for p in out.parent.iterdir()] == ["routing.png"]  # no temporary left behind
+    paths = plot_routing(result, out)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["routing_text.png", "routing_vision.png"]  # no temporaries
+    for path in paths:
+        with Image.open(path) as im:
+            assert im.format == "PNG" and 1200 <= im.width <= 1600 and im.height <= 1.2 * im.width
 
 
 def test_dense_model_and_bad_labels_are_errors(moe):

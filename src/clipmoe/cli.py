@@ -10,7 +10,9 @@ answers at once.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,8 +30,9 @@ def add_run(p: argparse.ArgumentParser) -> None:
 def run_run(args: argparse.Namespace) -> None:
     pipe = _open_pipeline(args)
     if pipe is not None:
-        report = pipe.run()
-        pipe.log(f"report: {report}")
+        t0 = time.perf_counter()
+        pipe.run()
+        pipe.log(f"run finished in {(time.perf_counter() - t0) / 60:.1f} min\n{pipe.summary()}")
         _close(pipe)
 
 
@@ -203,6 +206,9 @@ class Command:
     help: str  # one line, shown by ``clipmoe --help``
     add: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int | None]
+    computes: bool = (
+        True  # sets torch's thread count (--threads) before it runs; False: status, export, convert, search
+    )
 
 
 def _stage_command(stage: Stage) -> Command:
@@ -218,7 +224,13 @@ COMMANDS: tuple[Command, ...] = (
         add_run,
         run_run,
     ),
-    Command("status", "Show which stages of a run are done and what is left (writes nothing).", add_status, run_status),
+    Command(
+        "status",
+        "Show which stages of a run are done and what is left (writes nothing).",
+        add_status,
+        run_status,
+        False,
+    ),
     *(_stage_command(stage) for stage in STAGES),
     Command(
         "world", "Generate a world: images with known attributes, captions, evaluation sets.", add_world, run_world
@@ -228,15 +240,21 @@ COMMANDS: tuple[Command, ...] = (
         "eval", "Evaluate a CLIP or CLIP-MoE: retrieval, classification, MMVP, probes, routing.", add_eval, run_eval
     ),
     Command(
-        "export", "Copy a model folder, or export its vision tower as a CLIPVisionModel folder.", add_export, run_export
+        "export",
+        "Copy a model folder, or export its vision tower as a CLIPVisionModel folder.",
+        add_export,
+        run_export,
+        False,
     ),
     Command("index", "Embed a folder of images into a text-searchable faiss index (resumable).", add_index, run_index),
-    Command("search", "Find the images of an index that best match a text query.", add_search, run_search),
+    # search prints data (one result per line, or JSON) and computes little: torch's defaults, no thread line
+    Command("search", "Find the images of an index that best match a text query.", add_search, run_search, False),
     Command(
         "convert",
         "Convert a checkpoint file (OpenAI, open_clip, official CLIP-MoE) to a clipmoe folder.",
         add_convert,
         run_convert,
+        False,
     ),
 )
 
@@ -245,23 +263,59 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     """The parser; only the subcommand named in ``argv`` gets its arguments (and imports its module)."""
     parser = argparse.ArgumentParser(prog="clipmoe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    chosen = next((a for a in argv if not a.startswith("-")), None)
+    chosen = _chosen(argv)
     for command in COMMANDS:
         p = sub.add_parser(command.name, help=command.help, description=command.help)
-        if command.name == chosen:
+        if command is chosen:
             command.add(p)
+            if command.computes:
+                p.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
     return parser
+
+
+THREADS_HELP = (
+    "torch/OpenMP threads (default: the cores available to this process; 1 with passive OpenMP waiting when the "
+    "load average says the machine is busy; OMP_NUM_THREADS from the environment is respected)"
+)
+# Commands whose rerun continues where an interrupted one stopped (the others start over).
+RESUMABLE = {"demo", "run", "pretrain", "index", *(stage.name for stage in STAGES)}
+
+
+def _chosen(argv: list[str]) -> Command | None:
+    name = next((a for a in argv if not a.startswith("-")), None)
+    return next((c for c in COMMANDS if c.name == name), None)
+
+
+def _set_threads(argv: list[str]) -> None:
+    """Decide the thread count and put it in the environment before torch is imported (OpenMP reads it once)."""
+    from .utils.threads import apply_threads, available_cores, choose_threads, load_average
+
+    pre = argparse.ArgumentParser(prog="clipmoe", add_help=False, allow_abbrev=False)
+    pre.add_argument("--threads", type=int)
+    requested = pre.parse_known_args(argv)[0].threads
+    choice = choose_threads(available_cores(), load_average(), requested, os.environ)
+    apply_threads(choice)
+    print(choice.line(), flush=True)  # stdout, with the run's other progress lines; stderr is for errors
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv).parse_args(argv)
-    run = next(c.run for c in COMMANDS if c.name == args.command)
+    chosen = _chosen(argv)
+    name = chosen.name if chosen else "?"
     try:
-        return run(args) or 0
+        if chosen is not None and chosen.computes and not {"-h", "--help", "--dry-run"} & set(argv):
+            _set_threads(argv)  # before the subcommand's module (and with it torch) is imported
+        args = build_parser(argv).parse_args(argv)
+        return chosen.run(args) or 0
     except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
-        print(f"clipmoe {args.command}: error: {e}", file=sys.stderr)
+        print(f"clipmoe {name}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, no traceback; the pipeline says where it stopped
+        where = getattr(e, "where", None)
+        stopped = f"stopped at {where}" if where else "stopped"
+        tail = "; rerun the same command to resume" if name in RESUMABLE else " (interrupted)"
+        print(f"clipmoe {name}: {stopped}{tail}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

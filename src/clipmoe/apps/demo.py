@@ -74,8 +74,9 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_demo(args: argparse.Namespace) -> None:
     load_config(args.config, check_paths=False)  # fail on a bad config before generating anything
-    pipe, report = run_demo_pipeline(args.out, args.world, args.config, args.train_size or None)
+    pipe, _ = run_demo_pipeline(args.out, args.world, args.config, args.train_size or None)
     if pipe.env.is_main:
         print()
         print(summary_table(pipe))
-        print(f"\nfull report: {report}")
+        print()
+        print(pipe.summary())

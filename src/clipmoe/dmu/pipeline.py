@@ -24,7 +24,9 @@ Layout of a run directory::
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import shutil
 import time
@@ -33,6 +35,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 import yaml
+from tqdm.auto import tqdm
 
 from ..data.collate import ClipCollator
 from ..data.readers import open_dataset
@@ -42,7 +45,7 @@ from ..model.modeling import ClipMoeModel
 from ..model.stretch import stretch_text_positions
 from ..model.surgery import assemble_moe
 from ..train.distributed import DistEnv, full_state_dict, on_main
-from ..train.loop import train
+from ..train.loop import CHECKPOINT, train
 from ..utils.io import atomic_file, write_json
 from ..utils.lock import lock_folder
 from .baselines import BaselineRun, Row, baseline_runs, rows, set_expert_dropout
@@ -55,6 +58,14 @@ from .report import evaluate_row, phase_parameters, write_report
 from .stages import STAGE_BY_NAME, Stage, plan
 
 
+class Stopped(KeyboardInterrupt):
+    """Ctrl-C during a task; ``where`` says which task and training step (the CLI prints it in one line)."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__(where)
+        self.where = where
+
+
 class Pipeline:
     """The work of each stage of one DMU run (see ``stages.STAGES``); each returns at once when already done."""
 
@@ -62,7 +73,9 @@ class Pipeline:
         self.cfg, self.run_dir = cfg, os.path.abspath(run_dir)
         self.env = env or DistEnv()
         self._dataset, self._identity = None, None
-        self.log = print if self.env.is_main else (lambda *a, **k: None)
+        self.log = _log if self.env.is_main else (lambda *a, **k: None)
+        self._phase: tuple[str, int, int] | None = None  # the training phase under way: (name, step, steps)
+        self._eta: _Eta | None = None  # set by run(): the work left, for the estimate printed after a few steps
 
     # ---------------------------------------------------------------- helpers
     def path(self, *parts: str) -> str:
@@ -96,7 +109,8 @@ class Pipeline:
         on_main(lambda: write_identity(folder, self._identity), self.env)
 
     def load(self, path: str) -> ClipMoeModel:
-        model = load(path, device=self.env.device)
+        with hf_bars_off():
+            model = load(path, device=self.env.device)
         model.set_moe_dispatch(self.cfg.moe.dispatch)  # a run-time choice: saved models do not carry it
         return model
 
@@ -105,7 +119,8 @@ class Pipeline:
 
         def write() -> None:
             refuse_nonfinite(state if state is not None else model.state_dict(), path)
-            model.save_pretrained(path, **({"state_dict": state} if state is not None else {}))
+            with hf_bars_off():
+                model.save_pretrained(path, **({"state_dict": state} if state is not None else {}))
 
         on_main(write, self.env)  # a refusal or a failed write on rank 0 raises on every rank, none waits
 
@@ -113,7 +128,35 @@ class Pipeline:
         """One training phase on the run's training set (the one loop every phase uses)."""
         collate = ClipCollator(model.tokenizer, model.image_processor)
         self.record_data(folder)
-        return train(model, self.dataset(), collate, tcfg, folder, self.env, labels=labels, desc=desc)
+        if os.path.exists(os.path.join(folder, CHECKPOINT)):
+            self.log(f"{desc}: resuming from its last checkpoint")
+        start = time.perf_counter()
+
+        def on_step(step: int, steps: int) -> None:
+            self._phase = (desc, step, steps)
+            if self._eta is not None:
+                self._eta.observe(desc, step, steps, tcfg.batch_size, time.perf_counter() - start, self.log)
+
+        self._phase = (desc, 0, 0)
+        stats = train(model, self.dataset(), collate, tcfg, folder, self.env, labels=labels, desc=desc, on_step=on_step)
+        self._phase = None
+        return stats
+
+    def training_work(self, tcfg: TrainConfig) -> float:
+        """A phase's work for the estimate, in sample passes (a training sample counts 3: forward and backward)."""
+        n = len(self.dataset())
+        steps = tcfg.steps or math.ceil(tcfg.epochs * math.ceil(n / tcfg.batch_size))
+        return 3.0 * steps * tcfg.batch_size
+
+    def baseline_work(self, run_id: str) -> float:
+        """Rough: each of a baseline's training phases costs one pass over the data, or under a rule that
+        matches DMU's phases, as much as all of them."""
+        run = self.baseline_run(run_id)
+        if not run.baseline.trains:
+            return 0.0
+        dmu = self.training_work(self.cfg.mcl) * self.cfg.stages + self.training_work(self.cfg.route)
+        per_phase = dmu if run.rule and BUDGETS[run.rule].needs_dmu else 3.0 * len(self.dataset())
+        return per_phase * len(run.baseline.curves)
 
     def _timed(self, name: str, fn):
         t0 = time.perf_counter()
@@ -140,7 +183,8 @@ class Pipeline:
         out = self.out("prepare", None, "model")
         if os.path.exists(out):
             return out
-        model = load(self.cfg.base_model)  # a path, builtin: or hub id (formats/hub.py)
+        with hf_bars_off():
+            model = load(self.cfg.base_model)  # a path, builtin: or hub id (formats/hub.py)
         for attr in ("tokenizer", "image_processor"):
             if getattr(model, attr, None) is None:
                 raise ValueError(
@@ -267,11 +311,13 @@ class Pipeline:
 
     def evaluate(self) -> dict[str, dict]:
         results = {}
-        for row in self.rows():
+        for row in tqdm(self.rows(), desc="evaluate", unit="model", disable=not self.env.is_main):
             out = os.path.join(self.out("report", None, "eval"), row.slug + ".json")
             if not os.path.exists(out):  # evaluated on rank 0; its error raises on every rank
+                self._phase = (f"evaluate {row.name}", 0, 0)
                 on_main(lambda row=row, out=out: write_json(out, self._evaluate_row(row)), self.env)
             results[row.name] = json.load(open(out))
+        self._phase = None
         return results
 
     def _evaluate_row(self, row: Row) -> dict:
@@ -313,19 +359,129 @@ class Pipeline:
         return plan(self)
 
     def run_stage(self, stage: Stage, instance=None):
-        """One task, timed into timings.json."""
-        return self._timed(stage.task(instance), lambda: stage.run(self, instance))
+        """One task, timed into timings.json. Ctrl-C becomes ``Stopped``, saying where (task and step)."""
+        task = stage.task(instance)
+        try:
+            return self._timed(task, lambda: stage.run(self, instance))
+        except Stopped:
+            raise
+        except KeyboardInterrupt:
+            raise Stopped(self._where(task)) from None
+
+    def _where(self, task: str) -> str:
+        if self._phase is None:
+            return task
+        name, step, steps = self._phase
+        if not steps:
+            return f"{task} ({name})"
+        return f"{task} ({name}) step {step} of {steps}"
 
     def run(self) -> str:
         self.check_data()
+        tasks = self.tasks()
+        done = self.status()
+        work = {stage.task(i): 0.0 if done[stage.task(i)] else stage.work(self, i) for stage, i in tasks}
+        self._eta = _Eta(work)
+        todo = [t for t, ok in done.items() if not ok]
+        self.log(
+            f"plan: {len(tasks)} tasks, {len(tasks) - len(todo)} already done; to do: {', '.join(todo) or 'nothing'}"
+        )
+        if todo:
+            self.log(
+                f"  about {sum(work.values()) / 1e3:,.0f}k sample passes of embedding and training (a training "
+                "sample counts 3); a time estimate follows the first training steps"
+            )
         out = None
-        for stage, instance in self.tasks():
+        for stage, instance in tasks:
             out = self.run_stage(stage, instance)
+            self._eta.finish(stage.task(instance))
         return out
+
+    def artifacts(self) -> dict[str, str]:
+        """What a finished run leaves for a person: the final model, the report, the plots."""
+        return {
+            "model": self.out("route", None, "model"),
+            "report": self.out("report", None, "report"),
+            "plots": self.out("report", None, "plots"),
+        }
+
+    def summary(self) -> str:
+        """The end of a run, in words: where the final model, the report and the plots are."""
+        a = self.artifacts()
+        plots = [f for f in os.listdir(a["plots"]) if f.endswith(".png")] if os.path.isdir(a["plots"]) else []
+        lines = {
+            "final model (DMU CLIP-MoE)": a["model"],
+            "report": a["report"],
+            f"plots ({len(plots)} PNG files)": a["plots"],
+        }
+        width = max(map(len, lines)) + 1
+        return "\n".join(f"{f'{name}:':<{width}} {path}" for name, path in lines.items())
 
     def status(self) -> dict[str, bool]:
         """Task name -> finished, for every task of the run (from each stage's done-check)."""
         return {s.task(i): os.path.exists(self.path(s.done_path(i))) for s, i in self.tasks()}
+
+
+def _log(*parts) -> None:
+    """print, but below the progress bar under way instead of through it."""
+    tqdm.write(" ".join(str(p) for p in parts))
+
+
+class _Eta:
+    """The run's remaining work (sample passes per task) and, after the first few steps of each training phase,
+    an estimate of the time left from the throughput measured on those steps (so it is refreshed phase by phase:
+    MoE phases cost more per sample than the MCL stages' dense ones)."""
+
+    MEASURED_STEPS = 5  # after the first step (which pays for warm-up)
+
+    def __init__(self, work: dict[str, float]) -> None:
+        self.work, self.finished, self.printed = work, set(), set()
+        self.first: tuple[str, int, float] | None = None  # (phase, step, seconds) where the measurement starts
+
+    def finish(self, task: str) -> None:
+        self.finished.add(task)
+
+    def observe(self, phase: str, step: int, steps: int, batch: int, elapsed: float, log) -> None:
+        if phase in self.printed:
+            return
+        if self.first is None or self.first[0] != phase:
+            self.first = (phase, step, elapsed)
+            return
+        _, first_step, first_time = self.first
+        measured = step - first_step
+        if measured < self.MEASURED_STEPS and step < steps:
+            return
+        per_pass = (elapsed - first_time) / (3.0 * batch * measured)
+        left = sum(w for t, w in self.work.items() if t not in self.finished) - 3.0 * batch * step
+        self.printed.add(phase)
+        log(
+            f"estimate: about {_duration(max(left, 0.0) * per_pass)} of embedding and training left, then the "
+            f"report's evaluation (its bar shows its own time) (rough: {(elapsed - first_time) / measured:.2f} s/step "
+            f"measured on {phase}, scaled by sample passes)"
+        )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+@contextlib.contextmanager
+def hf_bars_off():
+    """transformers' own progress bars ("Loading weights", "Writing model shards") off while we load or save:
+    the run shows one bar per phase."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def refuse_nonfinite(state: dict[str, torch.Tensor], path: str) -> None:

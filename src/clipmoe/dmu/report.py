@@ -277,34 +277,21 @@ def _timings(pipe) -> list[str]:
 
 
 def _plots(pipe, rows, results: dict[str, dict], folder: str) -> list[tuple[str, str]]:
-    import matplotlib  # imported here: only the report draws, and matplotlib is slow to import
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     made = []
-    # Training curves of every row that was trained in this run.
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for label, sub in [curve for row in rows for curve in row.curves]:
-        path = os.path.join(sub, "metrics.jsonl")
-        if os.path.exists(path):
-            recs = [json.loads(line) for line in open(path)]
-            ax.plot([r["step"] for r in recs], [r["clip"] for r in recs], label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("contrastive loss")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig = training_curves_figure(pipe, rows)
     fig.savefig(os.path.join(folder, "training_curves.png"), **_PLOT_STYLE)
-    plt.close(fig)
-    made.append(("training curves", "training_curves.png"))
-    # Routing of the MoE rows.
+    made.append(
+        ("training curves (MCL stages on single-cluster batches, the rest on random batches)", "training_curves.png")
+    )
+    # Routing of the MoE rows: one figure per tower.
     slugs = {row.name: row.slug for row in rows}
     for name, r in results.items():
         routing = r.get("metrics", {}).get("routing")
         if routing:
-            png = f"routing_{slugs[name]}.png"
-            plot_routing(routing, os.path.join(folder, png))
-            made.append((f"expert load and routing, {name}", png))
+            names = expert_names(routing["num_experts"]) if name == "DMU CLIP-MoE" else None
+            for path in plot_routing(routing, os.path.join(folder, f"routing_{slugs[name]}.png"), names, name):
+                tower = path.rsplit("_", 1)[1].removesuffix(".png")
+                made.append((f"routing of the {tower} tower, {name}", os.path.basename(path)))
     # Cluster sizes of each stage.
     for s in range(pipe.cfg.moe.experts - 1):
         png = os.path.join(pipe.out("cluster", s, "folder"), "cluster_sizes.png")
@@ -313,3 +300,52 @@ def _plots(pipe, rows, results: dict[str, dict], folder: str) -> list[tuple[str,
             shutil.copyfile(png, os.path.join(folder, dst))
             made.append((f"cluster sizes after stage {s}", dst))
     return made
+
+
+def expert_names(num_experts: int) -> list[str]:
+    """DMU's experts: expert 0 is the base model's FFN, expert e the FFN trained by MCL stage e."""
+    return ["base FFN", *(f"MCL stage {e}" for e in range(1, num_experts))]
+
+
+def training_curves_figure(pipe, rows):
+    """Contrastive loss per step, in two panels: the MCL stages (each batch from one cluster: harder negatives,
+    so higher losses) and every phase on random batches (routing, baselines). Losses on different batch kinds
+    are not comparable, so they never share axes. Noisy curves get a moving average over the raw values."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state; matplotlib is slow to import
+
+    mcl = [(f"MCL stage {s}", pipe.out("mcl", s, "train")) for s in range(1, pipe.cfg.moe.experts)]
+    mcl_folders = {folder for _, folder in mcl}
+    random = [c for row in rows for c in row.curves if c[1] not in mcl_folders]
+    fig = Figure(figsize=(14, 4.6), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, curves, kind in (
+        (axes[0], mcl, "MCL stages: every batch from one cluster"),
+        (axes[1], random, "Random batches over the whole training set"),
+    ):
+        for label, sub in curves:
+            path = os.path.join(sub, "metrics.jsonl")
+            if os.path.exists(path):
+                recs = [json.loads(line) for line in open(path)]
+                _curve(ax, [r["step"] for r in recs], [r["clip"] for r in recs], label)
+        ax.set_title(kind, fontsize=11)
+        ax.set_xlabel("optimizer step of the phase")
+        ax.set_ylabel("contrastive loss")
+        if ax.lines:
+            ax.legend(fontsize=8, title="phase", title_fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no curves in this run", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle(
+        "Training curves (losses on single-cluster and random batches are not comparable: separate panels)",
+        fontsize=12,
+    )
+    return fig
+
+
+def _curve(ax, steps: list[int], losses: list[float], label: str) -> None:
+    window = max(1, len(losses) // 20)
+    if window < 3:  # few logged steps: every one shown, with a marker (a single point draws no line)
+        ax.plot(steps, losses, label=label, marker="o", markersize=3)
+        return
+    smooth = [statistics.fmean(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
+    (line,) = ax.plot(steps, smooth, label=f"{label} (mean of {window} steps)")
+    ax.plot(steps, losses, color=line.get_color(), alpha=0.2, linewidth=0.8)

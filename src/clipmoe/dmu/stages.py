@@ -38,6 +38,9 @@ class Stage:
     argument: str | None = None  # the CLI option selecting one instance ("stage": --stage S, required)
     loop: bool = False  # part of the MCL loop: runs interleaved with the other loop stages, instance by instance
     reusable: bool = True  # False: a fork always redoes it
+    # (pipeline, instance) -> rough embedding/training work in sample passes (a training sample counts 3), for
+    # the run's time estimate (the report's evaluation has its own bar)
+    work: Callable[[Any, Any], float] = lambda pipe, instance: 0.0
 
     def task(self, instance: Any) -> str:
         return self.name if instance is None else f"{self.name} {instance}"
@@ -62,6 +65,7 @@ STAGES: tuple[Stage, ...] = (
         done="done",
         sections=lambda s, pipe: (*DATA, "embed") if s == 0 else (*EXPERTS,),
         run=lambda pipe, s: pipe.embed(s),
+        work=lambda pipe, s: float(len(pipe.dataset())),
         instances=lambda pipe: range(pipe.cfg.stages),
         argument="stage",
         loop=True,
@@ -88,6 +92,7 @@ STAGES: tuple[Stage, ...] = (
         done="model",
         sections=lambda s, pipe: EXPERTS,
         run=lambda pipe, s: pipe.mcl(s),
+        work=lambda pipe, s: pipe.training_work(pipe.cfg.mcl),
         instances=lambda pipe: range(1, pipe.cfg.moe.experts),
         argument="stage",
         loop=True,
@@ -107,6 +112,7 @@ STAGES: tuple[Stage, ...] = (
         done="model",
         sections=lambda _, pipe: DMU,
         run=lambda pipe, _: pipe.route(),
+        work=lambda pipe, _: pipe.training_work(pipe.cfg.route),
     ),
     Stage(
         "baselines",
@@ -115,6 +121,7 @@ STAGES: tuple[Stage, ...] = (
         done="model",
         sections=lambda run_id, pipe: pipe.baseline_run(run_id).sections(),
         run=lambda pipe, run_id: pipe.baseline(run_id),
+        work=lambda pipe, run_id: pipe.baseline_work(run_id),
         instances=lambda pipe: [r.id for r in pipe.baseline_runs()],
         argument="only",
     ),

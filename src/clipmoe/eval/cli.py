@@ -38,7 +38,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default=None, help="webdataset / Karpathy split (default: test, or the only one)")
     parser.add_argument("--images", default=None, help="image folder for a COCO JSON or Flickr caption file")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
-    parser.add_argument("--plot", default=None, help="routing / suite on a CLIP-MoE: write the routing figure here")
+    parser.add_argument(
+        "--plot",
+        default=None,
+        help="routing / suite on a CLIP-MoE: write the routing figures, one per tower (PLOT_vision.png, PLOT_text.png)",
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=0, help="image decoding worker processes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -60,7 +64,7 @@ def run_eval(args: argparse.Namespace) -> int:
         write_json(args.out, results, indent=2)
     routing = results.get("routing") if args.task == "suite" else results if args.task == "routing" else None
     if args.plot and routing:
-        plot_routing(routing, args.plot)
+        print("routing plots: " + ", ".join(plot_routing(routing, args.plot)))
     print(format_table(results))
     return 0
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ from ..model.moe import MoEFeedForward
 from ..utils.io import atomic_file
 from .datasets import ImageRef
 from .features import BatchHook, encode_images, encode_texts
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 MODALITY_TOWERS = {"image": "vision", "text": "text"}
 Labels = Mapping[str, Sequence] | Sequence
@@ -175,35 +179,128 @@ def analyze_routing(
     return collector.result()
 
 
-def plot_routing(result: dict, out_png: str | os.PathLike) -> None:
-    """One row per modality: expert load per layer, expert co-selection and each label set's per-group load
-    (both in the last MoE layer). Written atomically (temporary file, then rename)."""
+TOKEN_KINDS = {"image": "image-patch tokens", "text": "caption tokens (padding dropped)"}
+
+
+def routing_figures(
+    result: dict, expert_names: Sequence[str] | None = None, title: str | None = None
+) -> dict[str, Figure]:
+    """One page-width figure per tower (``{"vision": Figure, "text": Figure}``, the towers the result has).
+
+    Panels, each with labelled axes and colour bar: the expert load per MoE layer, the router entropy per
+    layer, which experts are chosen together and, for each label set, how each group's routing spreads over the
+    experts (the last two in the tower's last MoE layer). ``expert_names`` names the experts on every axis
+    (default "expert 0", ...); ``title`` (the model's name) heads each figure."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless
 
     modalities = [m for m in MODALITY_TOWERS if m in result]
     if not modalities:
         raise ValueError("the routing result holds no modality to plot")
-    cols = 2 + max(len(result[m]["groups"]) for m in modalities)
-    fig = Figure(figsize=(4.2 * cols, 3.6 * len(modalities)), layout="constrained")
-    axes = fig.subplots(len(modalities), cols, squeeze=False)
-    experts = [str(e) for e in range(result["num_experts"])]
-    for row, modality in zip(axes, modalities):
+    n, k = result["num_experts"], result["top_k"]
+    experts = list(expert_names) if expert_names is not None else [f"expert {e}" for e in range(n)]
+    if len(experts) != n:
+        raise ValueError(f"{len(experts)} expert names for {n} experts")
+    figures = {}
+    for modality in modalities:
         r = result[modality]
         last = r["layers"][-1]
-        panels = [
-            (r["load"], f"{modality}: expert load per layer", experts, [str(b) for b in r["layers"]]),
-            (r["coselection"][-1], f"{modality} block {last}: chosen together", experts, experts),
-        ]
-        for name, g in r["groups"].items():
-            panels.append((g["load"][-1], f"{modality} block {last}: load per {name}", experts, g["names"]))
-        for ax, (data, title, xticks, yticks) in zip(row, panels):
-            im = ax.imshow(np.asarray(data), cmap="viridis", aspect="auto", vmin=0)
-            ax.set_title(title, fontsize=9)
-            ax.set_xlabel("expert")
-            ax.set_xticks(range(len(xticks)), xticks)
-            ax.set_yticks(range(len(yticks)), yticks, fontsize=7)
-            fig.colorbar(im, ax=ax)
-        for ax in row[len(panels) :]:
+        panels = len(r["groups"]) + 3
+        cols = min(4, panels)
+        rows = math.ceil(panels / cols)
+        fig = Figure(figsize=(14, 3.6 * rows + 0.6), layout="constrained")
+        axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+        head = f"Routing of the {MODALITY_TOWERS[modality]} tower" + (f" of {title}" if title else "")
+        fig.suptitle(
+            f"{head}: top-{k} of {n} experts, over {r['tokens']:,} {TOKEN_KINDS[modality]}; "
+            f"(last) = the last MoE layer",
+            fontsize=13,
+        )
+        layer_names = [f"block {b}" for b in r["layers"]]
+        # every share-of-slots panel on one colour scale, so their colours compare across panels
+        shares = [np.asarray(r["load"]), *(np.asarray(g["load"][-1]) for g in r["groups"].values())]
+        top = max(float(a.max()) for a in shares if a.size) or 1.0
+        _heatmap(
+            fig,
+            axes[0],
+            r["load"],
+            experts,
+            layer_names,
+            "Expert load per MoE layer",
+            "MoE layer",
+            f"share of the layer's routing slots\n(rows sum to 1; uniform = {1 / n:.2f})",
+            top,
+        )
+        _entropy(axes[1], r, layer_names)
+        _heatmap(
+            fig,
+            axes[2],
+            r["coselection"][-1],
+            experts,
+            experts,
+            f"Chosen together, block {last} (last)",
+            "expert",
+            "share of tokens routed\nto both (diagonal: to it)",
+        )
+        for ax, (name, g) in zip(axes[3:], r["groups"].items()):
+            label = name.replace("_", " ")
+            _heatmap(
+                fig,
+                ax,
+                g["load"][-1],
+                experts,
+                g["names"],
+                f"Load per {label}, block {last} (last)",
+                label,
+                f"share of the {label}'s routing\nslots (rows sum to 1)",
+                top,
+            )
+        for ax in axes[panels:]:
             ax.axis("off")
-    with atomic_file(out_png, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
+        figures[MODALITY_TOWERS[modality]] = fig
+    return figures
+
+
+def _heatmap(
+    fig,
+    ax,
+    data,
+    xticks: Sequence[str],
+    yticks: Sequence[str],
+    title: str,
+    ylabel: str,
+    clabel: str,
+    vmax: float | None = None,
+) -> None:
+    im = ax.imshow(np.asarray(data), cmap="viridis", aspect="auto", vmin=0, vmax=vmax)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("expert")
+    ax.set_ylabel(ylabel)
+    ax.set_xticks(range(len(xticks)), xticks, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(yticks)), yticks, fontsize=8)
+    fig.colorbar(im, ax=ax).set_label(clabel, fontsize=8)
+
+
+def _entropy(ax, r: dict, layer_names: Sequence[str]) -> None:
+    ax.plot(range(len(layer_names)), r["entropy"], marker="o", label="mean per token")
+    ax.axhline(r["max_entropy"], color="grey", linestyle="--", label=f"maximum (ln E = {r['max_entropy']:.2f})")
+    ax.set_ylim(0, r["max_entropy"] * 1.1)
+    ax.set_xticks(range(len(layer_names)), layer_names, rotation=30, ha="right", fontsize=8)
+    ax.set_title("Router entropy per MoE layer (low = confident)", fontsize=10)
+    ax.set_xlabel("MoE layer")
+    ax.set_ylabel("entropy of the router softmax (nats)")
+    ax.legend(fontsize=8, loc="center")  # clear of the curve (near the maximum) and of the axis labels
+
+
+def plot_routing(
+    result: dict, out_png: str | os.PathLike, expert_names: Sequence[str] | None = None, title: str | None = None
+) -> list[str]:
+    """Write ``routing_figures`` as one PNG per tower, ``<out_png stem>_<tower>.png`` (each written atomically:
+    a temporary file, then a rename); returns their paths."""
+    stem = os.path.splitext(os.fspath(out_png))[0]
+    paths = []
+    for tower, fig in routing_figures(result, expert_names, title).items():
+        path = f"{stem}_{tower}.png"
+        with atomic_file(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
+        paths.append(path)
+    return paths
