@@ -257,6 +257,7 @@ def train(
             print(f"{desc}: {summary}")
     return {
         "steps": total_steps,
+        "samples": sampler.samples_in(total_steps * cfg.grad_accum),  # what the phase consumed (budget rules)
         "loss": resolve_loss(cfg.loss, model),  # the contrastive loss this phase used (softmax | sigmoid)
         "batches_per_epoch": per_epoch,
         "plan": asdict(sampler.stats()),
