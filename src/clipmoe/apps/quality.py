@@ -155,14 +155,17 @@ def run_quality(
             config = pipeline_config(world, recipe, s, seed, base_model, device)
             pipe = _run(out, name, config, report_only)
             runs[name] = {"recipe": recipe, "seed": seed, "run_dir": pipe.run_dir, "results": pipe.results()}
+            forks = []
             for rule in [b for b in budgets if b not in TESTBED_BUDGETS]:
                 config = pipeline_config(world, recipe, s, seed, base_model, device, (rule,))
-                fork = _run(out, f"{name}-{rule}", config, report_only, fork_of=pipe.run_dir)
-                runs[name]["results"].update({k: v for k, v in fork.results().items() if row_rule(k) == rule})
+                forks.append(_run(out, f"{name}-{rule}", config, report_only, fork_of=pipe.run_dir))
+                runs[name]["results"].update({k: v for k, v in forks[-1].results().items() if row_rule(k) == rule})
             runs[name]["init_routing"] = _init_routing(pipe)
             runs[name]["stages"] = _stage_plans(pipe)
-            with open(pipe.timings_path) as f:
-                runs[name]["seconds"] = sum(json.load(f).values())
+            runs[name]["seconds"] = 0.0
+            for p in (pipe, *forks):
+                with open(p.timings_path) as f:
+                    runs[name]["seconds"] += sum(json.load(f).values())
     elapsed = time.perf_counter() - t0
     path = os.path.join(out, "quality.md")
     with open(path, "w") as f:
