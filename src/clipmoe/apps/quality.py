@@ -159,7 +159,10 @@ def run_quality(
             for rule in [b for b in budgets if b not in TESTBED_BUDGETS]:
                 config = pipeline_config(world, recipe, s, seed, base_model, device, (rule,))
                 forks.append(_run(out, f"{name}-{rule}", config, report_only, fork_of=pipe.run_dir))
-                runs[name]["results"].update({k: v for k, v in forks[-1].results().items() if row_rule(k) == rule})
+                results = runs[name]["results"]
+                dmu = results.pop("DMU CLIP-MoE")  # stays the last row
+                results.update({k: v for k, v in forks[-1].results().items() if row_rule(k) == rule})
+                results["DMU CLIP-MoE"] = dmu
             runs[name]["init_routing"] = _init_routing(pipe)
             runs[name]["stages"] = _stage_plans(pipe)
             runs[name]["seconds"] = 0.0
