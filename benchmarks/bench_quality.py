@@ -2,13 +2,15 @@
 
 python benchmarks/bench_quality.py                      # default size, seeds 0 1 2, both recipes
 python benchmarks/bench_quality.py --size large --device cuda
+python benchmarks/bench_quality.py --budgets epoch steps samples flops   # + equal samples / equal FLOPs rows
 """
 
 from __future__ import annotations
 
 import argparse
 
-from clipmoe.apps.quality import RECIPES, SIZES, run_quality
+from clipmoe.apps.quality import RECIPES, SIZES, TESTBED_BUDGETS, run_quality
+from clipmoe.dmu.budgets import BUDGETS
 
 
 def main() -> None:
@@ -16,6 +18,13 @@ def main() -> None:
     p.add_argument("--size", choices=sorted(SIZES), default="default", help="testbed size (default: default)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
     p.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=list(RECIPES), help="recipes to run")
+    p.add_argument(
+        "--budgets",
+        nargs="+",
+        choices=list(BUDGETS),
+        default=list(TESTBED_BUDGETS),
+        help="budget rules of the baseline rows (default: epoch steps; others train in forks of each run)",
+    )
     p.add_argument("--out", default="quality-run", help="output folder (worlds, runs, quality.md)")
     p.add_argument("--base-model", default="builtin:tiny-clip", help="base CLIP (default: the shipped one)")
     p.add_argument("--device", default="auto", help="cpu | cuda | auto")
@@ -25,7 +34,9 @@ def main() -> None:
         help="write quality.md from finished runs (e.g. run per recipe in parallel)",
     )
     a = p.parse_args()
-    run_quality(a.out, a.size, tuple(a.seeds), tuple(a.recipes), a.base_model, a.device, a.report_only)
+    run_quality(
+        a.out, a.size, tuple(a.seeds), tuple(a.recipes), a.base_model, a.device, a.report_only, tuple(a.budgets)
+    )
 
 
 if __name__ == "__main__":

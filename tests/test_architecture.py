@@ -27,6 +27,7 @@ TORCH_FREE = {
     "clipmoe.dmu.config",
     "clipmoe.dmu.stages",
     "clipmoe.dmu.budgets",
+    "clipmoe.dmu.flops",
     "clipmoe.train.config",
     "clipmoe.model.options",
     "clipmoe.formats.hub",  # model-name resolution, used by the config's validation

@@ -15,6 +15,7 @@ import clipmoe
 from clipmoe.model import kernels as moe_kernels
 from clipmoe.model.kernels import CLOSED_FORMS, choose_kernel
 from clipmoe.model.moe import EXPERT_KERNELS, MoEFeedForward, load_balancing_loss, router_z_loss
+from conftest import make_tiny_clip
 
 KERNELS = ["loop", "grouped_mm", "auto"]  # each tested equal to "eager"
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
@@ -206,12 +207,15 @@ def test_kernel_matches_eager_in_bf16_on_cpu(kernel):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("uniform", [False, True], ids=["routed", "uniform"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "autocast-bf16"])
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_kernel_matches_eager_on_cuda(kernel, precision):
+def test_kernel_matches_eager_on_cuda(kernel, precision, uniform):
     """On a GPU: fp32 weights, bf16 weights, and fp32 weights under bf16 autocast (the training setting),
-    at widths grouped_mm accepts; "auto" runs grouped_mm in both bf16 settings and eager in fp32."""
-    layer = make_layer(dim=64, hidden=256).cuda()
+    at widths grouped_mm accepts; "auto" runs grouped_mm in both bf16 settings and eager in fp32. Routed top-2,
+    and the uniform mixture (all 4 experts, equal weights)."""
+    layer = make_layer(top_k=4 if uniform else 2, dim=64, hidden=256).cuda()
+    layer.uniform = uniform
     x, g = torch.randn(300, 64, device="cuda"), torch.randn(300, 64, device="cuda")
     if precision == "bf16":
         layer.bfloat16().router.float()
@@ -221,9 +225,59 @@ def test_kernel_matches_eager_on_cuda(kernel, precision):
         ours = run_with_grads(layer, kernel, x.requires_grad_(), g)
         ref = run_with_grads(layer, "eager", x, g)
     tol = 1e-4 if precision == "fp32" else 1e-1
-    for name in ("y", "x", "w1", "b1", "w2", "b2", "router.weight"):
+    assert (ref["router.weight"] is None) == uniform == (ours["router.weight"] is None)  # uniform: router unused
+    for name in ("y", "x", "w1", "b1", "w2", "b2") + (() if uniform else ("router.weight",)):
         assert ours[name].dtype == ref[name].dtype, name
         torch.testing.assert_close(ours[name].float(), ref[name].float(), atol=tol, rtol=tol / 2, msg=name)
+
+
+# ---------------------------------------------------------------- the uniform mixture (a control, no routing)
+
+
+def test_uniform_mixture_is_the_mean_of_every_expert_on_every_path():
+    """Every token through all 4 experts with weight 1/4, whatever the router says; each fast path gives the
+    plain layer's output and gradients (the router gets none: it is not used)."""
+    layer = make_layer(top_k=4)
+    layer.uniform = True
+    torch.nn.init.normal_(layer.router.weight, std=5.0)  # a router that would route very unevenly
+    x, g = inputs().requires_grad_(), torch.randn(21, 16)
+    experts = [
+        layer.act(x @ layer.w1[e].T + layer.b1[e]) @ layer.w2[e].T + layer.b2[e] for e in range(layer.num_experts)
+    ]
+    ref = run_with_grads(layer, "eager", x, g)
+    torch.testing.assert_close(ref["y"], torch.stack(experts).mean(0).detach(), atol=1e-5, rtol=1e-5)
+    assert ref["router.weight"] is None
+    layer(x.detach())
+    torch.testing.assert_close(layer.last_router_logits, torch.zeros(21, 4))  # uniform probabilities
+    for kernel in KERNELS:
+        if kernel != "grouped_mm" or HAS_GROUPED_MM:
+            assert_same(run_with_grads(layer, kernel, x, g), ref, 1e-5)
+    with pytest.raises(ValueError, match="uniform mixture sends every token to all 4 experts: top_k must be 4"):
+        MoEFeedForward(16, 32, 4, top_k=2, uniform=True)
+
+
+def test_uniform_mixture_is_recorded_in_the_saved_model(tmp_path):
+    """``assemble_moe(..., uniform=True)``: top_k becomes the number of experts, config.moe says uniform, and
+    clipmoe.load rebuilds the same model (same outputs, every expert active)."""
+    base = make_tiny_clip()
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if ".mlp." in name:
+                p.add_(0.1 * torch.randn_like(p))
+    moe = clipmoe.assemble_moe(base, [base, tuned], uniform=True)
+    assert moe.config.moe["uniform"] and moe.config.moe["top_k"] == 2
+    moe.save_pretrained(tmp_path / "uniform")
+    again = clipmoe.load(str(tmp_path / "uniform"))
+    assert all(m.uniform and m.top_k == 2 for m in again.moe_layers())
+    counts = again.parameter_counts()
+    assert counts["active"] == counts["total"]
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode_image(pixels), moe.encode_image(pixels), atol=0, rtol=0)
+        h = torch.randn(1, 5, 32)
+        mean_ffn = 0.5 * (base.vision_model.encoder.layers[0].mlp(h) + tuned.vision_model.encoder.layers[0].mlp(h))
+        torch.testing.assert_close(again.vision_model.encoder.layers[0].mlp(h), mean_ffn, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("dispatch", ["eager", *KERNELS])

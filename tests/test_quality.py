@@ -49,6 +49,10 @@ def test_finetuning_world_is_narrow_and_config_follows_the_paper_recipe(tmp_path
     assert cfg["mcl"]["epochs"] == cfg["route"]["epochs"] == 1
     assert cfg["mcl"]["warmup_steps"] == 6  # 13% of a 47-step phase, as 200 is of the paper's ~1,500
     assert cfg["route"]["logit_scale"] == "model"
+    assert cfg["baselines"] == {"enabled": "all", "stages": True, "budgets": ["epoch", "steps"]}
+    fork = pipeline_config(str(tmp_path), "paper", size, 1, "builtin:tiny-clip", "cpu", ("flops",))
+    assert fork["baselines"] == {"enabled": ["dense", "upcycle", "wo_mcl"], "stages": False, "budgets": ["flops"]}
+    assert {k: v for k, v in fork.items() if k != "baselines"} == {k: v for k, v in cfg.items() if k != "baselines"}
 
 
 @pytest.mark.slow
@@ -57,8 +61,9 @@ def test_tiny_quality_run_writes_tables_for_both_budget_rules_and_resumes(tmp_pa
     path = run_quality(out, size="tiny", seeds=(0,), recipes=("tuned",), device="cpu")
     text = open(path).read()
     assert "budget rule `epoch`" in text and "budget rule `steps`" in text
-    for row in ("| base |", "| DMU CLIP-MoE |", "| MCL stage 1 |", "| expert soup |"):
+    for row in ("| base |", "| DMU CLIP-MoE |", "| MCL stage 1 |", "| expert soup |", "| random routers |"):
         assert row in text
+    assert "| uniform mixture |" in text and "DMU beats random routers on retrieval" in text
     assert text.count("DMU keeps classification within 1 point of the base") == 2
     assert "| stage | batches | mean batch |" in text
     assert os.path.exists(os.path.join(out, "runs", "tuned-seed0", "eval", "moe_init_routing.json"))
@@ -66,5 +71,12 @@ def test_tiny_quality_run_writes_tables_for_both_budget_rules_and_resumes(tmp_pa
         metrics = json.load(f)["metrics"]
     assert any(k.startswith("cls_color/per_class_recall/") for k in metrics)
     mtime = os.path.getmtime(os.path.join(out, "runs", "tuned-seed0", "moe", "model", "model.safetensors"))
-    run_quality(out, size="tiny", seeds=(0,), recipes=("tuned",), device="cpu")  # rerun: nothing retrained
+    # rerun with one more budget rule: nothing of the run is retrained; a fork of it trains the baselines under it
+    path = run_quality(out, size="tiny", seeds=(0,), recipes=("tuned",), device="cpu", budgets=("epoch", "flops"))
     assert os.path.getmtime(os.path.join(out, "runs", "tuned-seed0", "moe", "model", "model.safetensors")) == mtime
+    fork = os.path.join(out, "runs", "tuned-seed0-flops")
+    assert os.path.exists(os.path.join(fork, "baselines", "dense-flops", "model", "config.json"))
+    assert not os.path.exists(os.path.join(fork, "baselines", "soup"))  # only the rows the rule adds
+    text = open(path).read()
+    assert "budget rule `steps`" in text and "budget rule `flops` (equal training compute:" in text
+    assert "| dense fine-tune (equal FLOPs) |" in text and "| w/o MCL (equal FLOPs) |" in text

@@ -5,6 +5,10 @@ pretraining corpus, broad held-out evaluation sets), then one pipeline run per r
 from the shipped base, each with every row and both budget rules. Everything is resumable: worlds are reused
 when complete, runs skip finished stages. The tables, verdicts and plots go to ``OUT/quality.md``.
 
+Budget rules beyond the testbed's two (``--budgets ... samples flops``) each train in a fork of the (recipe,
+seed) run, ``runs/<recipe>-seed<s>-<rule>``, that reuses its DMU phases and trains only the baselines under
+that rule; their rows join the run's in the report.
+
     python benchmarks/bench_quality.py [--size default|large|tiny] [--seeds 0 1 2] [--out quality-run]
 """
 
@@ -22,6 +26,8 @@ import torch
 import yaml
 
 from ..data.world import FINETUNE_BACKGROUNDS, FINETUNE_COLORS, WorldConfig, generate_world
+from ..dmu.baselines import BASELINES
+from ..dmu.budgets import BUDGETS
 from ..dmu.pipeline import Pipeline, open_run
 from ..eval.classification import classification_metrics, zero_shot_classifier
 from ..eval.datasets import load_wds
@@ -34,6 +40,12 @@ KNOWN_ATTRIBUTES = ("color", "background", "shape")  # what the base's captions 
 HIDDEN_ATTRIBUTES = ("size", "position", "texture", "count")
 WORLD_SEED_OFFSET = 100  # fine-tuning worlds never share a seed with the base's pretraining corpus (seed 1)
 PAPER_WARMUP_FRACTION = 200 / 1500  # the paper's 200 warmup steps of a ~1,500-step phase
+TESTBED_BUDGETS = ("epoch", "steps")  # every run's; other rules train in forks (see the module docstring)
+# The report's heading per rule; a rule without one here is described by its dmu/budgets.py sentence.
+RULE_HEADINGS = {
+    "epoch": "the paper's rule: every phase sees the fine-tuning data once",
+    "steps": "equal compute: baselines get all DMU phases' optimizer steps",
+}
 
 
 @dataclass(frozen=True)
@@ -72,8 +84,17 @@ def world_config(size: Size, seed: int) -> WorldConfig:
     )
 
 
-def pipeline_config(world: str, recipe: str, size: Size, seed: int, base_model: str, device: str) -> dict:
-    """The pipeline config of one (recipe, seed) run: the paper's recipe with ``RECIPES[recipe]`` applied."""
+def pipeline_config(
+    world: str,
+    recipe: str,
+    size: Size,
+    seed: int,
+    base_model: str,
+    device: str,
+    budgets: tuple[str, ...] = TESTBED_BUDGETS,
+) -> dict:
+    """The pipeline config of one (recipe, seed) run: the paper's recipe with ``RECIPES[recipe]`` applied. Other
+    ``budgets`` than the testbed's make the config of a fork that trains only the baselines under them."""
     r = RECIPES[recipe]
     warmup = max(1, round(PAPER_WARMUP_FRACTION * math.ceil(size.train_size / size.batch_size)))
     phase = {
@@ -94,7 +115,11 @@ def pipeline_config(world: str, recipe: str, size: Size, seed: int, base_model: 
         "mcl": {**phase, "lr": r["mcl_lr"], "weight_decay": 0.2, "small_clusters": r["small_clusters"]},
         "moe": {"experts": size.experts, "top_k": 2, "layers": "all", "expert_dropout": 0.1},
         "route": {**phase, "lr": r["router_lr"], "weight_decay": 0.01, "balance_weight": 0.01},
-        "baselines": {"enabled": "all", "stages": True, "budgets": ["epoch", "steps"]},
+        "baselines": {
+            "enabled": "all" if tuple(budgets) == TESTBED_BUDGETS else [b.key for b in BASELINES if b.trains],
+            "stages": tuple(budgets) == TESTBED_BUDGETS,  # a fork's report need not evaluate the stages again
+            "budgets": list(budgets),
+        },
     }
 
 
@@ -106,13 +131,18 @@ def run_quality(
     base_model: str = "builtin:tiny-clip",
     device: str = "auto",
     report_only: bool = False,
+    budgets: tuple[str, ...] = TESTBED_BUDGETS,
 ) -> str:
     """Build the worlds, run every (recipe, seed), and write ``out/quality.md``; returns its path.
-    ``report_only`` writes the report from finished runs (for runs done by several processes) and trains nothing."""
+    ``report_only`` writes the report from finished runs (for runs done by several processes) and trains nothing.
+    ``budgets`` beyond the testbed's two train in forks of each run (see the module docstring)."""
     s = SIZES[size]
     unknown = sorted(set(recipes) - set(RECIPES))
     if unknown:
         raise ValueError(f"unknown recipe(s) {unknown}; choose from {sorted(RECIPES)}")
+    unknown = sorted(set(budgets) - set(BUDGETS))
+    if unknown:
+        raise ValueError(f"unknown budget rule(s) {unknown}; choose from {', '.join(BUDGETS)}")
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
     runs = {}
@@ -121,30 +151,54 @@ def run_quality(
         generate_world(world, world_config(s, seed), verbose=False)
         for recipe in recipes:
             name = f"{recipe}-seed{seed}"
-            cfg_path = os.path.join(out, "configs", f"{name}.yaml")
-            os.makedirs(os.path.dirname(cfg_path), exist_ok=True)
-            with open(cfg_path, "w") as f:
-                yaml.safe_dump(pipeline_config(world, recipe, s, seed, base_model, device), f, sort_keys=False)
             print(f"quality: {name} ({len(runs) + 1} of {len(seeds) * len(recipes)})", flush=True)
-            cfg, run_dir = open_run(cfg_path, os.path.join(out, "runs", name))
-            pipe = Pipeline(cfg, run_dir, init_distributed(cfg.device))
-            if report_only:
-                unfinished = [name for name, done in pipe.status().items() if not done]
-                if unfinished:
-                    raise ValueError(f"{run_dir} is not finished ({', '.join(unfinished)}); run it first")
-            else:
-                pipe.run()
-            runs[name] = {"recipe": recipe, "seed": seed, "run_dir": run_dir, "results": pipe.results()}
+            config = pipeline_config(world, recipe, s, seed, base_model, device)
+            pipe = _run(out, name, config, report_only)
+            runs[name] = {"recipe": recipe, "seed": seed, "run_dir": pipe.run_dir, "results": pipe.results()}
+            forks = []
+            for rule in [b for b in budgets if b not in TESTBED_BUDGETS]:
+                config = pipeline_config(world, recipe, s, seed, base_model, device, (rule,))
+                forks.append(_run(out, f"{name}-{rule}", config, report_only, fork_of=pipe.run_dir))
+                results = runs[name]["results"]
+                dmu = results.pop("DMU CLIP-MoE")  # stays the last row
+                results.update({k: v for k, v in forks[-1].results().items() if row_rule(k) == rule})
+                results["DMU CLIP-MoE"] = dmu
             runs[name]["init_routing"] = _init_routing(pipe)
             runs[name]["stages"] = _stage_plans(pipe)
-            with open(pipe.timings_path) as f:
-                runs[name]["seconds"] = sum(json.load(f).values())
+            runs[name]["seconds"] = 0.0
+            for p in (pipe, *forks):
+                with open(p.timings_path) as f:
+                    runs[name]["seconds"] += sum(json.load(f).values())
     elapsed = time.perf_counter() - t0
     path = os.path.join(out, "quality.md")
     with open(path, "w") as f:
         f.write(quality_report(runs, size, elapsed))
     print(f"quality: report {path}")
     return path
+
+
+def _run(out: str, name: str, config: dict, report_only: bool, fork_of: str | None = None) -> Pipeline:
+    """One pipeline run, resumed where it stopped; ``fork_of``: started as a fork of that run (reusing its DMU
+    phases). ``report_only`` refuses an unfinished run instead of running it."""
+    cfg_path = os.path.join(out, "configs", f"{name}.yaml")
+    os.makedirs(os.path.dirname(cfg_path), exist_ok=True)
+    with open(cfg_path, "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    run_dir = os.path.join(out, "runs", name)
+    if fork_of and not os.path.exists(run_dir):
+        if report_only:
+            raise ValueError(f"{run_dir} does not exist; run it first")
+        cfg, run_dir = open_run(cfg_path, fork_of, fork=run_dir)
+    else:
+        cfg, run_dir = open_run(cfg_path, run_dir)
+    pipe = Pipeline(cfg, run_dir, init_distributed(cfg.device))
+    if report_only:
+        unfinished = [task for task, done in pipe.status().items() if not done]
+        if unfinished:
+            raise ValueError(f"{run_dir} is not finished ({', '.join(unfinished)}); run it first")
+    else:
+        pipe.run()
+    return pipe
 
 
 def _init_routing(pipe) -> dict:
@@ -248,11 +302,7 @@ MEASURES = {
 
 def row_rule(name: str) -> str | None:
     """The budget rule a row's name states (None: the row does not depend on the rule)."""
-    if "(1 epoch)" in name:
-        return "epoch"
-    if "(equal steps)" in name:
-        return "steps"
-    return None
+    return next((key for key, b in BUDGETS.items() if name.endswith(f" ({b.label})")), None)
 
 
 def _seed_values(runs: dict, recipe: str, row: str, measure) -> list[float]:
@@ -313,6 +363,13 @@ def verdicts(runs: dict, recipe: str, rule: str) -> list[str]:
     wo_mcl = next((r for r in rows if r.startswith("w/o MCL") and row_rule(r) == rule), None)
     diffs = _paired(runs, recipe, dmu, wo_mcl, retrieval_r1) if wo_mcl else []
     lines.append(_claim_line("DMU beats w/o MCL on retrieval (MCL matters)", diffs, decide(diffs)))
+    for claim, control in (
+        ("DMU beats random routers on retrieval (learned routing matters)", "random routers"),
+        ("DMU beats the uniform mixture on retrieval (routing matters)", "uniform mixture"),
+    ):
+        if control in rows:  # runs made before the controls existed have no such row
+            diffs = _paired(runs, recipe, dmu, control, retrieval_r1)
+            lines.append(_claim_line(claim, diffs, decide(diffs)))
     mi = []
     for r in runs.values():
         if r["recipe"] == recipe and dmu in r["results"]:
@@ -352,13 +409,10 @@ def quality_report(runs: dict, size: str, elapsed: float) -> str:
         "Cells: mean over seeds (min-max). Scores in % on held-out images of the broad distribution.",
         "",
     ]
-    rules = {
-        "epoch": "the paper's rule: every phase sees the fine-tuning data once",
-        "steps": "equal compute: baselines get all DMU phases' optimizer steps",
-    }
     for recipe in recipes:
         rows = _rows(runs, recipe)
-        for rule, text in rules.items():
+        for rule in [b for b in BUDGETS if any(row_rule(row) == b for row in rows)]:
+            text = RULE_HEADINGS.get(rule, BUDGETS[rule].rule)
             shown = [r for r in rows if row_rule(r) in (None, rule)]
             lines += [f"## Recipe `{recipe}`, budget rule `{rule}` ({text})", ""]
             lines += ["| model | " + " | ".join(MEASURES) + " |", "|---" * (len(MEASURES) + 1) + "|"]

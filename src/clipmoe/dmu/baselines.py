@@ -8,7 +8,9 @@ function that builds and trains the model, and one that counts what it trains) +
 
 Every baseline that trains gets one row per budget rule of ``baselines.budgets`` (budgets.py): ``epoch``, the
 paper's (every phase sees the fine-tuning data once, as the official scripts' one epoch; the paper itself states
-no budget for its baselines) and ``steps``, equal compute (as many optimizer steps as all DMU phases together).
+no budget for its baselines), and ``steps``, ``samples``, ``flops``: as many optimizer steps, training samples or
+training FLOPs as all DMU phases together. The controls (random routers, uniform mixture, expert soup) do not
+train: one row each.
 """
 
 from __future__ import annotations
@@ -80,9 +82,10 @@ class Row:
 # ------------------------------------------------------------------------------------------ building blocks
 
 
-def budgeted(pipe, tcfg: TrainConfig, rule: str | None, dmu_phases: str = "all") -> TrainConfig:
-    """``tcfg`` under a budget rule (budgets.py); ``dmu_phases`` says which DMU phases it stands for."""
-    return BUDGETS[rule].apply(pipe, tcfg, dmu_phases) if rule else tcfg
+def budgeted(pipe, tcfg: TrainConfig, rule: str | None, dmu_phases: str = "all", *, model: ClipMoeModel) -> TrainConfig:
+    """``tcfg`` under a budget rule (budgets.py) for training ``model``; ``dmu_phases`` says which DMU phases it
+    stands for."""
+    return BUDGETS[rule].apply(pipe, tcfg, dmu_phases, model) if rule else tcfg
 
 
 def set_expert_dropout(model: ClipMoeModel, p: float) -> None:
@@ -96,7 +99,7 @@ def set_expert_dropout(model: ClipMoeModel, p: float) -> None:
 def _dense(pipe, rule: str | None, folder: str) -> ClipMoeModel:
     """Full fine-tuning of the base (every parameter), random batches, the MCL stages' hyperparameters."""
     model = pipe.load(pipe.stage_model(0))
-    tcfg = budgeted(pipe, replace(pipe.cfg.mcl, trainable="all"), rule)
+    tcfg = budgeted(pipe, replace(pipe.cfg.mcl, trainable="all"), rule, model=model)
     pipe.train(model, tcfg, os.path.join(folder, "train"), "dense fine-tune")
     return model
 
@@ -110,14 +113,19 @@ def _upcycle(pipe, rule: str | None, folder: str) -> ClipMoeModel:
     )
     # experts learn at the MCL stages' rate, routers at the routing rate
     tcfg = replace(cfg.route, trainable=b.upcycle_trainable, lr=cfg.mcl.lr, router_lr=cfg.route.lr)
-    pipe.train(model, budgeted(pipe, tcfg, rule), os.path.join(folder, "train"), "sparse upcycling")
+    pipe.train(model, budgeted(pipe, tcfg, rule, model=model), os.path.join(folder, "train"), "sparse upcycling")
     set_expert_dropout(model, 0.0)
     return model
 
 
+def expert_models(pipe) -> list[str]:
+    """The model of each expert: the base (expert 0) and every MCL stage (trained first if needed)."""
+    return [pipe.mcl(s) if s else pipe.stage_model(0) for s in range(pipe.cfg.moe.experts)]
+
+
 def _soup(pipe, rule: str | None, folder: str) -> ClipMoeModel:
     """Expert soup: the MCL stages' FFNs averaged into one dense model (no training)."""
-    paths = [pipe.mcl(s) if s else pipe.stage_model(0) for s in range(pipe.cfg.moe.experts)]
+    paths = expert_models(pipe)
     soup = pipe.load(paths[0])
     states = [pipe.load(p).state_dict() for p in paths[1:]]
     with torch.no_grad():
@@ -136,7 +144,7 @@ def _wo_mcl(pipe, rule: str | None, folder: str) -> ClipMoeModel:
     ffn_model = os.path.join(folder, "ffn", "model")
     if not os.path.exists(ffn_model):
         tuned = pipe.load(pipe.stage_model(0))
-        tcfg = budgeted(pipe, cfg.mcl, rule, dmu_phases="mcl")  # steps rule: all MCL stages' steps
+        tcfg = budgeted(pipe, cfg.mcl, rule, dmu_phases="mcl", model=tuned)  # stands for the MCL stages
         pipe.train(tuned, tcfg, os.path.join(folder, "ffn", "train"), "w/o MCL: FFN fine-tune")
         pipe.save(tuned, ffn_model)
     base = pipe.load(pipe.stage_model(0))
@@ -145,6 +153,29 @@ def _wo_mcl(pipe, rule: str | None, folder: str) -> ClipMoeModel:
     pipe.train(moe, cfg.route, os.path.join(folder, "train"), "w/o MCL: routing")
     set_expert_dropout(moe, 0.0)
     return moe
+
+
+def _random_routers(pipe, rule: str | None, folder: str) -> ClipMoeModel:
+    """Control: DMU's assembled CLIP-MoE (the same experts, the same top-k) with its routers frozen at the random
+    initialisation router training starts from: what learned routing buys."""
+    model = pipe.load(pipe.assemble())
+    set_expert_dropout(model, 0.0)
+    return model
+
+
+def _uniform(pipe, rule: str | None, folder: str) -> ClipMoeModel:
+    """Control: the experts of DMU's assembly without routing: every token through every expert, their outputs
+    averaged with equal weights (``MoEOptions.uniform``, recorded in the saved config)."""
+    paths = expert_models(pipe)
+    base = pipe.load(paths[0])
+    torch.manual_seed(pipe.cfg.seed)  # the (unused) routers' init: a deterministic saved model
+    return assemble_moe(
+        base, [base] + [pipe.load(p) for p in paths[1:]], pipe.cfg.moe, uniform=True, expert_dropout=0.0
+    )
+
+
+def _experts_only(phases: dict, cfg: PipelineConfig) -> int:
+    return phases["MCL stage"]["trainable"] * cfg.stages
 
 
 def _routers(phases: dict, cfg: PipelineConfig, experts: int) -> int:
@@ -173,6 +204,22 @@ BASELINES: tuple[Baseline, ...] = (
         trainable=lambda phases, cfg: phases["MCL stage"]["trainable"] + _routers(phases, cfg, 2),
         sections=("base_model", "prepare", "data", "seed", "precision", "mcl", "moe", "route"),
         curves=((" FFN", "ffn/train"), (" routing", "train")),
+    ),
+    Baseline(
+        "random_routers",
+        "random routers",
+        _random_routers,
+        trainable=_experts_only,
+        sections=(*EXPERTS, "moe"),
+        trains=False,
+    ),
+    Baseline(
+        "uniform",
+        "uniform mixture",
+        _uniform,
+        trainable=_experts_only,
+        sections=(*EXPERTS, "moe"),
+        trains=False,
     ),
     Baseline(
         "soup",

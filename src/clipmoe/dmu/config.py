@@ -80,8 +80,9 @@ class BaselineConfig:
     upcycle_trainable: str = "router+experts"  # with identical experts, routers alone cannot change outputs
     upcycle_noise: float = 0.01
     # dmu/budgets.py: epoch = the paper's rule (every baseline phase sees the fine-tuning data once, as the
-    # official scripts' one epoch); steps = equal compute (as many optimizer steps as all DMU phases together).
-    budgets: list = field(default_factory=lambda: list(BUDGETS))
+    # official scripts' one epoch); steps / samples / flops = as many optimizer steps / training samples /
+    # training FLOPs as all DMU phases together.
+    budgets: list = field(default_factory=lambda: ["epoch", "steps"])  # of BUDGETS; samples, flops on request
 
 
 @dataclass
@@ -346,6 +347,12 @@ def _semantic_errors(cfg: PipelineConfig, check_paths: bool) -> list[str]:
     need(cfg.prepare.keep_positions >= 1, "prepare.keep_positions", "must be >= 1")
     need(cfg.prepare.stretch_factor >= 1, "prepare.stretch_factor", "must be >= 1")
     need(cfg.baselines.upcycle_noise >= 0, "baselines.upcycle_noise", "must be >= 0")
+    need(
+        not cfg.moe.uniform,
+        "moe.uniform",
+        "DMU's CLIP-MoE routes its tokens (its routers are what the route stage trains); the uniform mixture is "
+        "the control row 'uniform' of baselines.enabled",
+    )
     need(
         cfg.baselines.upcycle_trainable in UPCYCLE_TRAINABLE,
         "baselines.upcycle_trainable",

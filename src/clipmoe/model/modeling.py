@@ -50,12 +50,13 @@ class MoESpec:
     top_k: int = 2
     layers: dict[str, list[int]] = field(default_factory=dict)  # tower -> block indices
     expert_dropout: float = 0.0
+    uniform: bool = False  # the uniform-mixture control: every token through every expert, equal weights
 
     @classmethod
     def from_dict(cls, d: dict) -> MoESpec:
         # "dispatch" was saved by versions before it became a run-time choice (set_moe_dispatch): ignored
         d = {k: v for k, v in d.items() if k != "dispatch"}
-        unknown = set(d) - {"num_experts", "top_k", "layers", "expert_dropout"}
+        unknown = set(d) - {"num_experts", "top_k", "layers", "expert_dropout", "uniform"}
         if unknown:
             raise ValueError(f"unknown keys in the config's moe section: {sorted(unknown)}")
         d["layers"] = {t: [int(i) for i in v] for t, v in d.get("layers", {}).items()}
@@ -95,6 +96,7 @@ def build_moe_structure(model: nn.Module, spec: MoESpec) -> None:
                 spec.top_k,
                 cfg.hidden_act,
                 spec.expert_dropout,
+                uniform=spec.uniform,
             )
 
 

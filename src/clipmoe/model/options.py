@@ -13,3 +13,6 @@ class MoEOptions:
     layers: Any = "all"  # "all" | N (last N blocks per tower) | [block ids] | {vision: ..., text: ...}
     expert_dropout: float = 0.0  # dropout inside experts while training (the official code: 0.1 for routing)
     dispatch: str = "auto"  # how tokens reach experts: auto | loop | grouped_mm (a run-time choice)
+    # No routing: every token through every expert, outputs averaged with equal weights (top_k is then the
+    # number of experts). The "uniform mixture" control row; saved in the model's config.
+    uniform: bool = False

@@ -144,7 +144,8 @@ def _assemble(
     expert_ffns: Sequence[Mapping[str, Sequence[tuple[torch.Tensor, ...]]]],
     options: MoEOptions,
 ) -> ClipMoeModel:
-    num_experts, top_k = len(expert_ffns), options.top_k
+    num_experts = len(expert_ffns)
+    top_k = num_experts if options.uniform else options.top_k  # a uniform mixture uses every expert
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k={top_k} must be between 1 and the number of experts ({num_experts})")
     ffns = find_ffns(base)
@@ -157,11 +158,18 @@ def _assemble(
             # the activation by its config name, as the FFN was built (the fast kernels key closed forms on it)
             hidden_act = tower_config(model.config, tower).hidden_act
             moe = MoEFeedForward.from_ffns(
-                [e[tower][i] for e in expert_ffns], hidden_act, top_k, options.expert_dropout, options.dispatch
+                [e[tower][i] for e in expert_ffns],
+                hidden_act,
+                top_k,
+                options.expert_dropout,
+                options.dispatch,
+                options.uniform,
             )
             parent_path, _, attr = target.path.rpartition(".")
             setattr(model.get_submodule(parent_path), attr, moe)
-    spec = MoESpec(num_experts, top_k, chosen, options.expert_dropout)  # dispatch is a run-time choice, not config
+    spec = MoESpec(
+        num_experts, top_k, chosen, options.expert_dropout, options.uniform
+    )  # dispatch is a run-time choice, not config
     model.config.moe = spec.to_dict()
     for attr in ("tokenizer", "image_processor"):
         if hasattr(base, attr):
@@ -183,8 +191,9 @@ def assemble_moe(
 ) -> ClipMoeModel:
     """DMU assembly (diversified multiplet upcycling): expert e of every chosen block is the FFN of ``experts[e]``.
 
-    ``options`` (``MoEOptions``: top_k, layers, expert_dropout, dispatch; the pipeline passes its ``moe`` config)
-    with any field overridden by keyword, e.g. ``assemble_moe(base, experts, top_k=1)``.
+    ``options`` (``MoEOptions``: top_k, layers, expert_dropout, dispatch, uniform; the pipeline passes its ``moe``
+    config) with any field overridden by keyword, e.g. ``assemble_moe(base, experts, top_k=1)``;
+    ``uniform=True`` builds the uniform mixture (every token through every expert, equal weights, no routing).
 
     ``experts`` are models (or state dicts) fine-tuned from ``base`` in which only FFNs changed (the MCL
     stages; DMU passes the base itself as expert 0). Attention, norms, embeddings and projections come

@@ -260,6 +260,7 @@ def train(
         on_main(end_pass, env)  # the limit's DataError (or a failed write) raises on every rank, none waits
     return {
         "steps": total_steps,
+        "samples": sampler.samples_in(total_steps * cfg.grad_accum),  # what the phase consumed (budget rules)
         "loss": resolve_loss(cfg.loss, model),  # the contrastive loss this phase used (softmax | sigmoid)
         "batches_per_epoch": per_epoch,
         "plan": asdict(sampler.stats()),

@@ -7,6 +7,7 @@ communication, and resuming mid-epoch only needs the batch position.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -99,6 +100,21 @@ class GlobalBatchSampler:
 
     def __len__(self) -> int:
         return len(self.plan(0))
+
+    def samples_in(self, batches: int) -> int:
+        """Samples in the first ``batches`` global batches, over as many epochs as that takes (every epoch
+        holds the same batch sizes, in another order)."""
+        epochs, rest = divmod(batches, len(self))
+        return epochs * self.stats(0).samples + sum(len(b) for b in self.plan(epochs)[:rest])
+
+    def batches_for(self, samples: int) -> int:
+        """The fewest global batches, from the start, that hold at least ``samples`` samples."""
+        per_epoch = self.stats(0).samples
+        epochs, rest = divmod(samples, per_epoch)
+        if rest == 0:
+            return epochs * len(self)
+        seen = itertools.accumulate(len(b) for b in self.plan(epochs))
+        return epochs * len(self) + next(n for n, total in enumerate(seen, 1) if total >= rest)
 
     def local_batches(self, epoch: int, start: int = 0) -> Iterator[list[int]]:
         """This rank's slice of each global batch of ``epoch`` from position ``start`` on."""

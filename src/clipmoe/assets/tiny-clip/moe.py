@@ -25,6 +25,10 @@ class MoEFeedForward(nn.Module):
     (``w1: [E, hidden, dim]``, ``w2: [E, dim, hidden]`` plus biases): DDP then sees every expert as used
     even when one gets no tokens on a rank (a zero gradient, never None), and a grouped matmul needs it.
     ``dispatch`` names the expert computation in ``EXPERT_KERNELS``; it is a run-time choice, not config.
+
+    ``uniform=True`` is the uniform-mixture control: no routing, every token goes through every expert and
+    their outputs are averaged with equal weights (``top_k`` must then be ``num_experts``). The router is
+    kept, unused, so that the layer's parameters are the same in both modes.
     """
 
     def __init__(
@@ -36,13 +40,19 @@ class MoEFeedForward(nn.Module):
         activation: str | nn.Module = "quick_gelu",
         expert_dropout: float = 0.0,
         dispatch: str = "auto",
+        uniform: bool = False,
     ) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        if uniform and top_k != num_experts:
+            raise ValueError(
+                f"a uniform mixture sends every token to all {num_experts} experts: top_k must be {num_experts}, "
+                f"got {top_k}"
+            )
         if dispatch != "auto" and dispatch not in EXPERT_KERNELS:
             raise ValueError(f"dispatch must be 'auto' or one of {sorted(EXPERT_KERNELS)}, got {dispatch!r}")
-        self.num_experts, self.top_k, self.dispatch = num_experts, top_k, dispatch
+        self.num_experts, self.top_k, self.dispatch, self.uniform = num_experts, top_k, dispatch, uniform
         self.router = nn.Linear(dim, num_experts, bias=False)
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.b1 = nn.Parameter(torch.zeros(num_experts, hidden))
@@ -66,10 +76,11 @@ class MoEFeedForward(nn.Module):
         top_k: int = 2,
         expert_dropout: float = 0.0,
         dispatch: str = "auto",
+        uniform: bool = False,
     ) -> MoEFeedForward:
         """Build from a list of ``(fc1.weight, fc1.bias, fc2.weight, fc2.bias)``, one per expert."""
         hidden, dim = ffns[0][0].shape
-        layer = cls(dim, hidden, len(ffns), top_k, activation, expert_dropout, dispatch)
+        layer = cls(dim, hidden, len(ffns), top_k, activation, expert_dropout, dispatch, uniform)
         layer.to(device=ffns[0][0].device, dtype=ffns[0][0].dtype)
         with torch.no_grad():
             for e, ffn in enumerate(ffns):
@@ -85,6 +96,10 @@ class MoEFeedForward(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router logits [N, E] (fp32 or wider), renormalised top-k weights [N, k] and expert ids [N, k]."""
         dtype = torch.promote_types(x.dtype, torch.float32)  # at least fp32 (fp64 stays fp64, for gradcheck)
+        if self.uniform:  # every expert, weight 1/E; zero logits are the router probabilities this stands for
+            n, e = x.shape[0], self.num_experts
+            experts = torch.arange(e, device=x.device).expand(n, e)
+            return x.new_zeros(n, e, dtype=dtype), x.new_full((n, e), 1 / e, dtype=dtype), experts
         with torch.autocast(device_type=x.device.type, enabled=False):  # autocast would route in bf16
             logits = F.linear(x.to(dtype), self.router.weight.to(dtype))
         weights, experts = logits.softmax(dim=-1).topk(self.top_k, dim=-1)
@@ -101,7 +116,8 @@ class MoEFeedForward(nn.Module):
 
     def extra_repr(self) -> str:
         e, hidden, dim = self.w1.shape
-        return f"dim={dim}, hidden={hidden}, num_experts={e}, top_k={self.top_k}, dispatch={self.dispatch}"
+        mode = ", uniform=True" if self.uniform else ""
+        return f"dim={dim}, hidden={hidden}, num_experts={e}, top_k={self.top_k}{mode}, dispatch={self.dispatch}"
 
 
 def compute_dtype(layer: MoEFeedForward, x: torch.Tensor) -> torch.dtype:
