@@ -23,6 +23,7 @@ import yaml
 
 from ..data.world import FINETUNE_BACKGROUNDS, FINETUNE_COLORS, WorldConfig, generate_world
 from ..dmu.pipeline import Pipeline, open_run
+from ..dmu.report import mcl_wall_times
 from ..eval.classification import classification_metrics, zero_shot_classifier
 from ..eval.datasets import load_wds
 from ..eval.features import encode_images
@@ -72,8 +73,11 @@ def world_config(size: Size, seed: int) -> WorldConfig:
     )
 
 
-def pipeline_config(world: str, recipe: str, size: Size, seed: int, base_model: str, device: str) -> dict:
-    """The pipeline config of one (recipe, seed) run: the paper's recipe with ``RECIPES[recipe]`` applied."""
+def pipeline_config(
+    world: str, recipe: str, size: Size, seed: int, base_model: str, device: str, baselines: str | list[str] = "all"
+) -> dict:
+    """The pipeline config of one (recipe, seed) run: the paper's recipe with ``RECIPES[recipe]`` applied;
+    ``baselines``: the rows of the pipeline's baseline registry to run (``baselines.enabled``)."""
     r = RECIPES[recipe]
     warmup = max(1, round(PAPER_WARMUP_FRACTION * math.ceil(size.train_size / size.batch_size)))
     phase = {
@@ -94,7 +98,7 @@ def pipeline_config(world: str, recipe: str, size: Size, seed: int, base_model: 
         "mcl": {**phase, "lr": r["mcl_lr"], "weight_decay": 0.2, "small_clusters": r["small_clusters"]},
         "moe": {"experts": size.experts, "top_k": 2, "layers": "all", "expert_dropout": 0.1},
         "route": {**phase, "lr": r["router_lr"], "weight_decay": 0.01, "balance_weight": 0.01},
-        "baselines": {"enabled": "all", "stages": True, "budgets": ["epoch", "steps"]},
+        "baselines": {"enabled": baselines, "stages": True, "budgets": ["epoch", "steps"]},
     }
 
 
@@ -106,9 +110,11 @@ def run_quality(
     base_model: str = "builtin:tiny-clip",
     device: str = "auto",
     report_only: bool = False,
+    baselines: str | list[str] = "all",
 ) -> str:
     """Build the worlds, run every (recipe, seed), and write ``out/quality.md``; returns its path.
-    ``report_only`` writes the report from finished runs (for runs done by several processes) and trains nothing."""
+    ``report_only`` writes the report from finished runs (for runs done by several processes) and trains nothing;
+    ``baselines`` selects the baseline rows (keys of dmu/baselines.py's registry, or "all")."""
     s = SIZES[size]
     unknown = sorted(set(recipes) - set(RECIPES))
     if unknown:
@@ -124,7 +130,8 @@ def run_quality(
             cfg_path = os.path.join(out, "configs", f"{name}.yaml")
             os.makedirs(os.path.dirname(cfg_path), exist_ok=True)
             with open(cfg_path, "w") as f:
-                yaml.safe_dump(pipeline_config(world, recipe, s, seed, base_model, device), f, sort_keys=False)
+                config = pipeline_config(world, recipe, s, seed, base_model, device, baselines)
+                yaml.safe_dump(config, f, sort_keys=False)
             print(f"quality: {name} ({len(runs) + 1} of {len(seeds) * len(recipes)})", flush=True)
             cfg, run_dir = open_run(cfg_path, os.path.join(out, "runs", name))
             pipe = Pipeline(cfg, run_dir, init_distributed(cfg.device))
@@ -137,6 +144,7 @@ def run_quality(
             runs[name] = {"recipe": recipe, "seed": seed, "run_dir": run_dir, "results": pipe.results()}
             runs[name]["init_routing"] = _init_routing(pipe)
             runs[name]["stages"] = _stage_plans(pipe)
+            runs[name]["extraction"] = _extraction_times(pipe)
             with open(pipe.timings_path) as f:
                 runs[name]["seconds"] = sum(json.load(f).values())
     elapsed = time.perf_counter() - t0
@@ -166,6 +174,14 @@ def _stage_plans(pipe) -> list[dict]:
         with open(pipe.out("mcl", s, "stats")) as f:
             plans.append({"stage": s, **json.load(f)["plan"]})
     return plans
+
+
+def _extraction_times(pipe) -> dict:
+    """Training-loop seconds of expert extraction: the MCL stages (sequential) and, per row that extracts its
+    experts as independent tasks (the cluster-partition experts), their sum and the slowest one."""
+    out = {"MCL stages": mcl_wall_times(pipe)}
+    out.update({row.name: row.extraction for row in pipe.rows() if row.extraction})
+    return {k: v for k, v in out.items() if v}
 
 
 # ------------------------------------------------------------------------------------------ measures
@@ -310,6 +326,14 @@ def verdicts(runs: dict, recipe: str, rule: str) -> list[str]:
         lines.append(_claim_line(claim, diffs, decide(diffs)))
     diffs = _paired(runs, recipe, dmu, base, known_zero_shot)
     lines.append(_claim_line("DMU keeps classification within 1 point of the base", diffs, decide(diffs, -1.0)))
+    for claim, prefix in (
+        ("DMU beats CLIP-UP upcycling on retrieval", "CLIP-UP upcycling"),
+        ("DMU beats cluster-partition fusion on retrieval", "cluster-partition fusion"),
+    ):
+        other = next((r for r in rows if r.startswith(prefix) and row_rule(r) == rule), None)
+        if other:
+            diffs = _paired(runs, recipe, dmu, other, retrieval_r1)
+            lines.append(_claim_line(claim, diffs, decide(diffs)))
     wo_mcl = next((r for r in rows if r.startswith("w/o MCL") and row_rule(r) == rule), None)
     diffs = _paired(runs, recipe, dmu, wo_mcl, retrieval_r1) if wo_mcl else []
     lines.append(_claim_line("DMU beats w/o MCL on retrieval (MCL matters)", diffs, decide(diffs)))
@@ -367,7 +391,34 @@ def quality_report(runs: dict, size: str, elapsed: float) -> str:
                 lines.append(f"| {row} | " + " | ".join(cells) + " |")
             lines += ["", *verdicts(runs, recipe, rule), ""]
         lines += _stage_plan_table(runs, recipe)
+        lines += _extraction_table(runs, recipe)
     return "\n".join(lines) + "\n"
+
+
+def _extraction_table(runs: dict, recipe: str) -> list[str]:
+    """Expert extraction wall time (training-loop seconds, mean over seeds): MCL's sequential stages against
+    each row whose experts are independent tasks (their sum here, the slowest one if run at once)."""
+    sums: dict[str, list[float]] = {}
+    slowest: dict[str, list[float]] = {}
+    for r in runs.values():
+        if r["recipe"] == recipe:
+            for name, e in r.get("extraction", {}).items():
+                sums.setdefault(name, []).append(e["sum_s"])
+                slowest.setdefault(name, []).append(e.get("max_s", e["sum_s"]))
+    if len(sums) < 2:
+        return []
+    lines = [
+        f"Expert extraction of recipe `{recipe}` (training-loop seconds, mean over seeds): MCL stages run one "
+        "after another; partition experts are independent tasks, run one after another here (sum) or at once "
+        "(the slowest one).",
+        "",
+        "| experts of | sum (s) | slowest (s) |",
+        "|---|---|---|",
+    ]
+    for name in sums:
+        slow = "-" if name == "MCL stages" else f"{np.mean(slowest[name]):.1f}"
+        lines.append(f"| {name} | {np.mean(sums[name]):.1f} | {slow} |")
+    return [*lines, ""]
 
 
 def _stage_plan_table(runs: dict, recipe: str) -> list[str]:

@@ -13,3 +13,18 @@ class MoEOptions:
     layers: Any = "all"  # "all" | N (last N blocks per tower) | [block ids] | {vision: ..., text: ...}
     expert_dropout: float = 0.0  # dropout inside experts while training (the official code: 0.1 for routing)
     dispatch: str = "auto"  # how tokens reach experts: auto | loop | grouped_mm (a run-time choice)
+    # Switch/GShard token dropping: each expert takes at most ceil(factor * tokens * top_k / routed experts)
+    # (token, slot) pairs per layer call; 0 = no limit (dropless). Training only unless capacity_at_inference.
+    capacity_factor: float = 0.0
+    capacity_at_inference: bool = False
+    # A fusion gate that keeps expert 0 (the base FFN) for every token: top_k of the other experts are added to
+    # it, weighted by their router probabilities (CLIP-FMoE's idea; moe.MoEFeedForward)
+    always_on_base: bool = False
+
+    def layer_options(self) -> dict:
+        """The options ``MoEFeedForward`` takes beyond top_k, expert_dropout and dispatch (saved in config.moe)."""
+        return {
+            "capacity_factor": self.capacity_factor,
+            "capacity_at_inference": self.capacity_at_inference,
+            "always_on_base": self.always_on_base,
+        }

@@ -145,8 +145,12 @@ def _assemble(
     options: MoEOptions,
 ) -> ClipMoeModel:
     num_experts, top_k = len(expert_ffns), options.top_k
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k={top_k} must be between 1 and the number of experts ({num_experts})")
+    routed = num_experts - int(options.always_on_base)
+    if not 1 <= top_k <= routed:
+        raise ValueError(
+            f"top_k={top_k} must be between 1 and the number of experts ({num_experts})"
+            + (" less the always-on base" if options.always_on_base else "")
+        )
     ffns = find_ffns(base)
     chosen = resolve_layers(options.layers, {t: len(f) for t, f in ffns.items()})
     model = copy.deepcopy(base)
@@ -157,11 +161,17 @@ def _assemble(
             # the activation by its config name, as the FFN was built (the fast kernels key closed forms on it)
             hidden_act = tower_config(model.config, tower).hidden_act
             moe = MoEFeedForward.from_ffns(
-                [e[tower][i] for e in expert_ffns], hidden_act, top_k, options.expert_dropout, options.dispatch
+                [e[tower][i] for e in expert_ffns],
+                hidden_act,
+                top_k,
+                options.expert_dropout,
+                options.dispatch,
+                **options.layer_options(),
             )
             parent_path, _, attr = target.path.rpartition(".")
             setattr(model.get_submodule(parent_path), attr, moe)
-    spec = MoESpec(num_experts, top_k, chosen, options.expert_dropout)  # dispatch is a run-time choice, not config
+    # dispatch is a run-time choice, not config
+    spec = MoESpec(num_experts, top_k, chosen, options.expert_dropout, **options.layer_options())
     model.config.moe = spec.to_dict()
     for attr in ("tokenizer", "image_processor"):
         if hasattr(base, attr):
