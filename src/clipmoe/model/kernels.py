@@ -11,7 +11,10 @@ clipmoe`` does) adds:
 - ``"auto"`` (the default): ``grouped_mm`` on CUDA in bf16, ``loop`` on CPU, ``eager`` otherwise.
 
 Each is tested equal to ``moe.eager_experts`` (forward and gradients) in tests/test_moe.py; timings and
-profiles are in docs/performance.md.
+profiles are in docs/performance.md. The layer's routing options (capacity with token dropping, the always-on
+base expert) change only what ``route`` hands the kernels: zero weights for dropped pairs, and one more slot
+per token (expert 0) for the base, so the slot count is ``weights.shape[1]``, not ``top_k``
+(tests/test_recipes.py checks both against the plain path).
 """
 
 from __future__ import annotations
