@@ -33,9 +33,17 @@ def main() -> None:
         action="store_true",
         help="write quality.md from finished runs (e.g. run per recipe in parallel)",
     )
+    p.add_argument(
+        "--baselines",
+        nargs="+",
+        default=["all"],
+        help="baseline rows to run: all, or keys of the pipeline's registry (dense upcycle wo_mcl soup clip_up fmoe)",
+    )
     a = p.parse_args()
+    baselines = "all" if a.baselines == ["all"] else a.baselines
     run_quality(
-        a.out, a.size, tuple(a.seeds), tuple(a.recipes), a.base_model, a.device, a.report_only, tuple(a.budgets)
+        a.out, a.size, tuple(a.seeds), tuple(a.recipes), a.base_model, a.device, a.report_only, tuple(a.budgets),
+        baselines,
     )
 
 

@@ -55,6 +55,18 @@ def test_finetuning_world_is_narrow_and_config_follows_the_paper_recipe(tmp_path
     assert {k: v for k, v in fork.items() if k != "baselines"} == {k: v for k, v in cfg.items() if k != "baselines"}
 
 
+def test_baselines_are_selectable_and_extraction_times_are_tabled(tmp_path):
+    from clipmoe.apps.quality import quality_report
+    from clipmoe.dmu.config import config_from_dict
+
+    cfg = pipeline_config(str(tmp_path), "tuned", SIZES["tiny"], 0, "builtin:tiny-clip", "cpu", baselines=["clip_up", "fmoe"])
+    assert config_from_dict(cfg, check_paths=False).baselines.enabled == ["clip_up", "fmoe"]
+    extraction = {"MCL stages": {"stages": [3.0, 5.0], "sum_s": 8.0}, "fusion (1 epoch)": {"sum_s": 6.0, "max_s": 4.0}}
+    runs = {f"tuned-seed{s}": {"recipe": "tuned", "seed": s, "results": {}, "extraction": extraction} for s in (0, 1)}
+    text = quality_report(runs, "tiny", 0.0)
+    assert "| MCL stages | 8.0 | - |" in text and "| fusion (1 epoch) | 6.0 | 4.0 |" in text
+
+
 @pytest.mark.slow
 def test_tiny_quality_run_writes_tables_for_both_budget_rules_and_resumes(tmp_path):
     out = str(tmp_path / "q")
@@ -66,6 +78,8 @@ def test_tiny_quality_run_writes_tables_for_both_budget_rules_and_resumes(tmp_pa
     assert "| uniform mixture |" in text and "DMU beats random routers on retrieval" in text
     assert text.count("DMU keeps classification within 1 point of the base") == 2
     assert "| stage | batches | mean batch |" in text
+    for row in ("| CLIP-UP upcycling (1 epoch) |", "| cluster-partition fusion (equal steps) |", "| MCL stages |"):
+        assert row in text, row
     assert os.path.exists(os.path.join(out, "runs", "tuned-seed0", "eval", "moe_init_routing.json"))
     with open(os.path.join(out, "runs", "tuned-seed0", "eval", "dmu_clip_moe.json")) as f:
         metrics = json.load(f)["metrics"]

@@ -48,6 +48,10 @@ def test_every_stage_is_a_subcommand_and_the_run_follows_the_registry(tmp_path):
         "baselines random_routers",
         "baselines uniform",
         "baselines soup",
+        "baselines clip_up-epoch",
+        "baselines clip_up-steps",
+        "baselines fmoe-epoch",
+        "baselines fmoe-steps",
     ]
 
 

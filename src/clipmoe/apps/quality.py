@@ -29,6 +29,7 @@ from ..data.world import FINETUNE_BACKGROUNDS, FINETUNE_COLORS, WorldConfig, gen
 from ..dmu.baselines import BASELINES
 from ..dmu.budgets import BUDGETS
 from ..dmu.pipeline import Pipeline, open_run
+from ..dmu.report import mcl_wall_times
 from ..eval.classification import classification_metrics, zero_shot_classifier
 from ..eval.datasets import load_wds
 from ..eval.features import encode_images
@@ -84,6 +85,11 @@ def world_config(size: Size, seed: int) -> WorldConfig:
     )
 
 
+def _trained(baselines: str | list[str]) -> list[str]:
+    """The baselines of ``baselines`` ("all" or registry keys) that train (the only ones a budget rule changes)."""
+    return [b.key for b in BASELINES if b.trains and (baselines == "all" or b.key in baselines)]
+
+
 def pipeline_config(
     world: str,
     recipe: str,
@@ -92,8 +98,10 @@ def pipeline_config(
     base_model: str,
     device: str,
     budgets: tuple[str, ...] = TESTBED_BUDGETS,
+    baselines: str | list[str] = "all",
 ) -> dict:
-    """The pipeline config of one (recipe, seed) run: the paper's recipe with ``RECIPES[recipe]`` applied. Other
+    """The pipeline config of one (recipe, seed) run: the paper's recipe with ``RECIPES[recipe]`` applied;
+    ``baselines``: the rows of the pipeline's baseline registry to run (``baselines.enabled``). Other
     ``budgets`` than the testbed's make the config of a fork that trains only the baselines under them."""
     r = RECIPES[recipe]
     warmup = max(1, round(PAPER_WARMUP_FRACTION * math.ceil(size.train_size / size.batch_size)))
@@ -116,7 +124,7 @@ def pipeline_config(
         "moe": {"experts": size.experts, "top_k": 2, "layers": "all", "expert_dropout": 0.1},
         "route": {**phase, "lr": r["router_lr"], "weight_decay": 0.01, "balance_weight": 0.01},
         "baselines": {
-            "enabled": "all" if tuple(budgets) == TESTBED_BUDGETS else [b.key for b in BASELINES if b.trains],
+            "enabled": baselines if tuple(budgets) == TESTBED_BUDGETS else _trained(baselines),
             "stages": tuple(budgets) == TESTBED_BUDGETS,  # a fork's report need not evaluate the stages again
             "budgets": list(budgets),
         },
@@ -132,10 +140,12 @@ def run_quality(
     device: str = "auto",
     report_only: bool = False,
     budgets: tuple[str, ...] = TESTBED_BUDGETS,
+    baselines: str | list[str] = "all",
 ) -> str:
     """Build the worlds, run every (recipe, seed), and write ``out/quality.md``; returns its path.
-    ``report_only`` writes the report from finished runs (for runs done by several processes) and trains nothing.
-    ``budgets`` beyond the testbed's two train in forks of each run (see the module docstring)."""
+    ``report_only`` writes the report from finished runs (for runs done by several processes) and trains nothing;
+    ``budgets`` beyond the testbed's two train in forks of each run (see the module docstring); ``baselines``
+    selects the baseline rows (keys of dmu/baselines.py's registry, or "all")."""
     s = SIZES[size]
     unknown = sorted(set(recipes) - set(RECIPES))
     if unknown:
@@ -152,12 +162,12 @@ def run_quality(
         for recipe in recipes:
             name = f"{recipe}-seed{seed}"
             print(f"quality: {name} ({len(runs) + 1} of {len(seeds) * len(recipes)})", flush=True)
-            config = pipeline_config(world, recipe, s, seed, base_model, device)
+            config = pipeline_config(world, recipe, s, seed, base_model, device, baselines=baselines)
             pipe = _run(out, name, config, report_only)
             runs[name] = {"recipe": recipe, "seed": seed, "run_dir": pipe.run_dir, "results": pipe.results()}
             forks = []
             for rule in [b for b in budgets if b not in TESTBED_BUDGETS]:
-                config = pipeline_config(world, recipe, s, seed, base_model, device, (rule,))
+                config = pipeline_config(world, recipe, s, seed, base_model, device, (rule,), baselines)
                 forks.append(_run(out, f"{name}-{rule}", config, report_only, fork_of=pipe.run_dir))
                 results = runs[name]["results"]
                 dmu = results.pop("DMU CLIP-MoE")  # stays the last row
@@ -165,6 +175,7 @@ def run_quality(
                 results["DMU CLIP-MoE"] = dmu
             runs[name]["init_routing"] = _init_routing(pipe)
             runs[name]["stages"] = _stage_plans(pipe)
+            runs[name]["extraction"] = _extraction_times(pipe)
             runs[name]["seconds"] = 0.0
             for p in (pipe, *forks):
                 with open(p.timings_path) as f:
@@ -220,6 +231,14 @@ def _stage_plans(pipe) -> list[dict]:
         with open(pipe.out("mcl", s, "stats")) as f:
             plans.append({"stage": s, **json.load(f)["plan"]})
     return plans
+
+
+def _extraction_times(pipe) -> dict:
+    """Training-loop seconds of expert extraction: the MCL stages (sequential) and, per row that extracts its
+    experts as independent tasks (the cluster-partition experts), their sum and the slowest one."""
+    out = {"MCL stages": mcl_wall_times(pipe)}
+    out.update({row.name: row.extraction for row in pipe.rows() if row.extraction})
+    return {k: v for k, v in out.items() if v}
 
 
 # ------------------------------------------------------------------------------------------ measures
@@ -360,6 +379,14 @@ def verdicts(runs: dict, recipe: str, rule: str) -> list[str]:
         lines.append(_claim_line(claim, diffs, decide(diffs)))
     diffs = _paired(runs, recipe, dmu, base, known_zero_shot)
     lines.append(_claim_line("DMU keeps classification within 1 point of the base", diffs, decide(diffs, -1.0)))
+    for claim, prefix in (
+        ("DMU beats CLIP-UP upcycling on retrieval", "CLIP-UP upcycling"),
+        ("DMU beats cluster-partition fusion on retrieval", "cluster-partition fusion"),
+    ):
+        other = next((r for r in rows if r.startswith(prefix) and row_rule(r) == rule), None)
+        if other:
+            diffs = _paired(runs, recipe, dmu, other, retrieval_r1)
+            lines.append(_claim_line(claim, diffs, decide(diffs)))
     wo_mcl = next((r for r in rows if r.startswith("w/o MCL") and row_rule(r) == rule), None)
     diffs = _paired(runs, recipe, dmu, wo_mcl, retrieval_r1) if wo_mcl else []
     lines.append(_claim_line("DMU beats w/o MCL on retrieval (MCL matters)", diffs, decide(diffs)))
@@ -421,7 +448,34 @@ def quality_report(runs: dict, size: str, elapsed: float) -> str:
                 lines.append(f"| {row} | " + " | ".join(cells) + " |")
             lines += ["", *verdicts(runs, recipe, rule), ""]
         lines += _stage_plan_table(runs, recipe)
+        lines += _extraction_table(runs, recipe)
     return "\n".join(lines) + "\n"
+
+
+def _extraction_table(runs: dict, recipe: str) -> list[str]:
+    """Expert extraction wall time (training-loop seconds, mean over seeds): MCL's sequential stages against
+    each row whose experts are independent tasks (their sum here, the slowest one if run at once)."""
+    sums: dict[str, list[float]] = {}
+    slowest: dict[str, list[float]] = {}
+    for r in runs.values():
+        if r["recipe"] == recipe:
+            for name, e in r.get("extraction", {}).items():
+                sums.setdefault(name, []).append(e["sum_s"])
+                slowest.setdefault(name, []).append(e.get("max_s", e["sum_s"]))
+    if len(sums) < 2:
+        return []
+    lines = [
+        f"Expert extraction of recipe `{recipe}` (training-loop seconds, mean over seeds): MCL stages run one "
+        "after another; partition experts are independent tasks, run one after another here (sum) or at once "
+        "(the slowest one).",
+        "",
+        "| experts of | sum (s) | slowest (s) |",
+        "|---|---|---|",
+    ]
+    for name in sums:
+        slow = "-" if name == "MCL stages" else f"{np.mean(slowest[name]):.1f}"
+        lines.append(f"| {name} | {np.mean(sums[name]):.1f} | {slow} |")
+    return [*lines, ""]
 
 
 def _stage_plan_table(runs: dict, recipe: str) -> list[str]:

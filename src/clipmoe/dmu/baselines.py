@@ -15,15 +15,19 @@ train: one row each.
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..model.modeling import ClipMoeModel
 from ..model.surgery import assemble_moe, find_ffns, sparse_upcycle
+from ..utils.io import write_json
 from .budgets import BUDGETS
 from .config import ConfigError, PipelineConfig, TrainConfig
 from .stages import DMU, EXPERTS
@@ -41,6 +45,9 @@ class Baseline:
     trains: bool = True  # False: no training, no budget rule, one row
     compare: bool = True  # the verdict compares DMU with it
     curves: tuple[tuple[str, str], ...] = (("", "train"),)  # (label suffix, subfolder) of its metrics.jsonl
+    # (run folder) -> wall times of its expert extraction ({"parts": [...], "sum_s", "max_s"}) or None: the
+    # report sets them beside the MCL stages'
+    extraction: Callable[[str], dict | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,7 @@ class Row:
     rule: str | None = None  # budget rule, if it is a trained baseline
     curves: tuple[tuple[str, str], ...] = ()  # (label, folder holding metrics.jsonl)
     compare: bool = False  # a baseline the verdict compares DMU with
+    extraction: dict | None = None  # wall times of its expert extraction (Baseline.extraction), once trained
 
     @property
     def slug(self) -> str:
@@ -163,6 +171,34 @@ def _random_routers(pipe, rule: str | None, folder: str) -> ClipMoeModel:
     return model
 
 
+def clip_up_phase(cfg: PipelineConfig) -> TrainConfig:
+    """The ``clip_up`` training phase before its budget rule: the routing phase's settings, routers and experts
+    trainable, routers at ``router_lr`` (default route.lr), experts ``expert_lr_scale`` times slower, z-loss."""
+    up = cfg.baselines.clip_up
+    router_lr = up.router_lr or cfg.route.lr
+    return replace(
+        cfg.route,
+        trainable="router+experts",
+        lr=router_lr * up.expert_lr_scale,
+        router_lr=router_lr,
+        z_loss_weight=up.z_loss_weight,
+    )
+
+
+def _clip_up(pipe, rule: str | None, folder: str) -> ClipMoeModel:
+    """Sparse upcycling the CLIP-UP way: noisy copies of the base FFN, routers and experts trained together
+    with the balance loss and a router z-loss, experts at a reduced learning rate (``expert_lr_scale`` x the
+    routers'), and Switch/GShard token dropping at ``capacity_factor`` while training."""
+    cfg, up = pipe.cfg, pipe.cfg.baselines.clip_up
+    torch.manual_seed(cfg.seed)  # router init
+    options = replace(cfg.moe, capacity_factor=up.capacity_factor, capacity_at_inference=up.capacity_at_inference)
+    model = sparse_upcycle(pipe.load(pipe.stage_model(0)), cfg.moe.experts, options, noise=up.noise, seed=cfg.seed)
+    tcfg = budgeted(pipe, clip_up_phase(cfg), rule, model=model)
+    pipe.train(model, tcfg, os.path.join(folder, "train"), "CLIP-UP upcycling")
+    set_expert_dropout(model, 0.0)
+    return model
+
+
 def _uniform(pipe, rule: str | None, folder: str) -> ClipMoeModel:
     """Control: the experts of DMU's assembly without routing: every token through every expert, their outputs
     averaged with equal weights (``MoEOptions.uniform``, recorded in the saved config)."""
@@ -176,6 +212,104 @@ def _uniform(pipe, rule: str | None, folder: str) -> ClipMoeModel:
 
 def _experts_only(phases: dict, cfg: PipelineConfig) -> int:
     return phases["MCL stage"]["trainable"] * cfg.stages
+
+
+def fmoe_partitions(labels: np.ndarray, parts: int, how: str = "balanced") -> list[list[int]]:
+    """Group the clusters of ``labels`` (-1 = no cluster) into ``parts`` partitions of cluster ids.
+
+    ``balanced``: clusters from the largest down, each into the partition with the fewest samples so far
+    (ties: the lower index), which evens out partition sizes. ``largest``: the ``parts - 1`` largest clusters
+    alone, every other cluster in the last partition. Ties between cluster sizes go to the lower id."""
+    ids, sizes = np.unique(labels[labels >= 0], return_counts=True)
+    if len(ids) < parts:
+        raise ValueError(f"fmoe: {parts} partitions need at least {parts} non-empty clusters, the data has {len(ids)}")
+    order = [int(c) for _, c in sorted(zip(-sizes, ids))]
+    if how == "largest":
+        groups = [[c] for c in order[: parts - 1]] + [order[parts - 1 :]]
+    elif how == "balanced":
+        groups, totals = [[] for _ in range(parts)], [0] * parts
+        size = dict(zip(ids.tolist(), sizes.tolist()))
+        for c in order:
+            i = totals.index(min(totals))
+            groups[i].append(c)
+            totals[i] += size[c]
+    else:
+        raise ValueError(f"fmoe: unknown partition rule {how!r}")
+    return [sorted(g) for g in groups]
+
+
+def fmoe_expert(pipe, rule: str | None, folder: str, p: int, clusters: list[int], labels: np.ndarray) -> dict:
+    """Partition expert ``p``: a fresh copy of the base, FFNs only, trained on the samples of ``clusters`` (every
+    batch from one of them, as MCL's), under the budget rule's share. Reads only the base and the stage-0
+    labels, so the partitions are independent tasks (they could run at once); returns its record (wall times)."""
+    out = os.path.join(folder, f"partition{p}")
+    record_path = os.path.join(out, "extraction.json")
+    if os.path.exists(record_path):
+        with open(record_path) as f:
+            return json.load(f)
+    t0 = time.perf_counter()
+    cfg = pipe.cfg
+    mine = np.isin(labels, clusters)
+    model = pipe.load(pipe.stage_model(0))
+    # all partition experts together stand for MCL
+    whole = budgeted(pipe, cfg.mcl, rule, dmu_phases="mcl", model=model)
+    tcfg = replace(whole, seed=cfg.seed + 1 + p)
+    if whole.steps:  # a step budget is shared in proportion to the partitions' sizes
+        tcfg = replace(tcfg, steps=max(1, round(whole.steps * mine.sum() / (labels >= 0).sum())))
+    stats = pipe.train(
+        model, tcfg, os.path.join(out, "train"), f"fmoe partition {p}", labels=np.where(mine, labels, -1)
+    )
+    pipe.save(model, os.path.join(out, "model"))
+    record = {
+        "partition": p,
+        "clusters": clusters,
+        "samples": int(mine.sum()),
+        "steps": stats["steps"],
+        "train_s": round(stats["seconds"], 2),  # the training loop, as MCL's train_stats.json "seconds"
+        "wall_s": round(time.perf_counter() - t0, 2),  # load + train + save
+    }
+    if pipe.env.is_main:
+        write_json(record_path, record)
+    return record
+
+
+def _fmoe(pipe, rule: str | None, folder: str) -> ClipMoeModel:
+    """Cluster-partition experts fused with the base FFN (CLIP-FMoE's idea): the stage-0 clusters grouped into
+    (experts - 1) partitions, one FFN-only expert fine-tuned from the base per partition (``fmoe_expert``),
+    then a MoE whose gate keeps the base FFN for every token and adds top-k of the partition experts, the gate
+    trained exactly as DMU's routing phase."""
+    cfg = pipe.cfg
+    parts = cfg.moe.experts - 1
+    labels = pipe.cluster(0)  # the run's stage-0 joint clusters (computed here if DMU has not run)
+    groups = fmoe_partitions(labels, parts, cfg.baselines.fmoe.partitions)
+    records = [fmoe_expert(pipe, rule, folder, p, g, labels) for p, g in enumerate(groups)]
+    if pipe.env.is_main:
+        write_json(os.path.join(folder, "extraction.json"), _extraction_summary(records))
+    base = pipe.load(pipe.stage_model(0))
+    experts = [base] + [pipe.load(os.path.join(folder, f"partition{p}", "model")) for p in range(parts)]
+    torch.manual_seed(cfg.seed)  # gate init, as DMU's assembly
+    moe = assemble_moe(base, experts, cfg.moe, top_k=min(cfg.moe.top_k, parts), always_on_base=True)
+    pipe.train(moe, cfg.route, os.path.join(folder, "train"), "fmoe: fusion gate")
+    set_expert_dropout(moe, 0.0)
+    return moe
+
+
+def _extraction_summary(records: list[dict]) -> dict:
+    return {
+        "parts": records,
+        "sum_s": round(sum(r["train_s"] for r in records), 2),
+        "max_s": round(max(r["train_s"] for r in records), 2),  # the wall time if the partitions ran at once
+        "wall_sum_s": round(sum(r["wall_s"] for r in records), 2),
+        "wall_max_s": round(max(r["wall_s"] for r in records), 2),
+    }
+
+
+def _read_extraction(folder: str) -> dict | None:
+    path = os.path.join(folder, "extraction.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def _routers(phases: dict, cfg: PipelineConfig, experts: int) -> int:
@@ -229,6 +363,24 @@ BASELINES: tuple[Baseline, ...] = (
         sections=EXPERTS,
         trains=False,
     ),
+    Baseline(
+        "clip_up",
+        "CLIP-UP upcycling",
+        _clip_up,
+        trainable=lambda phases, cfg: phases["sparse upcycling"]["trainable"],
+        sections=("base_model", "prepare", "data", "seed", "precision", "moe", "route"),
+    ),
+    Baseline(
+        "fmoe",
+        "cluster-partition fusion",
+        _fmoe,
+        trainable=lambda phases, cfg: (
+            phases["MCL stage"]["trainable"] * cfg.stages + phases["router training"]["trainable"]
+        ),
+        sections=DMU,
+        curves=((" gate", "train"),),
+        extraction=_read_extraction,
+    ),
 )
 
 
@@ -273,6 +425,7 @@ def rows(pipe) -> list[Row]:
                 run.rule,
                 curves if run.baseline.trains else (),
                 run.baseline.compare,
+                run.baseline.extraction(folder) if run.baseline.extraction else None,
             )
         )
     out.append(

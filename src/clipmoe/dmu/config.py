@@ -70,6 +70,27 @@ class MoEConfig(MoEOptions):
 
 
 @dataclass
+class ClipUpConfig:
+    """The ``clip_up`` baseline (sparse upcycling the CLIP-UP way; docs/pipeline.md says which values are ours)."""
+
+    noise: float = 0.01  # multiplicative noise on each expert copy, as the upcycle baseline
+    z_loss_weight: float = 0.001  # router z-loss (ST-MoE's weight; CLIP-UP's is not public)
+    router_lr: float | None = None  # None: the routing phase's lr (route.lr)
+    expert_lr_scale: float = 0.1  # experts (upcycled weights) learn at this fraction of the routers' lr
+    capacity_factor: float = 1.25  # Switch/GShard token dropping while training; 0 = dropless
+    capacity_at_inference: bool = False  # the saved model drops tokens at inference too
+
+
+@dataclass
+class FMoEConfig:
+    """The ``fmoe`` baseline (cluster-partition experts with a fusion gate that keeps the base FFN)."""
+
+    # How the stage-0 joint clusters are grouped into (experts - 1) partitions: balanced (largest cluster first
+    # into the smallest partition) | largest (the experts - 2 largest clusters alone, the rest together)
+    partitions: str = "balanced"
+
+
+@dataclass
 class BaselineConfig:
     """Which rows of dmu/baselines.py's registry to train, and under which budget rules."""
 
@@ -83,6 +104,8 @@ class BaselineConfig:
     # official scripts' one epoch); steps / samples / flops = as many optimizer steps / training samples /
     # training FLOPs as all DMU phases together.
     budgets: list = field(default_factory=lambda: ["epoch", "steps"])  # of BUDGETS; samples, flops on request
+    clip_up: ClipUpConfig = field(default_factory=ClipUpConfig)
+    fmoe: FMoEConfig = field(default_factory=FMoEConfig)
 
 
 @dataclass
@@ -327,8 +350,10 @@ def _semantic_errors(cfg: PipelineConfig, check_paths: bool) -> list[str]:
 
     if cfg.moe.experts < 1:
         errors.append(f"moe.experts: must be >= 1, got {cfg.moe.experts}")
-    if not 1 <= cfg.moe.top_k <= max(cfg.moe.experts, 1):
-        errors.append(f"moe.top_k: {cfg.moe.top_k} is impossible with {cfg.moe.experts} experts")
+    if not 1 <= cfg.moe.top_k <= max(cfg.moe.experts - int(cfg.moe.always_on_base), 1):
+        on = " (expert 0 always on)" if cfg.moe.always_on_base else ""
+        errors.append(f"moe.top_k: {cfg.moe.top_k} is impossible with {cfg.moe.experts} experts{on}")
+    need(cfg.moe.capacity_factor >= 0, "moe.capacity_factor", "must be >= 0 (0: no capacity limit)")
     if cfg.cluster.image_clusters < 1 or cfg.cluster.text_clusters < 1:
         errors.append("cluster: image_clusters and text_clusters must be >= 1")
     need(cfg.cluster.niter >= 1, "cluster.niter", "must be >= 1 (k-means iterations)")
@@ -358,6 +383,7 @@ def _semantic_errors(cfg: PipelineConfig, check_paths: bool) -> list[str]:
         "baselines.upcycle_trainable",
         f"must be one of {', '.join(UPCYCLE_TRAINABLE)}",
     )
+    errors += _recipe_errors(cfg)
     enabled = cfg.baselines.enabled
     if enabled != "all" and not (isinstance(enabled, list) and all(isinstance(k, str) for k in enabled)):
         errors.append(f"baselines.enabled: expected 'all' or a list of baseline keys, got {enabled!r}")
@@ -376,6 +402,45 @@ def _semantic_errors(cfg: PipelineConfig, check_paths: bool) -> list[str]:
             p = getattr(cfg.data, key)
             if p is not None and not _path_exists(p):
                 errors.append(f"data.{key}: no such file or folder: {p}")
+    return errors
+
+
+FMOE_PARTITIONS = ("balanced", "largest")
+
+
+def _recipe_errors(cfg: PipelineConfig) -> list[str]:
+    """The ``baselines.clip_up`` and ``baselines.fmoe`` sections (dmu/baselines.py)."""
+    up, fm, errors = cfg.baselines.clip_up, cfg.baselines.fmoe, []
+    for key, ok, what in (
+        ("noise", up.noise >= 0, "must be >= 0"),
+        ("z_loss_weight", up.z_loss_weight >= 0, "must be >= 0"),
+        ("router_lr", up.router_lr is None or up.router_lr > 0, "must be > 0 (or null: route.lr)"),
+        ("expert_lr_scale", up.expert_lr_scale > 0, "must be > 0"),
+        ("capacity_factor", up.capacity_factor >= 0, "must be >= 0 (0: no capacity limit)"),
+    ):
+        if not ok:
+            errors.append(f"baselines.clip_up.{key}: {what}, got {getattr(up, key)!r}")
+    enabled = cfg.baselines.enabled
+
+    def on(key: str) -> bool:
+        return enabled == "all" or (isinstance(enabled, list) and key in enabled)
+
+    if on("clip_up") and up.z_loss_weight and not cfg.route.balance_weight:
+        errors.append(
+            "baselines.clip_up.z_loss_weight: the training loop adds the z-loss with the balance loss, "
+            "so it needs route.balance_weight > 0"
+        )
+    if fm.partitions not in FMOE_PARTITIONS:
+        errors.append(f"baselines.fmoe.partitions: must be one of {', '.join(FMOE_PARTITIONS)}, got {fm.partitions!r}")
+    if on("fmoe"):
+        joint = cfg.cluster.image_clusters * cfg.cluster.text_clusters
+        if cfg.moe.experts < 2:
+            errors.append("baselines.fmoe: needs moe.experts >= 2 (the base FFN + at least one partition expert)")
+        elif joint < cfg.moe.experts - 1:
+            errors.append(
+                f"baselines.fmoe: {cfg.moe.experts - 1} partition experts need at least as many stage-0 clusters, "
+                f"but cluster makes {joint} (image_clusters x text_clusters)"
+            )
     return errors
 
 

@@ -202,6 +202,7 @@ def write_report(pipe, results: dict[str, dict], path: str) -> None:
     compared = [row.name for row in rows if row.compare]
     lines += ["", "## Does this run agree with the paper?", "", *verdict(results, compared), ""]
     lines += _timings(pipe)
+    lines += _extraction(pipe, rows)
     lines += ["## Plots", ""]
     for title, png in _plots(pipe, rows, results, plots):
         lines.append(f"- {title}: ![{title}](plots/{png})")
@@ -274,6 +275,56 @@ def _timings(pipe) -> list[str]:
     lines = ["## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
     return [*lines, f"| total | {sum(timings.values()):.1f} |", ""]
+
+
+def mcl_wall_times(pipe) -> dict | None:
+    """The MCL stages' training-loop seconds (their train_stats.json), sequential by construction; None before
+    they ran. ``chain_s`` adds the embedding and clustering each stage waits for, where timings.json has them."""
+    stages = []
+    for s in range(1, pipe.cfg.moe.experts):
+        path = pipe.out("mcl", s, "stats")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            stages.append(round(json.load(f)["seconds"], 2))
+    out = {"stages": stages, "sum_s": round(sum(stages), 2)}
+    if os.path.exists(pipe.timings_path):
+        with open(pipe.timings_path) as f:
+            timings = json.load(f)
+        chain = [f"{t} {s}" for s in range(pipe.cfg.stages) for t in ("embed", "cluster")]
+        chain += [f"mcl {s}" for s in range(1, pipe.cfg.moe.experts)]
+        if all(t in timings for t in chain):
+            out["chain_s"] = round(sum(timings[t] for t in chain), 2)
+    return out
+
+
+def _extraction(pipe, rows) -> list[str]:
+    """Expert extraction wall time: the MCL stages (sequential: each needs the previous stage's clusters) beside
+    each row that extracts its experts as independent tasks (sum over them, and the slowest one = the wall time
+    of running them at once)."""
+    parallel = [row for row in rows if row.extraction]
+    if not parallel:
+        return []
+    lines = [
+        "## Expert extraction wall time",
+        "",
+        "Training-loop seconds. MCL stages run one after another (stage s trains on the clusters of stage s-1's "
+        "model); partition experts are independent tasks, run one after another here: their sum is this run's "
+        "cost, the slowest one the wall time of running them at once.",
+        "",
+        "| experts of | per expert (s) | sum (s) | slowest (s) |",
+        "|---|---|---|---|",
+    ]
+    mcl = mcl_wall_times(pipe)
+    if mcl:
+        chain = f" (with embedding and clustering: {mcl['chain_s']:.1f})" if "chain_s" in mcl else ""
+        per = ", ".join(f"{v:.1f}" for v in mcl["stages"])
+        lines.append(f"| MCL stages (sequential) | {per} | {mcl['sum_s']:.1f}{chain} | - |")
+    for row in parallel:
+        e = row.extraction
+        per = ", ".join(f"{r['train_s']:.1f}" for r in e["parts"])
+        lines.append(f"| {row.name} | {per} | {e['sum_s']:.1f} | {e['max_s']:.1f} |")
+    return [*lines, ""]
 
 
 def _plots(pipe, rows, results: dict[str, dict], folder: str) -> list[tuple[str, str]]:

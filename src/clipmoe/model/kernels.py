@@ -11,7 +11,10 @@ clipmoe`` does) adds:
 - ``"auto"`` (the default): ``grouped_mm`` on CUDA in bf16, ``loop`` on CPU, ``eager`` otherwise.
 
 Each is tested equal to ``moe.eager_experts`` (forward and gradients) in tests/test_moe.py; timings and
-profiles are in docs/performance.md.
+profiles are in docs/performance.md. The layer's routing options (capacity with token dropping, the always-on
+base expert) change only what ``route`` hands the kernels: zero weights for dropped pairs, and one more slot
+per token (expert 0) for the base, so the slot count is ``weights.shape[1]``, not ``top_k``
+(tests/test_recipes.py checks both against the plain path).
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ def grouped_mm_experts(layer: MoEFeedForward, x: torch.Tensor, weights: torch.Te
     # ourselves (as F.linear under autocast would) and add the biases per row.
     with torch.autocast(device_type=x.device.type, enabled=False):
         w1, b1, w2, b2 = (p.to(dtype) for p in (layer.w1, layer.b1, layer.w2, layer.b2))
-        x_sorted = x.to(dtype).index_select(0, order // layer.top_k)
+        x_sorted = x.to(dtype).index_select(0, order // weights.shape[1])
         h = torch._grouped_mm(x_sorted, w1.transpose(-2, -1), offs=offsets) + b1[expert_of_row]
         h = layer.expert_dropout(layer.act(h))
         y_sorted = torch._grouped_mm(h, w2.transpose(-2, -1), offs=offsets) + b2[expert_of_row]
@@ -249,7 +252,7 @@ def loop_experts(layer: MoEFeedForward, x: torch.Tensor, weights: torch.Tensor, 
         # one chunk per expert, except on CPU (see CPU_CHUNK_BYTES)
         max_rows=max(64, CPU_CHUNK_BYTES // (layer.w1.shape[1] * params[0].element_size()))
         if on_cpu
-        else x.shape[0] * layer.top_k,
+        else x.shape[0] * weights.shape[1],
         for_backward=for_backward,
     )
     with torch.autocast(device_type=x.device.type, enabled=False):

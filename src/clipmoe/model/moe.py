@@ -9,6 +9,7 @@ to ``eager_experts`` below, forward and backward. Measurements: docs/performance
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -21,7 +22,19 @@ class MoEFeedForward(nn.Module):
     """Top-k routed experts that replace one transformer FFN (``fc1 -> act -> fc2``).
 
     Routing follows the CLIP-MoE paper (Eq. 3) and Mixtral: a bias-free linear router, softmax over all
-    experts in fp32, top-k, and the k weights renormalised to sum to one. Experts are stored stacked
+    experts in fp32, top-k, and the k weights renormalised to sum to one. Two options change that:
+
+    - ``capacity_factor`` > 0 (Switch / GShard token dropping): each expert takes at most
+      ``ceil(capacity_factor * tokens * top_k / routed experts)`` (token, slot) pairs per call, first slots of
+      all tokens first, then second slots, each in token order; a pair past its expert's capacity gets weight
+      zero (its output for that slot is zero and the block's residual carries the token). It applies while
+      training, and at inference too only with ``capacity_at_inference``. ``last_dropped`` holds the fraction
+      of routed pairs dropped by the last call.
+    - ``always_on_base`` (a fusion gate that keeps expert 0, the base FFN): the top-k is chosen among experts
+      1..E-1 and their softmax probabilities (over all E logits, not renormalised) weigh them; the base FFN
+      takes the rest, ``1 - sum`` of the chosen ones, so the output is ``base(x) + sum_e p_e (E_e(x) - base(x))``.
+
+    Experts are stored stacked
     (``w1: [E, hidden, dim]``, ``w2: [E, dim, hidden]`` plus biases): DDP then sees every expert as used
     even when one gets no tokens on a rank (a zero gradient, never None), and a grouped matmul needs it.
     ``dispatch`` names the expert computation in ``EXPERT_KERNELS``; it is a run-time choice, not config.
@@ -41,18 +54,31 @@ class MoEFeedForward(nn.Module):
         expert_dropout: float = 0.0,
         dispatch: str = "auto",
         uniform: bool = False,
+        capacity_factor: float = 0.0,
+        capacity_at_inference: bool = False,
+        always_on_base: bool = False,
     ) -> None:
         super().__init__()
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
-        if uniform and top_k != num_experts:
+        routed = num_experts - int(always_on_base)
+        if not 1 <= top_k <= (num_experts if uniform else routed):
             raise ValueError(
-                f"a uniform mixture sends every token to all {num_experts} experts: top_k must be {num_experts}, "
-                f"got {top_k}"
+                f"top_k must be in [1, {routed}] ({num_experts} experts"
+                + (", expert 0 always on" if always_on_base else "")
+                + f"), got {top_k}"
+            )
+        if uniform and (top_k != num_experts or always_on_base):
+            raise ValueError(
+                f"a uniform mixture sends every token to all {num_experts} experts: top_k must be {num_experts} "
+                f"and there is no always-on base, got top_k={top_k}, always_on_base={always_on_base}"
             )
         if dispatch != "auto" and dispatch not in EXPERT_KERNELS:
             raise ValueError(f"dispatch must be 'auto' or one of {sorted(EXPERT_KERNELS)}, got {dispatch!r}")
+        if capacity_factor < 0:
+            raise ValueError(f"capacity_factor must be >= 0 (0 = no capacity limit), got {capacity_factor}")
         self.num_experts, self.top_k, self.dispatch, self.uniform = num_experts, top_k, dispatch, uniform
+        self.capacity_factor, self.capacity_at_inference = float(capacity_factor), capacity_at_inference
+        self.always_on_base = always_on_base
+        self.last_dropped: torch.Tensor | None = None
         self.router = nn.Linear(dim, num_experts, bias=False)
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.b1 = nn.Parameter(torch.zeros(num_experts, hidden))
@@ -76,11 +102,12 @@ class MoEFeedForward(nn.Module):
         top_k: int = 2,
         expert_dropout: float = 0.0,
         dispatch: str = "auto",
-        uniform: bool = False,
+        **options,
     ) -> MoEFeedForward:
-        """Build from a list of ``(fc1.weight, fc1.bias, fc2.weight, fc2.bias)``, one per expert."""
+        """Build from a list of ``(fc1.weight, fc1.bias, fc2.weight, fc2.bias)``, one per expert; ``options``:
+        ``uniform``, ``capacity_factor``, ``capacity_at_inference``, ``always_on_base``."""
         hidden, dim = ffns[0][0].shape
-        layer = cls(dim, hidden, len(ffns), top_k, activation, expert_dropout, dispatch, uniform)
+        layer = cls(dim, hidden, len(ffns), top_k, activation, expert_dropout, dispatch, **options)
         layer.to(device=ffns[0][0].device, dtype=ffns[0][0].dtype)
         with torch.no_grad():
             for e, ffn in enumerate(ffns):
@@ -91,10 +118,15 @@ class MoEFeedForward(nn.Module):
 
     def __getstate__(self) -> dict:
         # deepcopy / pickle: the last call's logits are part of a graph (which deepcopy refuses), not state
-        return {**self.__dict__, "last_router_logits": None}
+        return {**self.__dict__, "last_router_logits": None, "last_dropped": None}
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Router logits [N, E] (fp32 or wider), renormalised top-k weights [N, k] and expert ids [N, k]."""
+        """Router logits [N, E] (fp32 or wider), the combine weights [N, s] and expert ids [N, s].
+
+        Plainly s = k: the renormalised top-k. With ``always_on_base`` s = k + 1, slot 0 being expert 0 (the
+        base FFN) with weight ``1 - sum`` of the k others; the logits then have expert 0's column at -inf,
+        so that the balance and z losses and the routing analysis see the routed experts only. Pairs dropped
+        by the capacity have weight zero."""
         dtype = torch.promote_types(x.dtype, torch.float32)  # at least fp32 (fp64 stays fp64, for gradcheck)
         if self.uniform:  # every expert, weight 1/E; zero logits are the router probabilities this stands for
             n, e = x.shape[0], self.num_experts
@@ -102,8 +134,32 @@ class MoEFeedForward(nn.Module):
             return x.new_zeros(n, e, dtype=dtype), x.new_full((n, e), 1 / e, dtype=dtype), experts
         with torch.autocast(device_type=x.device.type, enabled=False):  # autocast would route in bf16
             logits = F.linear(x.to(dtype), self.router.weight.to(dtype))
-        weights, experts = logits.softmax(dim=-1).topk(self.top_k, dim=-1)
-        return logits, weights / weights.sum(dim=-1, keepdim=True), experts
+        probs = logits.softmax(dim=-1)
+        if self.always_on_base:
+            weights, experts = probs[:, 1:].topk(self.top_k, dim=-1)
+            experts = experts + 1
+            logits = logits.masked_fill(torch.arange(self.num_experts, device=x.device) == 0, float("-inf"))
+        else:
+            weights, experts = probs.topk(self.top_k, dim=-1)
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        factor = self.capacity_factor if (self.training or self.capacity_at_inference) else 0.0
+        if factor > 0:
+            keep = capacity_mask(
+                experts - int(self.always_on_base), self.num_experts - int(self.always_on_base), factor
+            )
+            self.last_dropped = 1.0 - keep.float().mean().detach()
+            weights = weights * keep
+        else:
+            self.last_dropped = None
+        if self.always_on_base:
+            base = (1.0 - weights.sum(dim=-1, keepdim=True), torch.zeros_like(experts[:, :1]))
+            weights, experts = torch.cat([base[0], weights], dim=-1), torch.cat([base[1], experts], dim=-1)
+        return logits, weights, experts
+
+    @property
+    def active_experts(self) -> int:
+        """Experts each token runs through: top_k, plus the base with ``always_on_base``."""
+        return self.top_k + int(self.always_on_base)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
@@ -116,8 +172,22 @@ class MoEFeedForward(nn.Module):
 
     def extra_repr(self) -> str:
         e, hidden, dim = self.w1.shape
-        mode = ", uniform=True" if self.uniform else ""
-        return f"dim={dim}, hidden={hidden}, num_experts={e}, top_k={self.top_k}{mode}, dispatch={self.dispatch}"
+        extra = ", uniform=True" if self.uniform else ""
+        extra += f", capacity_factor={self.capacity_factor}" if self.capacity_factor else ""
+        extra += ", always_on_base=True" if self.always_on_base else ""
+        return f"dim={dim}, hidden={hidden}, num_experts={e}, top_k={self.top_k}, dispatch={self.dispatch}{extra}"
+
+
+def capacity_mask(experts: torch.Tensor, num_experts: int, factor: float) -> torch.Tensor:
+    """Which (token, slot) pairs of ``experts`` ([N, k] ids in [0, num_experts)) fit their expert's capacity
+    ``ceil(factor * N * k / num_experts)``: slot-major priority (every token's first choice before any second
+    choice), token order within a slot, as GShard and Switch do. Returns a bool [N, k]."""
+    n, k = experts.shape
+    capacity = math.ceil(factor * n * k / num_experts)
+    flat = experts.t().reshape(-1)  # slot-major
+    onehot = F.one_hot(flat, num_experts)
+    position = (onehot.cumsum(dim=0) * onehot).sum(dim=-1) - 1  # place of each pair in its expert's queue
+    return (position < capacity).view(k, n).t()
 
 
 def compute_dtype(layer: MoEFeedForward, x: torch.Tensor) -> torch.dtype:
@@ -130,17 +200,18 @@ def compute_dtype(layer: MoEFeedForward, x: torch.Tensor) -> torch.dtype:
 def eager_experts(layer: MoEFeedForward, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     """The reference expert computation: each token's routing-weighted sum of its k experts' FFN outputs.
 
-    ``x`` is ``[N, dim]``, ``weights`` and ``experts`` are ``[N, k]``. Loop over experts: gather the tokens
+    ``x`` is ``[N, dim]``, ``weights`` and ``experts`` are ``[N, s]`` (``route``'s slots). Loop over experts: gather the tokens
     routed to it, run its FFN, scale by the routing weight and add the result back into those rows.
     """
     x = x.to(compute_dtype(layer, x))
     out = torch.zeros(x.shape[0], layer.w2.shape[1], dtype=x.dtype, device=x.device)
+    slots = weights.shape[1]  # top_k, or top_k + 1 with the always-on base
     # Sort the N*k (token, slot) pairs by expert so that each expert's tokens are one contiguous slice;
     # the counts are read to the host once per layer (every expert's slice size) rather than once per expert.
     flat = experts.reshape(-1)
     order = flat.argsort(stable=True)
     counts = torch.bincount(flat, minlength=layer.num_experts).tolist()
-    tokens = (order // layer.top_k).split(counts)
+    tokens = (order // slots).split(counts)
     pair_weights = weights.reshape(-1)[order].split(counts)
     # unbind once: indexing w1[e] inside the loop would make backward build a full-size zero gradient per expert
     w1, b1, w2, b2 = (p.unbind(0) for p in (layer.w1, layer.b1, layer.w2, layer.b2))

@@ -16,3 +16,19 @@ class MoEOptions:
     # No routing: every token through every expert, outputs averaged with equal weights (top_k is then the
     # number of experts). The "uniform mixture" control row; saved in the model's config.
     uniform: bool = False
+    # Switch/GShard token dropping: each expert takes at most ceil(factor * tokens * top_k / routed experts)
+    # (token, slot) pairs per layer call; 0 = no limit (dropless). Training only unless capacity_at_inference.
+    capacity_factor: float = 0.0
+    capacity_at_inference: bool = False
+    # A fusion gate that keeps expert 0 (the base FFN) for every token: top_k of the other experts are added to
+    # it, weighted by their router probabilities (CLIP-FMoE's idea; moe.MoEFeedForward)
+    always_on_base: bool = False
+
+    def layer_options(self) -> dict:
+        """The options ``MoEFeedForward`` takes beyond top_k, expert_dropout and dispatch (saved in config.moe)."""
+        return {
+            "uniform": self.uniform,
+            "capacity_factor": self.capacity_factor,
+            "capacity_at_inference": self.capacity_at_inference,
+            "always_on_base": self.always_on_base,
+        }

@@ -146,8 +146,12 @@ def _assemble(
 ) -> ClipMoeModel:
     num_experts = len(expert_ffns)
     top_k = num_experts if options.uniform else options.top_k  # a uniform mixture uses every expert
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k={top_k} must be between 1 and the number of experts ({num_experts})")
+    routed = num_experts - int(options.always_on_base)
+    if not 1 <= top_k <= (num_experts if options.uniform else routed):
+        raise ValueError(
+            f"top_k={top_k} must be between 1 and the number of experts ({num_experts})"
+            + (" less the always-on base" if options.always_on_base else "")
+        )
     ffns = find_ffns(base)
     chosen = resolve_layers(options.layers, {t: len(f) for t, f in ffns.items()})
     model = copy.deepcopy(base)
@@ -163,13 +167,12 @@ def _assemble(
                 top_k,
                 options.expert_dropout,
                 options.dispatch,
-                options.uniform,
+                **options.layer_options(),
             )
             parent_path, _, attr = target.path.rpartition(".")
             setattr(model.get_submodule(parent_path), attr, moe)
-    spec = MoESpec(
-        num_experts, top_k, chosen, options.expert_dropout, options.uniform
-    )  # dispatch is a run-time choice, not config
+    # dispatch is a run-time choice, not config
+    spec = MoESpec(num_experts, top_k, chosen, options.expert_dropout, **options.layer_options())
     model.config.moe = spec.to_dict()
     for attr in ("tokenizer", "image_processor"):
         if hasattr(base, attr):

@@ -118,6 +118,14 @@ def balance_loss(model, attention_mask: torch.Tensor, cfg: TrainConfig) -> torch
     return sum(terms) if terms else None
 
 
+def dropped_fraction(model) -> float | None:
+    """Mean over the MoE layers with a capacity of the fraction of routed (token, slot) pairs their last
+    forward dropped (``MoEFeedForward.last_dropped``); None when no layer dropped by capacity."""
+    layers = model.moe_layers() if hasattr(model, "moe_layers") else []
+    values = [m.last_dropped for m in layers if m.last_dropped is not None]
+    return torch.stack(values).mean().item() if values else None
+
+
 def train(
     model: nn.Module,
     dataset: Dataset,
@@ -212,6 +220,9 @@ def train(
                             logged["balance"] = logged.get("balance", 0.0) + bal.item() / cfg.grad_accum
                     _check_loss(loss, (img, txt), valid, dataset, batch, env, desc, step + 1, total_steps)
                     (loss / cfg.grad_accum).backward()
+                dropped = dropped_fraction(model)
+                if dropped is not None:
+                    logged["dropped"] = logged.get("dropped", 0.0) + dropped / cfg.grad_accum
                 logged["clip"] = logged.get("clip", 0.0) + clip.item() / cfg.grad_accum
                 logged["loss"] = logged.get("loss", 0.0) + loss.item() / cfg.grad_accum
                 samples_seen += len(batch["input_ids"]) * env.world_size

@@ -51,12 +51,15 @@ class MoESpec:
     layers: dict[str, list[int]] = field(default_factory=dict)  # tower -> block indices
     expert_dropout: float = 0.0
     uniform: bool = False  # the uniform-mixture control: every token through every expert, equal weights
+    capacity_factor: float = 0.0  # token dropping (moe.MoEFeedForward); 0 = dropless
+    capacity_at_inference: bool = False
+    always_on_base: bool = False  # expert 0 (the base FFN) runs for every token, top_k of the others added
 
     @classmethod
     def from_dict(cls, d: dict) -> MoESpec:
         # "dispatch" was saved by versions before it became a run-time choice (set_moe_dispatch): ignored
         d = {k: v for k, v in d.items() if k != "dispatch"}
-        unknown = set(d) - {"num_experts", "top_k", "layers", "expert_dropout", "uniform"}
+        unknown = set(d) - {f for f in cls.__dataclass_fields__}
         if unknown:
             raise ValueError(f"unknown keys in the config's moe section: {sorted(unknown)}")
         d["layers"] = {t: [int(i) for i in v] for t, v in d.get("layers", {}).items()}
@@ -64,6 +67,14 @@ class MoESpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def layer_options(self) -> dict:
+        return {
+            "uniform": self.uniform,
+            "capacity_factor": self.capacity_factor,
+            "capacity_at_inference": self.capacity_at_inference,
+            "always_on_base": self.always_on_base,
+        }
 
 
 def tower_layers(model: nn.Module) -> dict[str, nn.ModuleList]:
@@ -96,7 +107,7 @@ def build_moe_structure(model: nn.Module, spec: MoESpec) -> None:
                 spec.top_k,
                 cfg.hidden_act,
                 spec.expert_dropout,
-                uniform=spec.uniform,
+                **spec.layer_options(),
             )
 
 
@@ -236,13 +247,14 @@ class _MoEHooks:
             self.gradient_checkpointing_disable()
 
     def parameter_counts(self) -> dict[str, int]:
-        """Trainable, total, and active-per-token parameters (top_k of E experts counted)."""
+        """Trainable, total, and active-per-token parameters (top_k of E experts counted, plus the base expert
+        where it is always on)."""
         total = sum(p.numel() for p in self.parameters())
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         inactive = 0
         for m in self.moe_layers():
             per_expert = sum(p[0].numel() for p in (m.w1, m.b1, m.w2, m.b2))
-            inactive += per_expert * (m.num_experts - m.top_k)
+            inactive += per_expert * (m.num_experts - m.active_experts)
         return {"trainable": trainable, "total": total, "active": total - inactive}
 
     remote_module = "modeling"  # the file of the remote code that defines this class
