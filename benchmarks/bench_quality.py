@@ -42,7 +42,14 @@ def main() -> None:
     a = p.parse_args()
     baselines = "all" if a.baselines == ["all"] else a.baselines
     run_quality(
-        a.out, a.size, tuple(a.seeds), tuple(a.recipes), a.base_model, a.device, a.report_only, tuple(a.budgets),
+        a.out,
+        a.size,
+        tuple(a.seeds),
+        tuple(a.recipes),
+        a.base_model,
+        a.device,
+        a.report_only,
+        tuple(a.budgets),
         baselines,
     )
 

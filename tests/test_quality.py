@@ -59,7 +59,9 @@ def test_baselines_are_selectable_and_extraction_times_are_tabled(tmp_path):
     from clipmoe.apps.quality import quality_report
     from clipmoe.dmu.config import config_from_dict
 
-    cfg = pipeline_config(str(tmp_path), "tuned", SIZES["tiny"], 0, "builtin:tiny-clip", "cpu", baselines=["clip_up", "fmoe"])
+    cfg = pipeline_config(
+        str(tmp_path), "tuned", SIZES["tiny"], 0, "builtin:tiny-clip", "cpu", baselines=["clip_up", "fmoe"]
+    )
     assert config_from_dict(cfg, check_paths=False).baselines.enabled == ["clip_up", "fmoe"]
     extraction = {"MCL stages": {"stages": [3.0, 5.0], "sum_s": 8.0}, "fusion (1 epoch)": {"sum_s": 6.0, "max_s": 4.0}}
     runs = {f"tuned-seed{s}": {"recipe": "tuned", "seed": s, "results": {}, "extraction": extraction} for s in (0, 1)}
