@@ -1,8 +1,8 @@
 """The quality testbed (docs/quality.md): DMU against its baselines in a miniature of the paper's setting.
 
 For each seed: a fine-tuning world (detailed captions, a narrower image distribution than the base's
-pretraining corpus, broad held-out evaluation sets), then one pipeline run per recipe (``paper``, ``tuned``)
-from the shipped base, each with every row and both budget rules. Everything is resumable: worlds are reused
+pretraining corpus, broad held-out evaluation sets), then one pipeline run per recipe (``paper``, ``tuned``, and
+the router-option variants of ``tuned``) from the shipped base, each with every row and both budget rules. Everything is resumable: worlds are reused
 when complete, runs skip finished stages. The tables, verdicts and plots go to ``OUT/quality.md``.
 
     python benchmarks/bench_quality.py [--size default|large|tiny] [--seeds 0 1 2] [--out quality-run]
@@ -53,10 +53,19 @@ SIZES = {
 }
 
 # The recipes compared (docs/quality.md, "Recipes"). Only the keys that differ between them are here.
+_PAPER = {"mcl_lr": 1e-5, "router_lr": 1e-6, "small_clusters": "drop"}
+_TUNED = {"mcl_lr": 3e-4, "router_lr": 1e-3, "small_clusters": "shrink"}
+# Router options (docs/pipeline.md, "Router options") as variants of `tuned`: "moe" / "route" keys are set in
+# those sections; "distill" trains the routers with the base-preserving term on a broad world's images.
 RECIPES: dict[str, dict] = {
-    "paper": {"mcl_lr": 1e-5, "router_lr": 1e-6, "small_clusters": "drop"},
-    "tuned": {"mcl_lr": 3e-4, "router_lr": 1e-3, "small_clusters": "shrink"},
+    "paper": _PAPER,
+    "tuned": _TUNED,
+    "tuned+centroid": {**_TUNED, "moe": {"router_init": "centroid"}},
+    "tuned+zloss": {**_TUNED, "route": {"z_loss_weight": 1e-3}},  # ST-MoE's weight; CLIP-UP's is not public
+    "tuned+layer-balance": {**_TUNED, "route": {"balance_scope": "layer"}},
+    "tuned+distill": {**_TUNED, "route": {"distill_weight": 1.0}, "distill": True},
 }
+BROAD_SEED_OFFSET = 200  # the distillation images' world: neither the base's corpus (1) nor fine-tuning (100+)
 
 
 def world_config(size: Size, seed: int) -> WorldConfig:
@@ -72,9 +81,27 @@ def world_config(size: Size, seed: int) -> WorldConfig:
     )
 
 
-def pipeline_config(world: str, recipe: str, size: Size, seed: int, base_model: str, device: str) -> dict:
-    """The pipeline config of one (recipe, seed) run: the paper's recipe with ``RECIPES[recipe]`` applied."""
+def broad_world_config(size: Size, seed: int) -> WorldConfig:
+    """Unlabelled images of the broad distribution (every colour and background) for the distillation term;
+    a world of its own, so no evaluation image is trained on."""
+    return WorldConfig(
+        seed=BROAD_SEED_OFFSET + seed,
+        train_size=max(size.batch_size, size.train_size // 3),
+        val_size=0,
+        eval_size=1,
+        mmvp_pairs=1,
+        probe_pairs=1,
+    )
+
+
+def pipeline_config(
+    world: str, recipe: str, size: Size, seed: int, base_model: str, device: str, broad: str | None = None
+) -> dict:
+    """The pipeline config of one (recipe, seed) run: the paper's recipe with ``RECIPES[recipe]`` applied.
+    ``broad``: the broad world (``broad_world_config``) whose training images a ``distill`` recipe uses."""
     r = RECIPES[recipe]
+    if r.get("distill") and broad is None:
+        raise ValueError(f"recipe {recipe!r} distils on a broad world's images: give broad=")
     warmup = max(1, round(PAPER_WARMUP_FRACTION * math.ceil(size.train_size / size.batch_size)))
     phase = {
         "epochs": 1,
@@ -92,8 +119,15 @@ def pipeline_config(world: str, recipe: str, size: Size, seed: int, base_model: 
         "device": device,
         "cluster": {"image_clusters": 3, "text_clusters": 3},
         "mcl": {**phase, "lr": r["mcl_lr"], "weight_decay": 0.2, "small_clusters": r["small_clusters"]},
-        "moe": {"experts": size.experts, "top_k": 2, "layers": "all", "expert_dropout": 0.1},
-        "route": {**phase, "lr": r["router_lr"], "weight_decay": 0.01, "balance_weight": 0.01},
+        "moe": {"experts": size.experts, "top_k": 2, "layers": "all", "expert_dropout": 0.1, **r.get("moe", {})},
+        "route": {
+            **phase,
+            "lr": r["router_lr"],
+            "weight_decay": 0.01,
+            "balance_weight": 0.01,
+            **r.get("route", {}),
+            **({"distill_data": os.path.join(broad, "train")} if r.get("distill") else {}),
+        },
         "baselines": {"enabled": "all", "stages": True, "budgets": ["epoch", "steps"]},
     }
 
@@ -119,12 +153,17 @@ def run_quality(
     for seed in seeds:
         world = os.path.join(out, "worlds", f"seed{seed}")
         generate_world(world, world_config(s, seed), verbose=False)
+        broad = None
+        if any(RECIPES[r].get("distill") for r in recipes):
+            broad = os.path.join(out, "worlds", f"seed{seed}-broad")
+            generate_world(broad, broad_world_config(s, seed), verbose=False)
         for recipe in recipes:
             name = f"{recipe}-seed{seed}"
             cfg_path = os.path.join(out, "configs", f"{name}.yaml")
             os.makedirs(os.path.dirname(cfg_path), exist_ok=True)
             with open(cfg_path, "w") as f:
-                yaml.safe_dump(pipeline_config(world, recipe, s, seed, base_model, device), f, sort_keys=False)
+                config = pipeline_config(world, recipe, s, seed, base_model, device, broad)
+                yaml.safe_dump(config, f, sort_keys=False)
             print(f"quality: {name} ({len(runs) + 1} of {len(seeds) * len(recipes)})", flush=True)
             cfg, run_dir = open_run(cfg_path, os.path.join(out, "runs", name))
             pipe = Pipeline(cfg, run_dir, init_distributed(cfg.device))

@@ -18,12 +18,14 @@ Layout of a run directory::
     stage{s}/cluster/              accumulated pseudo-labels after stage s, sizes, histogram
     stage{s}/train/, stage{s}/model/   MCL stage s (s >= 1): checkpoint + metrics, final model folder
     moe/init/, moe/train/, moe/model/  assembled CLIP-MoE, router training, final CLIP-MoE
+    moe/router_init.json           with moe.router_init: centroid, samples per expert and how alike the rows are
     baselines/{key}-{rule}/            each baseline under each budget rule (baselines.py)
     eval/{row}.json, report.md, plots/, timings.json
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -40,15 +42,16 @@ from ..data.readers import open_dataset
 from ..formats.load import load
 from ..model.modeling import ClipMoeModel
 from ..model.stretch import stretch_text_positions
-from ..model.surgery import assemble_moe
+from ..model.surgery import assemble_moe, init_routers
 from ..train.distributed import DistEnv, barrier, full_state_dict
-from ..train.loop import train
+from ..train.loop import Distillation, train
 from ..utils.io import atomic_file, write_json
 from ..utils.lock import lock_folder
 from .baselines import BaselineRun, Row, baseline_runs, rows, set_expert_dropout
 from .budgets import BUDGETS
+from .centroids import router_centroids
 from .cluster import cluster_features, write_cluster_outputs
-from .config import ConfigError, PipelineConfig, TrainConfig, diff_configs, load_config
+from .config import ConfigError, PipelineConfig, TrainConfig, config_from_dict, diff_configs, load_config
 from .embed import FeatureStore, embed_dataset
 from .identity import check_identity, dataset_identity, write_identity
 from .report import evaluate_row, phase_parameters, write_report
@@ -109,10 +112,16 @@ class Pipeline:
         barrier(self.env)
 
     def train(self, model: ClipMoeModel, tcfg: TrainConfig, folder: str, desc: str, labels=None) -> dict:
-        """One training phase on the run's training set (the one loop every phase uses)."""
+        """One training phase on the run's training set (the one loop every phase uses). With
+        ``distill_weight`` > 0 the frozen base (stage 0) and ``distill_data``'s images join it."""
         collate = ClipCollator(model.tokenizer, model.image_processor)
         self.record_data(folder)
-        return train(model, self.dataset(), collate, tcfg, folder, self.env, labels=labels, desc=desc)
+        distill = None
+        if tcfg.distill_weight:
+            d = self.cfg.data
+            images = open_dataset(tcfg.distill_data, max_skipped_fraction=d.max_skipped_fraction)
+            distill = Distillation(self.load(self.stage_model(0)), images, collate)
+        return train(model, self.dataset(), collate, tcfg, folder, self.env, labels=labels, desc=desc, distill=distill)
 
     def _timed(self, name: str, fn):
         t0 = time.perf_counter()
@@ -212,7 +221,13 @@ class Pipeline:
         base = self.load(experts[0])
         models = [base] + [self.load(p) for p in experts[1:]]
         torch.manual_seed(self.cfg.seed)  # router init
-        self.save(assemble_moe(base, models, self.cfg.moe), out)
+        moe = assemble_moe(base, models, self.cfg.moe)
+        if self.cfg.moe.router_init == "centroid":
+            centroids, record = router_centroids(self, base)
+            init_routers(moe, centroids)
+            if self.env.is_main:
+                write_json(self.out("assemble", None, "router_init"), record)
+        self.save(moe, out)
         return out
 
     def route(self) -> str:
@@ -400,7 +415,12 @@ def _changed_keys(run_dir: str, cfg: PipelineConfig) -> list[str]:
     if not os.path.exists(snapshot):
         return []
     with open(snapshot) as f:
-        return diff_configs(yaml.safe_load(f), cfg.to_dict())
+        old = yaml.safe_load(f)
+    # A key added to the config since the snapshot was written counts at its default value; a snapshot that no
+    # longer validates (a key since removed) is compared raw, which names that key.
+    with contextlib.suppress(ConfigError):
+        old = config_from_dict(old, check_paths=False).to_dict()
+    return diff_configs(old, cfg.to_dict())
 
 
 def _refuse_changed_config(run_dir: str, cfg: PipelineConfig) -> None:
