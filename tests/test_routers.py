@@ -379,3 +379,18 @@ def test_a_run_or_checkpoint_written_before_the_new_keys_is_not_a_changed_config
     torch.save(state, os.path.join(folder, CHECKPOINT))
     train(copy.deepcopy(model), Pairs(), collate_for(model), c, folder)  # resumes from step 1, not refused
     assert [r["step"] for r in records(folder)] == [1, 2]
+
+
+def test_unusable_distillation_images_stop_the_run_before_any_work(tmp_path, world, base_dir):
+    (tmp_path / "empty").mkdir()
+    raw = {
+        "base_model": str(base_dir),
+        "data": {"train": str(world / "train")},
+        "device": "cpu",
+        "route": {"distill_weight": 1.0, "distill_data": "empty"},
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="route.distill_data: no usable samples"):
+        open_run(str(path), str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")

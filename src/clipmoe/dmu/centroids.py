@@ -71,17 +71,18 @@ def ffn_input_means(
     try:
         with torch.no_grad():
             for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+                if batch["skipped"]:  # rows must stay aligned with the samples asked for
+                    raise ValueError(f"moe.router_init: cannot read {'; '.join(batch['skipped'])}")
                 if blocks.get("vision"):
                     model.encode_image(batch["pixel_values"].to(device))
-                    valid = batch["valid"].to(device)
                     means = torch.stack([captured["vision"][b].mean(dim=1) for b in blocks["vision"]], dim=1)
-                    out["vision"].append(means[valid].cpu())
+                    out["vision"].append(means.cpu())
                 if blocks.get("text"):
                     mask = batch["attention_mask"].to(device)
                     model.encode_text(batch["input_ids"].to(device), mask)
                     w = mask.float()[:, :, None] / mask.sum(dim=1).clamp_min(1)[:, None, None]
                     means = torch.stack([(captured["text"][b] * w).sum(dim=1) for b in blocks["text"]], dim=1)
-                    out["text"].append(means[batch["valid"].to(device)].cpu())
+                    out["text"].append(means.cpu())
     finally:
         for h in hooks:
             h.remove()

@@ -314,6 +314,11 @@ class Pipeline:
                 errors.append(
                     f"{phase}.batch_size: batches of {min(t.batch_size, n)} are below min_batch {t.min_batch}"
                 )
+        if self.cfg.route.distill_weight:  # indexed now, so an unreadable one stops the run before MCL, not after
+            try:
+                open_dataset(self.cfg.route.distill_data, max_skipped_fraction=self.cfg.data.max_skipped_fraction)
+            except (OSError, ValueError) as e:
+                errors.append(f"route.distill_data: {e}")
         if errors:
             raise ConfigError(f"{len(errors)} problem(s) with this config and data:\n  - " + "\n  - ".join(errors))
 
