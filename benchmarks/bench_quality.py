@@ -3,6 +3,7 @@
 python benchmarks/bench_quality.py                      # default size, seeds 0 1 2, both recipes
 python benchmarks/bench_quality.py --size large --device cuda
 python benchmarks/bench_quality.py --budgets epoch steps samples flops   # + equal samples / equal FLOPs rows
+python benchmarks/bench_quality.py --recipes tuned tuned+centroid tuned+distill   # router options vs tuned
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=sorted(SIZES), default="default", help="testbed size (default: default)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
-    p.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=list(RECIPES), help="recipes to run")
+    p.add_argument(
+        "--recipes",
+        nargs="+",
+        choices=list(RECIPES),
+        default=["paper", "tuned"],
+        help="recipes to run (default: paper tuned; the tuned+... variants set one router option each)",
+    )
     p.add_argument(
         "--budgets",
         nargs="+",

@@ -1,8 +1,8 @@
 """The quality testbed (docs/quality.md): DMU against its baselines in a miniature of the paper's setting.
 
 For each seed: a fine-tuning world (detailed captions, a narrower image distribution than the base's
-pretraining corpus, broad held-out evaluation sets), then one pipeline run per recipe (``paper``, ``tuned``)
-from the shipped base, each with every row and both budget rules. Everything is resumable: worlds are reused
+pretraining corpus, broad held-out evaluation sets), then one pipeline run per recipe (``paper``, ``tuned``, and
+the router-option variants of ``tuned``) from the shipped base, each with every row and both budget rules. Everything is resumable: worlds are reused
 when complete, runs skip finished stages. The tables, verdicts and plots go to ``OUT/quality.md``.
 
 Budget rules beyond the testbed's two (``--budgets ... samples flops``) each train in a fork of the (recipe,
@@ -66,10 +66,19 @@ SIZES = {
 }
 
 # The recipes compared (docs/quality.md, "Recipes"). Only the keys that differ between them are here.
+_PAPER = {"mcl_lr": 1e-5, "router_lr": 1e-6, "small_clusters": "drop"}
+_TUNED = {"mcl_lr": 3e-4, "router_lr": 1e-3, "small_clusters": "shrink"}
+# Router options (docs/pipeline.md, "Router options") as variants of `tuned`: "moe" / "route" keys are set in
+# those sections; "distill" trains the routers with the base-preserving term on a broad world's images.
 RECIPES: dict[str, dict] = {
-    "paper": {"mcl_lr": 1e-5, "router_lr": 1e-6, "small_clusters": "drop"},
-    "tuned": {"mcl_lr": 3e-4, "router_lr": 1e-3, "small_clusters": "shrink"},
+    "paper": _PAPER,
+    "tuned": _TUNED,
+    "tuned+centroid": {**_TUNED, "moe": {"router_init": "centroid"}},
+    "tuned+zloss": {**_TUNED, "route": {"z_loss_weight": 1e-3}},  # ST-MoE's weight; CLIP-UP's is not public
+    "tuned+layer-balance": {**_TUNED, "route": {"balance_scope": "layer"}},
+    "tuned+distill": {**_TUNED, "route": {"distill_weight": 1.0}, "distill": True},
 }
+BROAD_SEED_OFFSET = 200  # the distillation images' world: neither the base's corpus (1) nor fine-tuning (100+)
 
 
 def world_config(size: Size, seed: int) -> WorldConfig:
@@ -90,6 +99,19 @@ def _trained(baselines: str | list[str]) -> list[str]:
     return [b.key for b in BASELINES if b.trains and (baselines == "all" or b.key in baselines)]
 
 
+def broad_world_config(size: Size, seed: int) -> WorldConfig:
+    """Unlabelled images of the broad distribution (every colour and background) for the distillation term;
+    a world of its own, so no evaluation image is trained on."""
+    return WorldConfig(
+        seed=BROAD_SEED_OFFSET + seed,
+        train_size=max(size.batch_size, size.train_size // 3),
+        val_size=0,
+        eval_size=1,
+        mmvp_pairs=1,
+        probe_pairs=1,
+    )
+
+
 def pipeline_config(
     world: str,
     recipe: str,
@@ -99,11 +121,15 @@ def pipeline_config(
     device: str,
     budgets: tuple[str, ...] = TESTBED_BUDGETS,
     baselines: str | list[str] = "all",
+    broad: str | None = None,
 ) -> dict:
     """The pipeline config of one (recipe, seed) run: the paper's recipe with ``RECIPES[recipe]`` applied;
     ``baselines``: the rows of the pipeline's baseline registry to run (``baselines.enabled``). Other
-    ``budgets`` than the testbed's make the config of a fork that trains only the baselines under them."""
+    ``budgets`` than the testbed's make the config of a fork that trains only the baselines under them.
+    ``broad``: the broad world (``broad_world_config``) whose training images a ``distill`` recipe uses."""
     r = RECIPES[recipe]
+    if r.get("distill") and broad is None:
+        raise ValueError(f"recipe {recipe!r} distils on a broad world's images: give broad=")
     warmup = max(1, round(PAPER_WARMUP_FRACTION * math.ceil(size.train_size / size.batch_size)))
     phase = {
         "epochs": 1,
@@ -121,8 +147,15 @@ def pipeline_config(
         "device": device,
         "cluster": {"image_clusters": 3, "text_clusters": 3},
         "mcl": {**phase, "lr": r["mcl_lr"], "weight_decay": 0.2, "small_clusters": r["small_clusters"]},
-        "moe": {"experts": size.experts, "top_k": 2, "layers": "all", "expert_dropout": 0.1},
-        "route": {**phase, "lr": r["router_lr"], "weight_decay": 0.01, "balance_weight": 0.01},
+        "moe": {"experts": size.experts, "top_k": 2, "layers": "all", "expert_dropout": 0.1, **r.get("moe", {})},
+        "route": {
+            **phase,
+            "lr": r["router_lr"],
+            "weight_decay": 0.01,
+            "balance_weight": 0.01,
+            **r.get("route", {}),
+            **({"distill_data": os.path.join(broad, "train")} if r.get("distill") else {}),
+        },
         "baselines": {
             "enabled": baselines if tuple(budgets) == TESTBED_BUDGETS else _trained(baselines),
             "stages": tuple(budgets) == TESTBED_BUDGETS,  # a fork's report need not evaluate the stages again
@@ -159,15 +192,19 @@ def run_quality(
     for seed in seeds:
         world = os.path.join(out, "worlds", f"seed{seed}")
         generate_world(world, world_config(s, seed), verbose=False)
+        broad = None
+        if any(RECIPES[r].get("distill") for r in recipes):
+            broad = os.path.join(out, "worlds", f"seed{seed}-broad")
+            generate_world(broad, broad_world_config(s, seed), verbose=False)
         for recipe in recipes:
             name = f"{recipe}-seed{seed}"
             print(f"quality: {name} ({len(runs) + 1} of {len(seeds) * len(recipes)})", flush=True)
-            config = pipeline_config(world, recipe, s, seed, base_model, device, baselines=baselines)
+            config = pipeline_config(world, recipe, s, seed, base_model, device, baselines=baselines, broad=broad)
             pipe = _run(out, name, config, report_only)
             runs[name] = {"recipe": recipe, "seed": seed, "run_dir": pipe.run_dir, "results": pipe.results()}
             forks = []
             for rule in [b for b in budgets if b not in TESTBED_BUDGETS]:
-                config = pipeline_config(world, recipe, s, seed, base_model, device, (rule,), baselines)
+                config = pipeline_config(world, recipe, s, seed, base_model, device, (rule,), baselines, broad)
                 forks.append(_run(out, f"{name}-{rule}", config, report_only, fork_of=pipe.run_dir))
                 results = runs[name]["results"]
                 dmu = results.pop("DMU CLIP-MoE")  # stays the last row

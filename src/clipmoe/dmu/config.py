@@ -67,6 +67,12 @@ class MoEConfig(MoEOptions):
 
     experts: int = 4  # N experts = the base FFN + N-1 MCL stages
     expert_dropout: float = 0.1  # inside experts while training routers (official code)
+    # DMU assembly's routers: "random" = nn.Linear's default init (the paper); "centroid" = row e points at the
+    # mean FFN input (after the pre-FFN LayerNorm) of the training samples expert e was fine-tuned on, at that
+    # layer, under the base model (Cluster-aware Upcycling's idea, dmu/centroids.py); router_init_samples of
+    # the training set (a seeded subsample) are encoded for it.
+    router_init: str = "random"
+    router_init_samples: int = 1024
 
 
 @dataclass
@@ -145,9 +151,10 @@ SHARED_SETTINGS = {"seed": "seed", "precision": "precision", "num_workers": "dat
 def load_config(path: str | os.PathLike, check_paths: bool = True) -> PipelineConfig:
     """Read and validate a pipeline config file; every problem is reported in one ``ConfigError``.
 
-    Relative paths in it (base_model, data.train, data.root, data.eval) are taken relative to the file's folder, so the config, and the
-    snapshot a run writes of it, mean the same from any working directory. A ``base_model`` that is no such
-    path but a Hugging Face repo id (``owner/name[@revision]``) stays an id (``formats/hub.py``)."""
+    Relative paths in it (base_model, data.train, data.root, data.eval, route.distill_data) are taken relative
+    to the file's folder, so the config, and the snapshot a run writes of it, mean the same from any working
+    directory. A ``base_model`` that is no such path but a Hugging Face repo id (``owner/name[@revision]``) stays
+    an id (``formats/hub.py``)."""
     path = os.fspath(path)
     raw = read_yaml(path)
     return config_from_dict(raw, source=path, check_paths=check_paths, base_dir=os.path.dirname(os.path.abspath(path)))
@@ -294,7 +301,8 @@ def _resolve_paths(cfg: PipelineConfig, base_dir: str) -> PipelineConfig:
     data = dataclasses.replace(
         cfg.data, **{k: resolve_path(getattr(cfg.data, k), base_dir) for k in ("train", "root", "eval")}
     )
-    return dataclasses.replace(cfg, base_model=_resolve_base_model(cfg.base_model, base_dir), data=data)
+    route = dataclasses.replace(cfg.route, distill_data=resolve_path(cfg.route.distill_data, base_dir))
+    return dataclasses.replace(cfg, base_model=_resolve_base_model(cfg.base_model, base_dir), data=data, route=route)
 
 
 def _resolve_base_model(name: str, base_dir: str) -> str:
@@ -338,6 +346,7 @@ def _type_name(hint: Any) -> str:
 
 DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 UPCYCLE_TRAINABLE = ("router+experts", "all", "router")
+ROUTER_INITS = ("random", "centroid")
 
 
 def _semantic_errors(cfg: PipelineConfig, check_paths: bool) -> list[str]:
@@ -392,6 +401,9 @@ def _semantic_errors(cfg: PipelineConfig, check_paths: bool) -> list[str]:
         errors.append(f"baselines.budgets: unknown rule(s) {unknown}; known: {', '.join(BUDGETS)}")
     if cfg.mcl.trainable != "ffn":
         errors.append(f"mcl.trainable: MCL stages train FFNs only, got {cfg.mcl.trainable!r}")
+    need(cfg.moe.router_init in ROUTER_INITS, "moe.router_init", f"must be one of {', '.join(ROUTER_INITS)}")
+    need(cfg.moe.router_init_samples >= 1, "moe.router_init_samples", "must be >= 1")
+    need(cfg.mcl.distill_weight == 0, "mcl.distill_weight", "the distillation term is a routing option (route.)")
     depth = None
     if check_paths:
         depth, base_errors = _base_depth(cfg.base_model)
@@ -402,6 +414,8 @@ def _semantic_errors(cfg: PipelineConfig, check_paths: bool) -> list[str]:
             p = getattr(cfg.data, key)
             if p is not None and not _path_exists(p):
                 errors.append(f"data.{key}: no such file or folder: {p}")
+        if cfg.route.distill_data is not None and not _path_exists(cfg.route.distill_data):
+            errors.append(f"route.distill_data: no such file or folder: {cfg.route.distill_data}")
     return errors
 
 
@@ -425,11 +439,6 @@ def _recipe_errors(cfg: PipelineConfig) -> list[str]:
     def on(key: str) -> bool:
         return enabled == "all" or (isinstance(enabled, list) and key in enabled)
 
-    if on("clip_up") and up.z_loss_weight and not cfg.route.balance_weight:
-        errors.append(
-            "baselines.clip_up.z_loss_weight: the training loop adds the z-loss with the balance loss, "
-            "so it needs route.balance_weight > 0"
-        )
     if fm.partitions not in FMOE_PARTITIONS:
         errors.append(f"baselines.fmoe.partitions: must be one of {', '.join(FMOE_PARTITIONS)}, got {fm.partitions!r}")
     if on("fmoe"):

@@ -18,6 +18,7 @@ Layout of a run directory::
     stage{s}/cluster/              accumulated pseudo-labels after stage s, sizes, histogram
     stage{s}/train/, stage{s}/model/   MCL stage s (s >= 1): checkpoint + metrics, final model folder
     moe/init/, moe/train/, moe/model/  assembled CLIP-MoE, router training, final CLIP-MoE
+    moe/router_init.json           with moe.router_init: centroid, samples per expert and how alike the rows are
     baselines/{key}-{rule}/            each baseline under each budget rule (baselines.py)
     eval/{row}.json, report.md, plots/, timings.json
 """
@@ -43,15 +44,16 @@ from ..formats.hub import ModelNotCachedError, ModelNotFoundError, model_config_
 from ..formats.load import load
 from ..model.modeling import ClipMoeModel
 from ..model.stretch import stretch_text_positions
-from ..model.surgery import assemble_moe
+from ..model.surgery import assemble_moe, init_routers
 from ..train.distributed import DistEnv, full_state_dict, on_main
-from ..train.loop import CHECKPOINT, train
+from ..train.loop import CHECKPOINT, Distillation, train
 from ..utils.io import atomic_file, write_json
 from ..utils.lock import lock_folder
 from .baselines import BaselineRun, Row, baseline_runs, rows, set_expert_dropout
 from .budgets import BUDGETS
+from .centroids import router_centroids
 from .cluster import cluster_features, write_cluster_outputs
-from .config import ConfigError, PipelineConfig, TrainConfig, diff_configs, load_config
+from .config import ConfigError, PipelineConfig, TrainConfig, config_from_dict, diff_configs, load_config
 from .embed import FeatureStore, embed_dataset
 from .identity import check_identity, dataset_identity, write_identity
 from .report import evaluate_row, phase_parameters, write_report
@@ -125,7 +127,8 @@ class Pipeline:
         on_main(write, self.env)  # a refusal or a failed write on rank 0 raises on every rank, none waits
 
     def train(self, model: ClipMoeModel, tcfg: TrainConfig, folder: str, desc: str, labels=None) -> dict:
-        """One training phase on the run's training set (the one loop every phase uses)."""
+        """One training phase on the run's training set (the one loop every phase uses). With
+        ``distill_weight`` > 0 the frozen base (stage 0) and ``distill_data``'s images join it."""
         collate = ClipCollator(model.tokenizer, model.image_processor)
         self.record_data(folder)
         if os.path.exists(os.path.join(folder, CHECKPOINT)):
@@ -137,8 +140,24 @@ class Pipeline:
             if self._eta is not None:
                 self._eta.observe(desc, step, steps, tcfg.batch_size, time.perf_counter() - start, self.log)
 
+        distill = None
+        if tcfg.distill_weight:
+            d = self.cfg.data
+            images = open_dataset(tcfg.distill_data, max_skipped_fraction=d.max_skipped_fraction)
+            distill = Distillation(self.load(self.stage_model(0)), images, collate)
         self._phase = (desc, 0, 0)
-        stats = train(model, self.dataset(), collate, tcfg, folder, self.env, labels=labels, desc=desc, on_step=on_step)
+        stats = train(
+            model,
+            self.dataset(),
+            collate,
+            tcfg,
+            folder,
+            self.env,
+            labels=labels,
+            desc=desc,
+            on_step=on_step,
+            distill=distill,
+        )
         self._phase = None
         return stats
 
@@ -262,7 +281,13 @@ class Pipeline:
         base = self.load(experts[0])
         models = [base] + [self.load(p) for p in experts[1:]]
         torch.manual_seed(self.cfg.seed)  # router init
-        self.save(assemble_moe(base, models, self.cfg.moe), out)
+        moe = assemble_moe(base, models, self.cfg.moe)
+        if self.cfg.moe.router_init == "centroid":
+            centroids, record = router_centroids(self, base)
+            init_routers(moe, centroids)
+            if self.env.is_main:
+                write_json(self.out("assemble", None, "router_init"), record)
+        self.save(moe, out)
         return out
 
     def route(self) -> str:
@@ -351,6 +376,11 @@ class Pipeline:
                 errors.append(
                     f"{phase}.batch_size: batches of {min(t.batch_size, n)} are below min_batch {t.min_batch}"
                 )
+        if self.cfg.route.distill_weight:  # indexed now, so an unreadable one stops the run before MCL, not after
+            try:
+                open_dataset(self.cfg.route.distill_data, max_skipped_fraction=self.cfg.data.max_skipped_fraction)
+            except (OSError, ValueError) as e:
+                errors.append(f"route.distill_data: {e}")
         if errors:
             raise ConfigError(f"{len(errors)} problem(s) with this config and data:\n  - " + "\n  - ".join(errors))
 
@@ -583,7 +613,12 @@ def _changed_keys(run_dir: str, cfg: PipelineConfig) -> list[str]:
     if not os.path.exists(snapshot):
         return []
     with open(snapshot) as f:
-        return diff_configs(yaml.safe_load(f), cfg.to_dict())
+        old = yaml.safe_load(f)
+    # A key added to the config since the snapshot was written counts at its default value; a snapshot that no
+    # longer validates (a key since removed) is compared raw, which names that key.
+    with contextlib.suppress(ConfigError):
+        old = config_from_dict(old, check_paths=False).to_dict()
+    return diff_configs(old, cfg.to_dict())
 
 
 def _refuse_changed_config(run_dir: str, cfg: PipelineConfig) -> None:

@@ -100,7 +100,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "assemble",
         "Assemble the CLIP-MoE: expert e of every chosen block is the FFN of MCL stage e (stage 0 = the base).",
-        outputs=lambda _: {"model": "moe/init"},
+        outputs=lambda _: {"model": "moe/init", "router_init": "moe/router_init.json"},
         done="model",
         sections=lambda _, pipe: (*EXPERTS, "moe"),
         run=lambda pipe, _: pipe.assemble(),

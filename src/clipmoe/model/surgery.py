@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..utils.keys import key_mismatch
-from .modeling import TOWERS, ClipMoeModel, MoESpec, tower_config
+from .modeling import TOWERS, ClipMoeModel, MoESpec, tower_config, tower_layers
 from .moe import MoEFeedForward
 from .options import MoEOptions
 
@@ -216,6 +216,39 @@ def assemble_moe(
             }
         )
     return _assemble(base, expert_ffns, _options(options, overrides))
+
+
+def init_routers(
+    model: ClipMoeModel, centroids: Mapping[str, Mapping[int, torch.Tensor]], norm: float | None = None
+) -> None:
+    """Point every router's rows at given directions (centroid-initialised routing, Cluster-aware Upcycling).
+
+    ``centroids[tower][block]`` is ``[E, dim]``: row e is what expert e's router row will point at (the mean
+    FFN input of the data expert e was fine-tuned on). Each row is L2-normalised and scaled to ``norm``, or,
+    with None, to the norm of the row it replaces (nn.Linear's default init gives about 1/sqrt(3)), so only
+    the directions change. A token equal to centroid e then scores highest on expert e whenever the
+    centroids' directions differ. Blocks without a MoE layer, or missing from ``centroids``, are an error.
+    """
+    layers = {
+        (tower, b): block.mlp
+        for tower, blocks in tower_layers(model).items()
+        for b, block in enumerate(blocks)
+        if isinstance(block.mlp, MoEFeedForward)
+    }
+    for tower, blocks in centroids.items():
+        for block, rows in blocks.items():
+            layer = layers.get((tower, block))
+            if layer is None:
+                raise ValueError(f"block {block} of the {tower} tower is not a MoE layer")
+            weight = layer.router.weight
+            if rows.shape != weight.shape:
+                raise ValueError(f"{tower} block {block}: centroids {tuple(rows.shape)}, router {tuple(weight.shape)}")
+            with torch.no_grad():
+                scale = weight.norm(dim=1, keepdim=True) if norm is None else torch.full_like(weight[:, :1], norm)
+                weight.copy_(torch.nn.functional.normalize(rows.to(weight), dim=1) * scale)
+    missing = [key for key in layers if key[1] not in centroids.get(key[0], {})]
+    if missing:
+        raise ValueError(f"no centroids for the MoE layers {missing}")
 
 
 def _param_names(ffn: FFN) -> tuple[str, str, str, str]:

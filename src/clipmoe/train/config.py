@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 # GlobalBatchSampler's policies for clusters smaller than a batch (train/samplers.py)
 SMALL_CLUSTER_POLICIES = ("shrink", "drop")
+# How the Switch balance loss pools a tower's MoE layers (train/loss.py router_losses)
+BALANCE_SCOPES = ("tower", "layer")
 
 
 @dataclass
@@ -38,7 +40,17 @@ class TrainConfig:
     balance_weight: float = 0.0  # x (image balance + text_balance_factor x text balance)
     text_balance_factor: float = 0.5
     balance_mask_padding: bool = True  # False reproduces the official code (padding counted)
+    # Router z-loss (ST-MoE; CLIP-UP trains with it): weight x (image z + text_balance_factor x text z), each the
+    # mean squared log-sum-exp of the router logits over a tower's MoE layers. Applies with or without balance.
     z_loss_weight: float = 0.0
+    # "tower": one balance loss on the routing of all of a tower's MoE layers flattened together (the official
+    # code); "layer": the mean over the tower's layers of per-layer balance losses (the paper's Eq. 9).
+    balance_scope: str = "tower"
+    # Base-preserving routing: + distill_weight x mean (1 - cosine) between the trained model's image embedding
+    # and the frozen base model's, on the images of distill_data (a dataset path the readers read; captions are
+    # not used). Both or neither.
+    distill_weight: float = 0.0
+    distill_data: str | None = None
     trainable: str = "all"  # all | ffn | router | router+experts
     last_n_blocks: int | None = None  # with trainable=ffn: only the last N blocks of each tower
     small_clusters: str = "shrink"
@@ -73,6 +85,8 @@ class TrainConfig:
             "balance_weight": self.balance_weight >= 0,
             "text_balance_factor": self.text_balance_factor >= 0,
             "z_loss_weight": self.z_loss_weight >= 0,
+            "balance_scope": self.balance_scope in BALANCE_SCOPES,
+            "distill_weight": self.distill_weight >= 0,
             "trainable": self.trainable in ("all", "ffn", "router", "router+experts"),
             "last_n_blocks": self.last_n_blocks is None or self.last_n_blocks >= 1,
             "small_clusters": self.small_clusters in SMALL_CLUSTER_POLICIES,
@@ -81,6 +95,11 @@ class TrainConfig:
             "log_every": self.log_every > 0,
             "num_workers": self.num_workers >= 0,
         }
-        bad = [k for k, ok in checks.items() if not ok]
+        bad = [f"{k}={getattr(self, k)!r}" for k, ok in checks.items() if not ok]
+        if (self.distill_weight > 0) != (self.distill_data is not None):
+            bad.append(
+                f"distill_weight={self.distill_weight!r} with distill_data={self.distill_data!r} "
+                "(the distillation term needs both: a weight > 0 and a dataset of images)"
+            )
         if bad:
-            raise ValueError(f"invalid training settings: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+            raise ValueError(f"invalid training settings: {', '.join(bad)}")

@@ -8,6 +8,7 @@ call continues from there, and an interrupted run loses at most one checkpoint i
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
@@ -15,7 +16,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -26,12 +27,11 @@ from tqdm.auto import tqdm
 
 from ..formats.state_dict import save_file_atomically
 from ..model.modeling import tower_layers
-from ..model.moe import load_balancing_loss, router_z_loss
 from ..utils.io import atomic_file
 from ..utils.keys import first_few
 from .config import TrainConfig
 from .distributed import DistEnv, all_gather_objects, on_main
-from .loss import global_router_losses
+from .loss import distillation_loss, router_losses
 from .loss_sigmoid import contrastive_loss, resolve_loss
 from .samplers import GlobalBatchSampler
 
@@ -50,8 +50,10 @@ class _ContrastiveForward(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, pixel_values, input_ids, attention_mask):
-        return self.model.encode_image(pixel_values), self.model.encode_text(input_ids, attention_mask)
+    def forward(self, pixel_values, input_ids, attention_mask, distill_pixels=None):
+        # The distillation images go first, so the routers' last logits (the balance loss's) are the batch's.
+        distilled = None if distill_pixels is None else self.model.encode_image(distill_pixels)
+        return self.model.encode_image(pixel_values), self.model.encode_text(input_ids, attention_mask), distilled
 
 
 class MetricsLog:
@@ -92,30 +94,19 @@ def cosine_schedule(warmup: int, total: int):
 
 
 def balance_loss(model, attention_mask: torch.Tensor, cfg: TrainConfig) -> torch.Tensor | None:
-    """Image balance + ``text_balance_factor`` x text balance, all MoE layers of a tower flattened together.
+    """Image balance + ``text_balance_factor`` x text balance of the last forward (``loss.router_losses``);
+    None when the model has no MoE layer."""
+    return router_losses(model, attention_mask, cfg).get("balance")
 
-    With ``cfg.global_balance`` the statistics are summed over ranks first (one small all-reduce per tower),
-    so the value and its gradient do not depend on how the global batch is split across ranks.
-    """
-    terms = []
-    for tower, factor in (("vision", 1.0), ("text", cfg.text_balance_factor)):
-        logits = model.router_logits(tower)
-        if not logits:
-            continue
-        mask = None
-        if tower == "text" and cfg.balance_mask_padding:
-            mask = attention_mask.reshape(-1).bool().repeat(len(logits))
-        stacked = torch.cat(logits)
-        top_k = model.moe_layers(tower)[0].top_k
-        if cfg.global_balance:
-            term, z_loss = global_router_losses(stacked, top_k, mask)
-        else:
-            term = load_balancing_loss(stacked, top_k, mask)
-            z_loss = router_z_loss(stacked, mask) if cfg.z_loss_weight else None
-        if cfg.z_loss_weight:
-            term = term + cfg.z_loss_weight / max(cfg.balance_weight, 1e-12) * z_loss
-        terms.append(factor * term)
-    return sum(terms) if terms else None
+
+@dataclass
+class Distillation:
+    """The base-preserving term's inputs: the frozen model whose image embeddings are the targets, and the
+    images (any dataset of ``readers.Sample``; captions unused) with their collator."""
+
+    teacher: nn.Module
+    images: Dataset
+    collate: Callable
 
 
 def dropped_fraction(model) -> float | None:
@@ -136,12 +127,15 @@ def train(
     labels: np.ndarray | None = None,
     desc: str = "train",
     on_step: Callable[[int, int], None] | None = None,
+    distill: Distillation | None = None,
 ) -> dict:
     """Train ``model`` in place with the contrastive loss; resumable from ``out_dir``. Returns run stats.
 
     ``on_step(step, total_steps)`` runs after every optimizer step (for example a held-out evaluation curve);
-    it must leave the model in training mode."""
+    it must leave the model in training mode. ``distill`` is required when ``cfg.distill_weight`` > 0."""
     env = env or DistEnv()
+    if cfg.distill_weight and distill is None:
+        raise ValueError(f"{desc}: distill_weight={cfg.distill_weight} but no distillation images were given")
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model.set_trainable(cfg.trainable, cfg.last_n_blocks)
@@ -193,6 +187,10 @@ def train(
     samples_seen, t0 = 0, time.perf_counter()
     micro = step * cfg.grad_accum
     batches = _batch_stream(dataset, sampler, collate, micro, cfg.num_workers, cfg.seed)
+    distill_batches = None
+    if cfg.distill_weight:
+        distill.teacher.to(env.device).eval().requires_grad_(False)
+        distill_batches = _distill_stream(distill, cfg.batch_size // env.world_size, env, micro, cfg)
     try:
         while step < total_steps:
             optimizer.zero_grad(set_to_none=True)
@@ -204,20 +202,29 @@ def train(
                     if hasattr(dataset, "record_skipped"):
                         dataset.record_skipped(batch)
                 sync = accum == cfg.grad_accum - 1
+                side = next(distill_batches) if distill_batches is not None else None
                 with _no_sync(forward, sync), autocast:
-                    img, txt = forward(
+                    img, txt, distilled = forward(
                         batch["pixel_values"].to(env.device),
                         batch["input_ids"].to(env.device),
                         batch["attention_mask"].to(env.device),
+                        None if side is None else side["pixel_values"].to(env.device),
                     )
                     valid = batch.get("valid")
                     clip = loss_fn(img, txt, None if valid is None else valid.to(env.device))
                     loss = clip
-                    if cfg.balance_weight:
-                        bal = balance_loss(model, batch["attention_mask"].to(env.device), cfg)
-                        if bal is not None:
-                            loss = loss + cfg.balance_weight * bal
-                            logged["balance"] = logged.get("balance", 0.0) + bal.item() / cfg.grad_accum
+                    terms: dict[str, torch.Tensor] = {}
+                    if cfg.balance_weight or cfg.z_loss_weight:
+                        terms = router_losses(model, batch["attention_mask"].to(env.device), cfg)
+                        if terms:
+                            loss = loss + cfg.balance_weight * terms["balance"] + cfg.z_loss_weight * terms["z_loss"]
+                    if side is not None:
+                        with torch.no_grad():
+                            target = distill.teacher.encode_image(side["pixel_values"].to(env.device))
+                        terms["distill"] = distillation_loss(distilled, target, side["valid"].to(env.device))
+                        loss = loss + cfg.distill_weight * terms["distill"]
+                    for name, value in terms.items():  # logged unweighted; "loss" is the weighted total
+                        logged[name] = logged.get(name, 0.0) + value.item() / cfg.grad_accum
                     _check_loss(loss, (img, txt), valid, dataset, batch, env, desc, step + 1, total_steps)
                     (loss / cfg.grad_accum).backward()
                 dropped = dropped_fraction(model)
@@ -312,6 +319,31 @@ def _batch_stream(dataset, sampler: GlobalBatchSampler, collate, start_micro: in
         )
         yield from loader
         epoch, pos = epoch + 1, 0
+
+
+def _distill_stream(distill: Distillation, per_rank: int, env: DistEnv, start_micro: int, cfg: TrainConfig):
+    """Endless micro-batches of distillation images, ``per_rank`` per rank: micro-batch m takes positions
+    ``[m * B, (m + 1) * B)`` (B = the global batch) of a stream of seeded permutations of the images, so a
+    resumed run draws exactly the images the uninterrupted one would have."""
+    n, size = len(distill.images), per_rank * env.world_size
+    chunk = 64  # micro-batches per DataLoader (its workers decode ahead within a chunk)
+    micro = start_micro
+    while True:
+        batches = []
+        for m in range(micro, micro + chunk):
+            positions = np.arange(m * size + env.rank * per_rank, m * size + (env.rank + 1) * per_rank)
+            epochs, offsets = np.divmod(positions, n)
+            batches.append([int(_permutation(n, cfg.seed, e)[o]) for e, o in zip(epochs, offsets)])
+        loader = DataLoader(
+            distill.images, batch_sampler=batches, collate_fn=distill.collate, num_workers=cfg.num_workers
+        )
+        yield from loader
+        micro += chunk
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, 7]).permutation(n)  # 7: not the sampler's (seed, epoch) stream
 
 
 def _batch_keys(dataset, batch: dict) -> list[str]:
@@ -520,8 +552,13 @@ def _load_checkpoint(
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     state = torch.load(path, map_location="cpu", weights_only=True)
-    saved_cfg = json.loads(state["config"])
-    now_cfg = json.loads(json.dumps(asdict(cfg), sort_keys=True, default=str))
+
+    def plain(c: TrainConfig) -> dict:
+        return json.loads(json.dumps(asdict(c), sort_keys=True, default=str))
+
+    # a setting added since the checkpoint was written counts at its default value
+    saved_cfg = {**plain(TrainConfig()), **json.loads(state["config"])}
+    now_cfg = plain(cfg)
     changed = sorted(k for k in set(saved_cfg) | set(now_cfg) if saved_cfg.get(k) != now_cfg.get(k))
     if changed:
         raise ValueError(

@@ -15,6 +15,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.moe import load_balancing_loss, router_z_loss
+from .config import TrainConfig
+
 # torch 2.13 renamed all_gather_into_tensor to all_gather_single (the old name warns); keep older torch working.
 _all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -76,7 +79,7 @@ def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 def global_router_losses(
-    router_logits: torch.Tensor, top_k: int, token_mask: torch.Tensor | None = None
+    router_logits: torch.Tensor, top_k: int, token_mask: torch.Tensor | None = None, layers: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(balance loss, z-loss) of one tower on the routing of **all ranks together**.
 
@@ -85,27 +88,73 @@ def global_router_losses(
     count are summed over ranks before the ratios are taken. A per-rank balance loss rewards balancing each
     rank's shard, which is a different (and world-size-dependent) objective; this one equals the
     single-process value on the global batch. All sums travel in one all-reduce per call.
+
+    ``router_logits`` is ``[layers * N, E]`` (the tower's layers concatenated). ``layers=1`` pools them into one
+    balance loss (the official code's flattening); ``layers=L`` computes the statistics per layer and returns
+    the mean of the L per-layer balance losses. The z-loss is the mean over all rows either way.
     """
     num_experts = router_logits.shape[-1]
-    logits = router_logits.float()
+    logits = router_logits.float().reshape(layers, -1, num_experts)
     probs = logits.softmax(dim=-1)
-    m = torch.ones_like(probs[:, 0]) if token_mask is None else token_mask.reshape(-1).to(probs.dtype)
-    chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, num_experts).to(probs.dtype)  # [N, k, E]
+    m = torch.ones_like(probs[..., 0]) if token_mask is None else token_mask.reshape(layers, -1).to(probs.dtype)
+    chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, num_experts).to(probs.dtype)  # [L, N, k, E]
     z = torch.logsumexp(logits, dim=-1).square()
     sums = torch.cat(
         [
-            (probs * m[:, None]).sum(dim=0),  # [E], differentiable
+            (probs * m[..., None]).sum(dim=1).reshape(-1),  # [L*E], differentiable
             (z * m).sum()[None],  # [1], differentiable
-            (chosen * m[:, None, None]).sum(dim=0).reshape(-1),  # [k*E], counts: no gradient
-            m.sum()[None],  # [1]
+            (chosen * m[..., None, None]).sum(dim=1).reshape(-1),  # [L*k*E], counts: no gradient
+            m.sum(dim=1),  # [L]
         ]
     )
     sums = all_reduce_with_grad(sums)
-    prob_sum, z_sum, chosen_sum, count = sums.split([num_experts, 1, top_k * num_experts, 1])
-    count = count.clamp_min(1.0)
-    fraction = (chosen_sum / count).reshape(top_k, num_experts)
-    balance = num_experts * (fraction * (prob_sum / count)[None]).sum()
-    return balance, (z_sum / count).squeeze(0)
+    prob_sum, z_sum, chosen_sum, count = sums.split([layers * num_experts, 1, layers * top_k * num_experts, layers])
+    fraction = chosen_sum.reshape(layers, top_k, num_experts) / count.clamp_min(1.0)[:, None, None]
+    mean_prob = prob_sum.reshape(layers, num_experts) / count.clamp_min(1.0)[:, None]
+    balance = num_experts * (fraction * mean_prob[:, None, :]).sum(dim=(1, 2)).mean()
+    return balance, (z_sum / count.sum().clamp_min(1.0)).squeeze(0)
+
+
+def router_losses(model, attention_mask: torch.Tensor, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """``{"balance": ..., "z_loss": ...}`` of the last forward: image + ``text_balance_factor`` x text each.
+
+    ``cfg.balance_scope`` pools a tower's MoE layers: ``tower`` = one loss on all its layers' routing flattened
+    together (the official code), ``layer`` = the mean of per-layer losses (the paper's Eq. 9). With
+    ``cfg.global_balance`` the statistics are summed over ranks first (one small all-reduce per tower), so the
+    value and its gradient do not depend on how the global batch is split across ranks. Text padding is left
+    out of both statistics unless ``cfg.balance_mask_padding`` is false. Empty when the model has no MoE layer.
+    """
+    balance, z_loss = [], []
+    for tower, factor in (("vision", 1.0), ("text", cfg.text_balance_factor)):
+        logits = model.router_logits(tower)
+        if not logits:
+            continue
+        mask = None
+        if tower == "text" and cfg.balance_mask_padding:
+            mask = attention_mask.reshape(-1).bool().repeat(len(logits))
+        stacked = torch.cat(logits)
+        top_k = model.moe_layers(tower)[0].top_k
+        layers = len(logits) if cfg.balance_scope == "layer" else 1
+        if cfg.global_balance:
+            term, z = global_router_losses(stacked, top_k, mask, layers)
+        else:
+            per_layer = stacked.chunk(layers)
+            masks = mask.chunk(layers) if mask is not None else [None] * layers
+            term = torch.stack([load_balancing_loss(x, top_k, k) for x, k in zip(per_layer, masks)]).mean()
+            z = router_z_loss(stacked, mask)
+        balance.append(factor * term)
+        z_loss.append(factor * z)
+    return {"balance": sum(balance), "z_loss": sum(z_loss)} if balance else {}
+
+
+def distillation_loss(features: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cosine distance ``1 - cos(features, target)`` over the valid rows (the base-preserving term: the
+    trained model's image embeddings pulled towards the frozen base's). Per rank; DDP averages the ranks."""
+    distance = 1 - F.cosine_similarity(features.float(), target.float(), dim=-1)
+    if valid is None:
+        return distance.mean()
+    v = valid.to(distance.dtype)
+    return (distance * v).sum() / v.sum().clamp_min(1.0)
 
 
 class ClipLoss(nn.Module):
