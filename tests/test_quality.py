@@ -51,7 +51,11 @@ def test_finetuning_world_is_narrow_and_config_follows_the_paper_recipe(tmp_path
     assert cfg["route"]["logit_scale"] == "model"
     assert cfg["baselines"] == {"enabled": "all", "stages": True, "budgets": ["epoch", "steps"]}
     fork = pipeline_config(str(tmp_path), "paper", size, 1, "builtin:tiny-clip", "cpu", ("flops",))
-    assert fork["baselines"] == {"enabled": ["dense", "upcycle", "wo_mcl"], "stages": False, "budgets": ["flops"]}
+    assert fork["baselines"] == {
+        "enabled": ["dense", "upcycle", "wo_mcl", "clip_up", "fmoe"],
+        "stages": False,
+        "budgets": ["flops"],
+    }
     assert {k: v for k, v in fork.items() if k != "baselines"} == {k: v for k, v in cfg.items() if k != "baselines"}
 
 
