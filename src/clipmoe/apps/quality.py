@@ -69,15 +69,30 @@ SIZES = {
 _PAPER = {"mcl_lr": 1e-5, "router_lr": 1e-6, "small_clusters": "drop"}
 _TUNED = {"mcl_lr": 3e-4, "router_lr": 1e-3, "small_clusters": "shrink"}
 # Router options (docs/pipeline.md, "Router options") as variants of `tuned`: "moe" / "route" keys are set in
-# those sections; "distill" trains the routers with the base-preserving term on a broad world's images.
+# those sections; "distill" trains the routers with the base-preserving term on a broad world's images. A
+# variant changes only the assembly and routing, so it runs as a fork of its recipe's run that reuses the MCL
+# stages and trains no baseline; its DMU model joins that run's table as the row "DMU CLIP-MoE, <row>".
 RECIPES: dict[str, dict] = {
     "paper": _PAPER,
     "tuned": _TUNED,
-    "tuned+centroid": {**_TUNED, "moe": {"router_init": "centroid"}},
-    "tuned+zloss": {**_TUNED, "route": {"z_loss_weight": 1e-3}},  # ST-MoE's weight; CLIP-UP's is not public
-    "tuned+layer-balance": {**_TUNED, "route": {"balance_scope": "layer"}},
-    "tuned+distill": {**_TUNED, "route": {"distill_weight": 1.0}, "distill": True},
+    "tuned+centroid": {**_TUNED, "moe": {"router_init": "centroid"}, "variant_of": "tuned", "row": "centroid routers"},
+    # ST-MoE's weight; CLIP-UP's is not public
+    "tuned+zloss": {**_TUNED, "route": {"z_loss_weight": 1e-3}, "variant_of": "tuned", "row": "router z-loss"},
+    "tuned+layer-balance": {
+        **_TUNED,
+        "route": {"balance_scope": "layer"},
+        "variant_of": "tuned",
+        "row": "per-layer balance",
+    },
+    "tuned+distill": {
+        **_TUNED,
+        "route": {"distill_weight": 1.0},
+        "distill": True,
+        "variant_of": "tuned",
+        "row": "base-preserving routing",
+    },
 }
+DMU_ROW = "DMU CLIP-MoE"
 BROAD_SEED_OFFSET = 200  # the distillation images' world: neither the base's corpus (1) nor fine-tuning (100+)
 
 
@@ -183,6 +198,10 @@ def run_quality(
     unknown = sorted(set(recipes) - set(RECIPES))
     if unknown:
         raise ValueError(f"unknown recipe(s) {unknown}; choose from {sorted(RECIPES)}")
+    orphans = sorted(r for r in recipes if RECIPES[r].get("variant_of", r) not in recipes)
+    if orphans:
+        raise ValueError(f"recipe(s) {orphans} are forks of {RECIPES[orphans[0]]['variant_of']!r}: run it too")
+    recipes = tuple(sorted(recipes, key=lambda r: "variant_of" in RECIPES[r]))  # a variant after its parent
     unknown = sorted(set(budgets) - set(BUDGETS))
     if unknown:
         raise ValueError(f"unknown budget rule(s) {unknown}; choose from {', '.join(BUDGETS)}")
@@ -199,6 +218,20 @@ def run_quality(
         for recipe in recipes:
             name = f"{recipe}-seed{seed}"
             print(f"quality: {name} ({len(runs) + 1} of {len(seeds) * len(recipes)})", flush=True)
+            parent = RECIPES[recipe].get("variant_of")
+            if parent:  # a fork of the parent's run: DMU's assembly and routing only (see RECIPES)
+                config = pipeline_config(world, recipe, s, seed, base_model, device, baselines=[], broad=broad)
+                config["baselines"]["stages"] = False
+                host = runs[f"{parent}-seed{seed}"]
+                pipe = _run(out, name, config, report_only, fork_of=host["run_dir"])
+                row = f"{DMU_ROW}, {RECIPES[recipe]['row']}"
+                dmu = host["results"].pop(DMU_ROW)  # stays the last row
+                host["results"][row] = pipe.results()[DMU_ROW]
+                host["results"][DMU_ROW] = dmu
+                host.setdefault("init_routing_of", {})[row] = _init_routing(pipe)
+                with open(pipe.timings_path) as f:
+                    host["seconds"] += sum(json.load(f).values())
+                continue
             config = pipeline_config(world, recipe, s, seed, base_model, device, baselines=baselines, broad=broad)
             pipe = _run(out, name, config, report_only)
             runs[name] = {"recipe": recipe, "seed": seed, "run_dir": pipe.run_dir, "results": pipe.results()}
@@ -449,6 +482,84 @@ def verdicts(runs: dict, recipe: str, rule: str) -> list[str]:
     return lines
 
 
+def _candidates(runs: dict, recipe: str, rule: str) -> list[str]:
+    """The rows a user could adopt as a recipe under ``rule``: every model but the base and the MCL stages."""
+    rows = _rows(runs, recipe)
+    return [r for r in rows if r != "base" and not r.startswith("MCL stage") and row_rule(r) in (None, rule)]
+
+
+def _routing_gain(runs: dict, recipe: str, row: str) -> list[float]:
+    """Per seed, the routing-attribute MI of ``row`` minus that of its untrained routers (mnats); DMU rows only."""
+    out = []
+    for r in runs.values():
+        if r["recipe"] != recipe or row not in r["results"]:
+            continue
+        init = r.get("init_routing") if row == DMU_ROW else r.get("init_routing_of", {}).get(row)
+        trained = routing_mutual_information(r["results"][row]["metrics"].get("routing", {}))
+        before = routing_mutual_information(init or {})
+        if trained is not None and before is not None:
+            out.append(1000 * (trained - before))
+    return out
+
+
+def recipe_claims(runs: dict, recipe: str, rule: str) -> list[str]:
+    """The recipes x claims table: per candidate row, its mean retrieval R@1 and known zero-shot, and the
+    testbed's claims decided for it (per-seed paired differences, as ``verdicts``)."""
+    rows = _rows(runs, recipe)
+    dense = next((r for r in rows if r.startswith("dense fine-tune") and row_rule(r) == rule), None)
+    lines = [
+        "| recipe (row) | retrieval R@1 | vs dense fine-tune | known zero-shot | within 1 point of the base | "
+        "unseen colours+bg | vs dense fine-tune | routing MI gain (mnats) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def claim(diffs: list[float], margin: float = 0.0) -> str:
+        if not diffs:
+            return "-"
+        return f"{np.mean(diffs):+.1f}: {decide(diffs, margin)}"
+
+    for row in _candidates(runs, recipe, rule):
+        vs_dense = _paired(runs, recipe, row, dense, retrieval_r1) if dense and row != dense else []
+        forget = _paired(runs, recipe, row, dense, unseen_recall) if dense and row != dense else []
+        keep = _paired(runs, recipe, row, "base", known_zero_shot)
+        cells = [
+            _cell(_seed_values(runs, recipe, row, retrieval_r1)),
+            claim(vs_dense),
+            _cell(_seed_values(runs, recipe, row, known_zero_shot)),
+            claim(keep, -1.0),
+            _cell(_seed_values(runs, recipe, row, unseen_recall)),
+            claim(forget),
+            claim(_routing_gain(runs, recipe, row)),
+        ]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def recommend(runs: dict, recipe: str, rule: str = "epoch") -> str:
+    """The default-recipe rule fixed before running (docs/quality.md): among the rows that keep classification
+    within 1 point of the base in every seed, the highest mean retrieval R@1; if none does, the highest mean of
+    retrieval R@1 and known zero-shot."""
+    rows = _candidates(runs, recipe, rule)
+    keep = [r for r in rows if decide(_paired(runs, recipe, r, "base", known_zero_shot), -1.0) == "holds"]
+
+    def mean(row: str, measure) -> float:
+        return float(np.mean(_seed_values(runs, recipe, row, measure)))
+
+    if keep:
+        best = max(keep, key=lambda r: mean(r, retrieval_r1))
+        why = (
+            "keeps classification within 1 point of the base in every seed, and has the highest retrieval R@1 of those"
+        )
+    else:
+        best = max(rows, key=lambda r: (mean(r, retrieval_r1) + mean(r, known_zero_shot)) / 2)
+        why = (
+            "no row keeps classification within 1 point of the base in every seed; it has the highest mean of "
+            f"retrieval R@1 and known zero-shot ({mean(best, known_zero_shot) - mean('base', known_zero_shot):+.1f} "
+            "points of known zero-shot against the base)"
+        )
+    return f"Recommended under `{rule}` by the pre-registered rule: **{best}**: {why}."
+
+
 def _rows(runs: dict, recipe: str) -> list[str]:
     rows: list[str] = []
     for r in runs.values():
@@ -484,6 +595,9 @@ def quality_report(runs: dict, size: str, elapsed: float) -> str:
                 cells = [_cell(_seed_values(runs, recipe, row, m)) for m in MEASURES.values()]
                 lines.append(f"| {row} | " + " | ".join(cells) + " |")
             lines += ["", *verdicts(runs, recipe, rule), ""]
+            if any(r.startswith(f"{DMU_ROW}, ") or r.startswith("CLIP-UP") for r in rows):
+                lines += [f"Recipes x claims, recipe `{recipe}`, budget rule `{rule}`:", ""]
+                lines += [*recipe_claims(runs, recipe, rule), "", recommend(runs, recipe, rule), ""]
         lines += _stage_plan_table(runs, recipe)
         lines += _extraction_table(runs, recipe)
     return "\n".join(lines) + "\n"
