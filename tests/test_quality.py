@@ -100,3 +100,60 @@ def test_tiny_quality_run_writes_tables_for_both_budget_rules_and_resumes(tmp_pa
     text = open(path).read()
     assert "budget rule `steps`" in text and "budget rule `flops` (equal training compute:" in text
     assert "| dense fine-tune (equal FLOPs) |" in text and "| w/o MCL (equal FLOPs) |" in text
+
+
+def _metrics(retrieval: float, known: float, unseen: float) -> dict:
+    """Evaluation metrics whose testbed measures are the given numbers (retrieval R@1, known zero-shot,
+    unseen colours and backgrounds recall)."""
+    m = {
+        f"{s}/{d}_R@1": retrieval
+        for s in ("retrieval_short", "retrieval_detailed")
+        for d in ("image_to_text", "text_to_image")
+    }
+    m.update({f"cls_{a}/top1": known for a in ("color", "background", "shape")})
+    m.update({f"cls_color/per_class_recall/{c}": unseen for c in ("orange", "red")})  # orange unseen, red seen
+    m["cls_background/per_class_recall/olive"] = unseen
+    return m
+
+
+def test_recipes_x_claims_and_the_pre_registered_recommendation():
+    from clipmoe.apps.quality import recipe_claims, recommend
+
+    def run(seed: int, rows: dict) -> dict:
+        return {"recipe": "tuned", "seed": seed, "results": {k: {"metrics": _metrics(*v)} for k, v in rows.items()}}
+
+    # per seed: (retrieval, known zero-shot, unseen recall); DMU rows after the baselines, as the report orders them
+    runs = {
+        f"tuned-seed{s}": run(
+            s,
+            {
+                "base": (20.0, 80.0, 98.0),
+                "MCL stage 1": (21.0, 75.0, 90.0),
+                "dense fine-tune (1 epoch)": (22.0 + s, 79.5, 80.0),  # best retrieval, keeps classification
+                "dense fine-tune (equal steps)": (30.0, 60.0, 70.0),
+                "CLIP-UP upcycling (1 epoch)": (23.0 + s, 70.0, 60.0),  # more retrieval, loses classification
+                "DMU CLIP-MoE, base-preserving routing": (21.5 + s, 79.8, 97.0),
+                "DMU CLIP-MoE": (22.5 + s, 76.0, 93.0),
+            },
+        )
+        for s in (0, 1, 2)
+    }
+    table = recipe_claims(runs, "tuned", "epoch")
+    rows = [line.split(" | ")[0].lstrip("| ") for line in table[2:]]
+    assert rows == [
+        "dense fine-tune (1 epoch)",
+        "CLIP-UP upcycling (1 epoch)",
+        "DMU CLIP-MoE, base-preserving routing",
+        "DMU CLIP-MoE",
+    ]  # no base, no MCL stage, no row of the other rule
+    line = {r: table[2 + i] for i, r in enumerate(rows)}
+    assert "+1.0: holds" in line["CLIP-UP upcycling (1 epoch)"]  # retrieval vs dense, every seed
+    assert "-10.0: does not hold" in line["CLIP-UP upcycling (1 epoch)"]  # known zero-shot vs the base
+    assert "-0.5: does not hold" in line["DMU CLIP-MoE, base-preserving routing"]  # retrieval vs dense
+    assert "+17.0: holds" in line["DMU CLIP-MoE, base-preserving routing"]  # unseen recall vs dense
+    # rows within 1 point of the base's known zero-shot: dense (-0.5) and base-preserving (-0.2); dense retrieves more
+    assert "**dense fine-tune (1 epoch)**" in recommend(runs, "tuned", "epoch")
+    for r in runs.values():  # no row keeps classification: the best mean of retrieval and known zero-shot wins
+        r["results"]["base"]["metrics"] = _metrics(20.0, 95.0, 98.0)
+    text = recommend(runs, "tuned", "epoch")
+    assert "no row keeps classification" in text and "**dense fine-tune (1 epoch)**" in text
