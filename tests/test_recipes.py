@@ -220,7 +220,6 @@ def test_recipe_config_is_checked():
     bad = {
         **raw,
         "cluster": {"image_clusters": 1, "text_clusters": 2},
-        "route": {"balance_weight": 0.0},
         "baselines": {"clip_up": {"capacity_factor": -1, "expert_lr_scale": 0}, "fmoe": {"partitions": "random"}},
     }
     with pytest.raises(ConfigError) as e:
@@ -228,7 +227,6 @@ def test_recipe_config_is_checked():
     for needle in (
         "baselines.clip_up.capacity_factor: must be >= 0",
         "baselines.clip_up.expert_lr_scale: must be > 0",
-        "baselines.clip_up.z_loss_weight: the training loop adds the z-loss with the balance loss",
         "baselines.fmoe.partitions: must be one of balanced, largest",
         "baselines.fmoe: 3 partition experts need at least as many stage-0 clusters, but cluster makes 2",
     ):

@@ -356,6 +356,10 @@ class Pipeline:
     def report(self) -> str:
         results = self.evaluate()
         path = self.out("report", None, "report")
+        folder = self.out("report", None, "eval")
+        evals = [os.path.join(folder, row.slug + ".json") for row in self.rows()]
+        if os.path.exists(path) and all(os.path.getmtime(e) <= os.path.getmtime(path) for e in evals):
+            return path  # up to date: a rerun does not redraw every plot (delete report.md to force it)
         on_main(lambda: write_report(self, results, path), self.env)
         return path
 
