@@ -40,6 +40,8 @@ def run_demo(src: str, out: str, train_size: int) -> float:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
+    with open(out + ".log", "w") as f:  # the demo's own output (its summary table), beside its folder
+        f.write(proc.stdout + proc.stderr)
     if proc.returncode:
         raise RuntimeError(f"demo failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     threads = next((line for line in proc.stdout.splitlines() if line.startswith("threads:")), "threads: (not printed)")
