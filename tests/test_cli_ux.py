@@ -118,7 +118,16 @@ def test_ctrl_c_stops_with_one_line_then_the_rerun_resumes(tmp_path, world, base
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "clipmoe.cli", "run", cfg, "--run-dir", str(run_dir), "--threads", "1"]
     env = {**os.environ, "PYTHONPATH": SRC}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # A shell without job control starts background commands with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: give the run the default disposition a terminal's process has.
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     ckpt = run_dir / "stage1" / "train" / "checkpoint.pt"
     deadline = time.time() + 120
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
