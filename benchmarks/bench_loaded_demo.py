@@ -5,11 +5,14 @@ the quiet run, in the same invocation:
 
 1. quiet: nothing else running (the reference);
 2. loaded: beside a 2-thread torch job (matrix products in a loop, started a minute early so the load average
-   sees it), with the CLI's default thread choice;
+   sees it), with the CLI's default thread choice. The job runs in a session of its own, as another user's
+   job or one started from another terminal does (Linux's default scheduler then shares the cores between the
+   two sessions, not between their threads); ``--same-session`` starts it in ours instead, as ``job &`` in
+   the demo's own shell would (the kernel then shares the cores among the three threads);
 3. loaded, ``--src OLD``: the same, with another checkout's ``src`` (e.g. one from before the thread choice),
    when given.
 
-    python benchmarks/bench_loaded_demo.py [--train-size 1000] [--src-before /path/to/old/src]
+    python benchmarks/bench_loaded_demo.py [--same-session] [--train-size 1000] [--src-before /path/to/old/src]
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ def main() -> None:
     p.add_argument("--train-size", type=int, default=0, help="demo training images (default: the demo's)")
     p.add_argument("--src", default=os.path.join(os.path.dirname(__file__), "..", "src"), help="clipmoe src")
     p.add_argument("--src-before", help="another checkout's src to time under the same load")
+    p.add_argument("--same-session", action="store_true", help="start the load job in the demo's session")
     a = p.parse_args()
     root = tempfile.mkdtemp(prefix="loaded-demo-")
     print(f"{platform.machine()}, {os.cpu_count()} CPU(s), python {platform.python_version()}; outputs in {root}")
@@ -61,10 +65,15 @@ def main() -> None:
         time.sleep(10)
     print("quiet:", flush=True)
     quiet = run_demo(os.path.abspath(a.src), os.path.join(root, "quiet"), a.train_size)
-    load = subprocess.Popen([sys.executable, "-c", LOAD_JOB], env={**os.environ, "OMP_NUM_THREADS": "2"})
+    load = subprocess.Popen(
+        [sys.executable, "-c", LOAD_JOB],
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+        start_new_session=not a.same_session,
+    )
+    where = "the demo's session" if a.same_session else "a session of its own"
     try:
         time.sleep(60)  # the 1-minute load average the thread choice reads
-        print("loaded (beside a 2-thread job):", flush=True)
+        print(f"loaded (beside a 2-thread job in {where}):", flush=True)
         loaded = run_demo(os.path.abspath(a.src), os.path.join(root, "loaded"), a.train_size)
         before = None
         if a.src_before:

@@ -2,6 +2,7 @@
 them as MoEs (registered by clipmoe, or through the folder's remote code), and its dense classes refuse them."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -46,10 +47,12 @@ def _moe(base=None, layers="all"):
     return moe
 
 
-def _images(n=4, seed=0):
+def _images(n=4, seed=0, square=False):
     # Even center-crop margins, where HF's CLIPImageProcessor and clipmoe's transform agree (test_export.py).
+    # Square ones for SigLIP 2: clipmoe feeds NaFlex a square patch grid, which is what HF's processor makes of a
+    # square image (a non-square one it keeps at its aspect ratio; README, "Images").
     rng = np.random.default_rng(seed)
-    sizes = [(48, 36), (36, 64), (40, 40), (64, 48)][:n]
+    sizes = [(48, 48), (36, 36), (40, 40), (64, 64)][:n] if square else [(48, 36), (36, 64), (40, 40), (64, 48)][:n]
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
 
 
@@ -214,18 +217,16 @@ PIPELINE = textwrap.dedent(
 )
 
 
-def test_zero_shot_pipeline_on_a_moe_folder_gives_our_classifier_predictions(tmp_path):
-    moe = _moe()
+def _pipeline(moe, tmp_path, labels, template, square_images=False):
+    """Saves ``moe``, copies it elsewhere and runs HF's zero-shot pipeline on the copy in a fresh interpreter that
+    cannot import clipmoe (the folder is self-contained); returns the pipeline's output and the image paths."""
     moe.save_pretrained(tmp_path / "saved")
-    # A copy elsewhere, loaded by a fresh interpreter that cannot import clipmoe: the folder is self-contained.
     folder = tmp_path / "elsewhere" / "moe"
     shutil.copytree(tmp_path / "saved", folder)
     paths = []
-    for i, image in enumerate(_images()):
+    for i, image in enumerate(_images(square=square_images)):
         paths.append(str(tmp_path / f"{i}.png"))
         image.save(paths[-1])
-    labels = ["red cube", "blue sphere", "green cone", "small cone on the left"]
-    template = "a photo of a {}"
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "HF_HUB_OFFLINE": "1"}
     env.pop("PYTHONPATH", None)
     (tmp_path / "pipe.py").write_text(PIPELINE)
@@ -240,23 +241,58 @@ def test_zero_shot_pipeline_on_a_moe_folder_gives_our_classifier_predictions(tmp
     )
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads((tmp_path / "out.json").read_text())
-    assert out["class"].startswith("transformers_modules.") and out["class"].endswith(".ClipMoeModel")
-    assert out["moe"] == 4
+    assert out["class"].startswith("transformers_modules.")  # built from the folder's own code
+    assert out["class"].endswith("." + type(moe).__name__)
+    assert out["moe"] == len(moe.moe_layers())
     assert "trust_remote_code" in out["refusal"]
+    return out, paths
 
-    # Our classifier: one template, cosine similarities; the pipeline's scores are the softmax of the
-    # model's scaled similarities (logits_per_image), so the ranking and the probabilities both match.
-    ours = clipmoe.load(tmp_path / "saved")
+
+def _our_scores(ours, labels, template, paths):
+    """Our classifier's per-label scores: cosine similarities of one template, scaled by the model's temperature
+    (and shifted by its bias for SigLIP), then softmax (CLIP) or sigmoid (SigLIP), as the pipeline reports them."""
     classifier = zero_shot_classifier(ours, labels, [template.replace("{}", "{c}")])
     with torch.no_grad():
         pixels = torch.stack([ours.image_processor(Image.open(p)) for p in paths])
         features = torch.nn.functional.normalize(ours.encode_image(pixels), dim=-1)
-        probs = (ours.logit_scale.exp() * features @ classifier.T).softmax(dim=-1)
+        logits = ours.logit_scale.exp() * features @ classifier.T
+        if hasattr(ours, "logit_bias"):
+            return (logits + ours.logit_bias).sigmoid()
+        return logits.softmax(dim=-1)
+
+
+def test_zero_shot_pipeline_on_a_moe_folder_gives_our_classifier_predictions(tmp_path):
+    labels = ["red cube", "blue sphere", "green cone", "small cone on the left"]
+    template = "a photo of a {}"
+    out, paths = _pipeline(_moe(), tmp_path, labels, template)
+    # The pipeline's scores are the softmax of the model's scaled similarities (logits_per_image), so the ranking
+    # and the probabilities both match ours.
+    probs = _our_scores(clipmoe.load(tmp_path / "saved"), labels, template, paths)
     for result, p in zip(out["results"], probs):
         assert result[0]["label"] == labels[int(p.argmax())]
         scores = {r["label"]: r["score"] for r in result}
         torch.testing.assert_close(torch.tensor([scores[label] for label in labels]), p, atol=1e-4, rtol=0)
     assert (probs.max(0).values - probs.min(0).values).max() > 1e-3  # per-image scores, not one constant answer
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_zero_shot_pipeline_on_a_siglip_moe_folder_gives_our_sigmoid_scores(tmp_path, version):
+    # The pipeline pads SigLIP texts to 64 tokens (the real checkpoints' context), so this tiny SigLIP has that
+    # context; it reports sigmoid(scale * cos + bias) per label, independent across labels.
+    base = make_tiny_siglip(version, context=64)
+    with torch.no_grad():  # a temperature and bias that put the scores mid-range, where a mismatch would show
+        base.logit_scale.fill_(math.log(20.0))
+        base.logit_bias.fill_(0.0)
+    labels = ["red cube", "blue sphere", "green cone", "small cone on the left"]
+    template = "a photo of a {}"
+    moe = _moe(base, layers={"vision": "all", "text": [1]})
+    out, paths = _pipeline(moe, tmp_path, labels, template, square_images=True)
+    probs = _our_scores(clipmoe.load(tmp_path / "saved"), labels, template, paths)
+    for result, p in zip(out["results"], probs):
+        assert result[0]["label"] == labels[int(p.argmax())]
+        scores = {r["label"]: r["score"] for r in result}
+        torch.testing.assert_close(torch.tensor([scores[label] for label in labels]), p, atol=1e-4, rtol=0)
+    assert (probs.max(0).values - probs.min(0).values).max() > 1e-3
 
 
 def test_old_moe_folders_load_with_a_message_on_how_to_resave(tmp_path):
