@@ -20,17 +20,34 @@ def test_shipped_configs_validate():
     assert cfg.train.logit_scale is None and cfg.data.caption == "json:web" and cfg.curve["every"] > 0
 
 
+def test_pretrain_openai_init_draws_position_embeddings_at_openai_scales():
+    from clipmoe.apps.pretrain import build_clip, load_tokenizer
+
+    tokenizer = load_tokenizer({"vocabulary": "world"}, 48)
+    size = {"image_size": 48, "patch_size": 8, "vision": {"width": 256}, "text": {"width": 64, "context_length": 48}}
+    stds = {}
+    for init in ("hf", "openai"):
+        model = build_clip({**size, "init": init}, tokenizer)
+        stds[init] = (
+            model.vision_model.embeddings.position_embedding.weight.std().item(),
+            model.text_model.embeddings.position_embedding.weight.std().item(),
+        )
+    assert abs(stds["hf"][0] - 0.02) < 0.002 and abs(stds["hf"][1] - 0.02) < 0.002  # transformers' default
+    assert abs(stds["openai"][0] - 256**-0.5) < 0.004 and abs(stds["openai"][1] - 0.01) < 0.001
+
+
 def test_bad_pretrain_config(tmp_path):
     from clipmoe.apps.pretrain import read_pretrain_config
 
     p = tmp_path / "p.yaml"
-    p.write_text("data: {train: x, colour: 1}\nmodel: {depth: 3}\ntrain: {lr: fast}\n")
+    p.write_text("data: {train: x, colour: 1}\nmodel: {depth: 3, init: jax}\ntrain: {lr: fast}\n")
     with pytest.raises(ConfigError) as e:
         read_pretrain_config(str(p))
     for needle in (
         "out: required",
         "data.colour: unknown key",
         "model.depth: unknown key",
+        "model.init: 'jax' is not one of ['hf', 'openai']",
         "train.lr: expected float",
         "tokenizer: give",
     ):

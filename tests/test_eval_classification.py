@@ -170,3 +170,36 @@ def test_linear_probe_reads_a_linear_attribute_and_not_noise():
     noise = torch.randn(600, 16, generator=g)
     chance = linear_probe_accuracy(noise[:400], labels[:400], noise[400:], labels[400:], 3)
     assert chance < 50  # chance is 33%: nothing to read
+
+
+def test_mlp_probe_reads_what_a_linear_probe_cannot_and_not_noise():
+    from clipmoe.eval.linear_probe import linear_probe_accuracy
+    from clipmoe.eval.mlp_probe import mlp_probe_accuracy
+
+    # XOR of the signs of two feature directions: no linear boundary separates it, a small MLP does.
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(1200, 16, generator=g)
+    labels = ((features[:, 0] > 0) ^ (features[:, 1] > 0)).long()
+    split = slice(0, 1000), slice(1000, None)
+    args = (features[split[0]], labels[split[0]], features[split[1]], labels[split[1]], 2)
+    assert linear_probe_accuracy(*args) < 65  # chance is 50%
+    assert mlp_probe_accuracy(*args) > 75
+    assert mlp_probe_accuracy(*args) == mlp_probe_accuracy(*args)  # seeded: the same number every time
+    noise = torch.randn(1200, 16, generator=g)
+    assert mlp_probe_accuracy(noise[:1000], labels[:1000], noise[1000:], labels[1000:], 2) < 62
+
+
+def test_attribute_probe_strength_on_a_world_and_a_world_too_small(tmp_path):
+    import clipmoe
+    from clipmoe.apps.quality import attribute_probe_strength
+    from clipmoe.assets import TINY_CLIP
+    from clipmoe.data.world import WorldConfig, generate_world
+
+    generate_world(tmp_path / "w", WorldConfig.preset("test", seed=5, eval_size=90), verbose=False)
+    model = clipmoe.load(TINY_CLIP)
+    result = attribute_probe_strength(model, str(tmp_path / "w"), train_sizes=(30, 60), test_size=30)
+    assert set(result) == {"color", "background", "shape", "size", "position", "texture", "count"}
+    assert result["color"]["chance"] == 10.0 and set(result["color"]["linear"]) == {30, 60}
+    assert result["background"]["linear"][60] > 80 and result["background"]["mlp"] > 80  # the base knows it
+    with pytest.raises(ValueError, match=r"90 evaluation images, probes need 60 \+ 40.*--eval-size"):
+        attribute_probe_strength(model, str(tmp_path / "w"), train_sizes=(60,), test_size=40)

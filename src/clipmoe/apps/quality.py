@@ -34,6 +34,7 @@ from ..eval.classification import classification_metrics, zero_shot_classifier
 from ..eval.datasets import load_wds
 from ..eval.features import encode_images
 from ..eval.linear_probe import linear_probe_accuracy
+from ..eval.mlp_probe import mlp_probe_accuracy
 from ..eval.suite import evaluate_suite
 from ..train.distributed import init_distributed
 
@@ -680,4 +681,33 @@ def attribute_probes(model, world: str, batch_size: int = 256) -> dict[str, dict
             / 2
         )
         out[a["name"]] = {"chance": 100.0 / len(a["values"]), "zero_shot": zero_shot, "linear_probe": probe}
+    return out
+
+
+def attribute_probe_strength(
+    model, world: str, train_sizes: tuple[int, ...] = (500, 1000, 5000), test_size: int = 1000, batch_size: int = 256
+) -> dict[str, dict]:
+    """Per attribute of a generated world: linear probes fitted on the first n evaluation images for each n in
+    ``train_sizes``, and an MLP probe on the largest n, all scored on the last ``test_size`` images (the world
+    needs ``max(train_sizes) + test_size`` evaluation images). Tells absent (no probe reads it) from present
+    but hard to read, which ``attribute_probes``' 1,000-image linear probe cannot."""
+    with open(os.path.join(world, "world.json")) as f:
+        attributes = json.load(f)["attributes"]
+    features = None
+    out = {}
+    for a in attributes:
+        data = load_wds(os.path.join(world, "eval", f"cls_{a['name']}"))
+        if max(train_sizes) + test_size > len(data.targets):
+            raise ValueError(
+                f"{world}: {len(data.targets)} evaluation images, probes need {max(train_sizes)} + {test_size}"
+                " (generate the world with a larger --eval-size)"
+            )
+        if features is None:  # every cls_ set holds the same images in the same order
+            features = encode_images(model, data.images, batch_size=batch_size)
+        y, k = data.targets, len(a["values"])
+        test = slice(len(y) - test_size, None)
+        linear = {n: linear_probe_accuracy(features[:n], y[:n], features[test], y[test], k) for n in train_sizes}
+        n = max(train_sizes)
+        mlp = mlp_probe_accuracy(features[:n], y[:n], features[test], y[test], k)
+        out[a["name"]] = {"chance": 100.0 / k, "linear": linear, "mlp": mlp, "mlp_train_size": n}
     return out
