@@ -658,29 +658,28 @@ def _stage_plan_table(runs: dict, recipe: str) -> list[str]:
 # ------------------------------------------------------------------------------------------ suppression
 
 
+def _attribute_sets(world: str) -> list[tuple[dict, object]]:
+    """A generated world's attributes, each with its evaluation classification set (``eval/cls_<name>``)."""
+    with open(os.path.join(world, "world.json")) as f:
+        attributes = json.load(f)["attributes"]
+    return [(a, load_wds(os.path.join(world, "eval", f"cls_{a['name']}"))) for a in attributes]
+
+
 def attribute_probes(model, world: str, batch_size: int = 256) -> dict[str, dict[str, float]]:
     """Per attribute of a generated world, on its held-out evaluation images: zero-shot top-1 (prompt ensemble)
     and a linear probe on the same frozen image features (2-fold cross-fitted on those images, so the probe
     sees the same distribution it is scored on). Zero-shot near chance with a probe far above it = suppressed;
     both near chance = absent."""
-
-    with open(os.path.join(world, "world.json")) as f:
-        attributes = json.load(f)["attributes"]
-    features = None
+    sets = _attribute_sets(world)
+    features = encode_images(model, sets[0][1].images, batch_size=batch_size)  # every set: the same images
     out = {}
-    for a in attributes:
-        data = load_wds(os.path.join(world, "eval", f"cls_{a['name']}"))
-        if features is None:  # every cls_ set holds the same images in the same order
-            features = encode_images(model, data.images, batch_size=batch_size)
+    for a, data in sets:
         classifier = zero_shot_classifier(model, data.classnames, data.templates, batch_size=batch_size)
         zero_shot = classification_metrics(features, classifier, data.targets)["top1"]
-        y, half = data.targets, len(data.targets) // 2
+        y, half, k = data.targets, len(data.targets) // 2, len(a["values"])
         folds = [(slice(0, half), slice(half, None)), (slice(half, None), slice(0, half))]
-        probe = (
-            sum(linear_probe_accuracy(features[tr], y[tr], features[te], y[te], len(a["values"])) for tr, te in folds)
-            / 2
-        )
-        out[a["name"]] = {"chance": 100.0 / len(a["values"]), "zero_shot": zero_shot, "linear_probe": probe}
+        probe = sum(linear_probe_accuracy(features[tr], y[tr], features[te], y[te], k) for tr, te in folds) / 2
+        out[a["name"]] = {"chance": 100.0 / k, "zero_shot": zero_shot, "linear_probe": probe}
     return out
 
 
@@ -691,23 +690,19 @@ def attribute_probe_strength(
     ``train_sizes``, and an MLP probe on the largest n, all scored on the last ``test_size`` images (the world
     needs ``max(train_sizes) + test_size`` evaluation images). Tells absent (no probe reads it) from present
     but hard to read, which ``attribute_probes``' 1,000-image linear probe cannot."""
-    with open(os.path.join(world, "world.json")) as f:
-        attributes = json.load(f)["attributes"]
-    features = None
+    sets = _attribute_sets(world)
+    n, images = max(train_sizes), len(sets[0][1].targets)
+    if n + test_size > images:
+        raise ValueError(
+            f"{world}: {images} evaluation images, probes need {n} + {test_size}"
+            " (generate the world with a larger --eval-size)"
+        )
+    features = encode_images(model, sets[0][1].images, batch_size=batch_size)  # every set: the same images
+    test = slice(images - test_size, None)
     out = {}
-    for a in attributes:
-        data = load_wds(os.path.join(world, "eval", f"cls_{a['name']}"))
-        if max(train_sizes) + test_size > len(data.targets):
-            raise ValueError(
-                f"{world}: {len(data.targets)} evaluation images, probes need {max(train_sizes)} + {test_size}"
-                " (generate the world with a larger --eval-size)"
-            )
-        if features is None:  # every cls_ set holds the same images in the same order
-            features = encode_images(model, data.images, batch_size=batch_size)
+    for a, data in sets:
         y, k = data.targets, len(a["values"])
-        test = slice(len(y) - test_size, None)
-        linear = {n: linear_probe_accuracy(features[:n], y[:n], features[test], y[test], k) for n in train_sizes}
-        n = max(train_sizes)
+        linear = {m: linear_probe_accuracy(features[:m], y[:m], features[test], y[test], k) for m in train_sizes}
         mlp = mlp_probe_accuracy(features[:n], y[:n], features[test], y[test], k)
         out[a["name"]] = {"chance": 100.0 / k, "linear": linear, "mlp": mlp, "mlp_train_size": n}
     return out
