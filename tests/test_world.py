@@ -363,6 +363,9 @@ def test_failure_leaves_nothing_behind(tmp_path, monkeypatch):
         ({"train_size": 0}, "train_size"),
         ({"train_colors": ("red", "mauve")}, "train_colors"),
         ({"train_backgrounds": ("white", "white")}, "train_backgrounds"),
+        ({"web_mention_rate": (("position", 1.5),)}, "web_mention_rate"),
+        ({"web_mention_rate": (("location", 0.3),)}, "web_mention_rate"),
+        ({"web_mention_rate": (("count", 0.2), ("count", 0.3))}, "web_mention_rate"),
     ],
 )
 def test_bad_config_is_rejected(overrides, message):
@@ -386,6 +389,45 @@ def test_cli_applies_preset_and_overrides(tmp_path, capsys):
     assert manifest["config"] == json.loads(json.dumps(asdict(WorldConfig.preset("test", seed=3, train_size=10))))
     assert len(glob.glob(os.path.join(out, "train", "*", "*.png"))) == 10
     assert "train 10" in capsys.readouterr().out
+
+
+def test_web_mention_rates_are_a_world_option_recorded_in_the_manifest(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_world_arguments(parser)
+    out = str(tmp_path / "web")
+    rates = "position=1,count=0"
+    args = parser.parse_args([out, "--preset", "test", "--train-size", "40", "--web-mention-rate", rates, "--quiet"])
+    assert run_world(args) == 0
+    with open(os.path.join(out, "world.json")) as f:
+        manifest = json.load(f)
+    assert manifest["web_mention_rate"] == {**WEB_MENTION_RATE, "position": 1.0, "count": 0.0}
+    assert manifest["config"]["web_mention_rate"] == [["position", 1.0], ["count", 0.0]]
+    named = []
+    for path in glob.glob(os.path.join(out, "train", "*", "*.json")):
+        with open(path) as f:
+            named.append(json.load(f)["web_names"])
+    assert len(named) == 40 and all("position" in n and "count" not in n for n in named)
+    # The same images as the default world: only the web captions, drawn last, change.
+    default = generate_world(str(tmp_path / "default"), WorldConfig.preset("test", train_size=40), verbose=False)
+    assert default["web_mention_rate"] == WEB_MENTION_RATE
+    images = sorted(glob.glob(os.path.join(out, "train", "*", "*.png")))
+    for path in images[:5]:
+        with open(path, "rb") as a, open(path.replace(out, str(tmp_path / "default")), "rb") as b:
+            assert a.read() == b.read()
+    with pytest.raises(SystemExit):
+        parser.parse_args([out, "--web-mention-rate", "position:0.3"])
+
+
+def test_a_world_written_before_a_config_field_existed_is_still_the_same_world(world):
+    out, manifest = world
+    old = {**manifest, "config": {k: v for k, v in manifest["config"].items() if k != "web_mention_rate"}}
+    with open(os.path.join(out, "world.json"), "w") as f:
+        json.dump(old, f)
+    try:
+        assert generate_world(out, CONFIG, verbose=False)["config"] == old["config"]  # a no-op, not "different"
+    finally:
+        with open(os.path.join(out, "world.json"), "w") as f:
+            json.dump(manifest, f, indent=2)
 
 
 def test_pixel_probe_reports_every_attribute(world):

@@ -70,6 +70,9 @@ class WorldConfig:
     # backgrounds drawn from these values only; empty = all. Evaluation sets always cover every value.
     train_colors: tuple[str, ...] = ()
     train_backgrounds: tuple[str, ...] = ()
+    # How often web alt-text (the pretraining corpus's captions, ``json:web``) names each attribute: overrides of
+    # WEB_MENTION_RATE as (attribute, rate) pairs, e.g. (("position", 0.3),); empty = the defaults.
+    web_mention_rate: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         checks = [
@@ -89,11 +92,25 @@ class WorldConfig:
             values, known = getattr(self, name), ATTRIBUTE_BY_NAME[attribute].values
             bad = [v for v in values if v not in known]
             checks.append((name, not bad and len(set(values)) == len(values), f"must be distinct values of {known}"))
+        names = [name for name, _ in self.web_mention_rate]
+        checks.append(
+            (
+                "web_mention_rate",
+                set(names) <= set(WEB_MENTION_RATE)
+                and len(set(names)) == len(names)
+                and all(isinstance(rate, (int, float)) and 0 <= rate <= 1 for _, rate in self.web_mention_rate),
+                f"must be distinct (attribute, rate) pairs of {sorted(WEB_MENTION_RATE)} with rates in [0, 1]",
+            )
+        )
         most = min(len(SHORT_EVAL_TEMPLATES), len(DETAILED_EVAL_TEMPLATES))
         checks.append(("captions_per_image", 1 <= self.captions_per_image <= most, f"must be in [1, {most}]"))
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f"WorldConfig.{name}={getattr(self, name)!r} {why}")
+
+    def web_rates(self) -> dict[str, float]:
+        """The mention rate of every attribute in web captions: the defaults with this config's overrides."""
+        return {**WEB_MENTION_RATE, **{name: float(rate) for name, rate in self.web_mention_rate}}
 
     @classmethod
     def preset(cls, name: str = "demo", **overrides) -> WorldConfig:
@@ -103,9 +120,12 @@ class WorldConfig:
         unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"unknown WorldConfig field(s) {unknown}")
-        return replace(
-            cls(**PRESETS[name]), **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-        )
+        return replace(cls(**PRESETS[name]), **{k: _tuples(v) for k, v in overrides.items()})
+
+
+def _tuples(value):
+    """Lists (from JSON or YAML) as the nested tuples a frozen config holds."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 # The fine-tuning images of the quality testbed and the demo (docs/quality.md): 6 of the 10 colours on 6 of the 8
@@ -181,7 +201,7 @@ def build_manifest(config: WorldConfig) -> dict:
             for a in ATTRIBUTES
         ],
         "short_attributes": list(SHORT_ATTRIBUTES),
-        "web_mention_rate": dict(WEB_MENTION_RATE),
+        "web_mention_rate": config.web_rates(),
         "heldout": {"attributes": list(HELDOUT_ATTRIBUTES), "combinations": [list(c) for c in heldout_combinations()]},
         "splits": {
             "train": {
@@ -263,7 +283,7 @@ def _write_captioned_chunk(job: tuple[str, str, range, WorldConfig]) -> int:
         layout = Layout.sample(rng, config.color_jitter)
         short = CaptionPlan.sample(SHORT_TRAIN_TEMPLATES[rng.integers(len(SHORT_TRAIN_TEMPLATES))], rng)
         detailed = CaptionPlan.sample(DETAILED_TRAIN_TEMPLATES[rng.integers(len(DETAILED_TRAIN_TEMPLATES))], rng)
-        web, web_names = web_caption(attributes, rng)
+        web, web_names = web_caption(attributes, rng, config.web_rates())
         shard, key = img2dataset_key(i, config.shard_size)
         os.makedirs(os.path.join(folder, shard), exist_ok=True)
         stem = os.path.join(folder, shard, key)
@@ -394,6 +414,8 @@ def _existing_world(out: str, config: WorldConfig) -> dict | None:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a readable world manifest: {e}") from e
     new = json.loads(json.dumps(asdict(config)))  # tuples as the manifest stores them (lists)
+    defaults = json.loads(json.dumps(asdict(WorldConfig())))
+    old = {**{k: v for k, v in defaults.items() if k not in old}, **old}  # fields added since: their defaults
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{out} holds world format {manifest.get('format_version')}, this is format {FORMAT_VERSION}")
     if old != new:
@@ -478,6 +500,13 @@ def add_world_arguments(parser: argparse.ArgumentParser) -> None:
         ("noise", float, "Gaussian pixel noise std (0-255)"),
         ("train-colors", _names, "comma-separated object colours of train/val images (default: all)"),
         ("train-backgrounds", _names, "comma-separated backgrounds of train/val images (default: all)"),
+        (
+            "web-mention-rate",
+            _rates,
+            "how often web captions name attributes, e.g. position=0.3,count=0.3 (default: "
+            + ", ".join(f"{k} {v:g}" for k, v in WEB_MENTION_RATE.items())
+            + ")",
+        ),
     ]:
         parser.add_argument(f"--{name}", type=kind, help=f"{text} (overrides the preset)")
     parser.add_argument("--workers", type=int, default=1, help="processes writing the train/val splits (default 1)")
@@ -486,6 +515,19 @@ def add_world_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _names(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def _rates(text: str) -> tuple[tuple[str, float], ...]:
+    pairs = []
+    for item in (v.strip() for v in text.split(",") if v.strip()):
+        name, sep, rate = item.partition("=")
+        try:
+            pairs.append((name.strip(), float(rate)))
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected ATTRIBUTE=RATE pairs like position=0.3, got {item!r}")
+    return tuple(pairs)
 
 
 def run_world(args: argparse.Namespace) -> int:

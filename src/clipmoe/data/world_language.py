@@ -272,9 +272,11 @@ WEB_SEPARATORS = (" ", ", ", " - ", " | ")
 WEB_MAX_FILLERS = 8
 
 
-def web_caption(attributes: Mapping[str, str], rng: np.random.Generator) -> tuple[str, list[str]]:
-    """A web alt-text caption of a scene and the attributes it names (drawn with ``WEB_MENTION_RATE``)."""
-    named = [a.name for a in ATTRIBUTES if rng.random() < WEB_MENTION_RATE[a.name]]
+def web_caption(
+    attributes: Mapping[str, str], rng: np.random.Generator, rates: Mapping[str, float] = WEB_MENTION_RATE
+) -> tuple[str, list[str]]:
+    """A web alt-text caption of a scene and the attributes it names (each drawn with its rate in ``rates``)."""
+    named = [a.name for a in ATTRIBUTES if rng.random() < rates[a.name]]
 
     def phrase(attribute: str, form: str) -> str:
         options = ATTRIBUTE_BY_NAME[attribute].forms[form][attributes[attribute]]
