@@ -522,11 +522,12 @@ def _rates(text: str) -> tuple[tuple[str, float], ...]:
     for item in (v.strip() for v in text.split(",") if v.strip()):
         name, sep, rate = item.partition("=")
         try:
-            pairs.append((name.strip(), float(rate)))
+            value = float(rate) if sep else None
         except ValueError:
-            sep = ""
-        if not sep:
+            value = None
+        if value is None:
             raise argparse.ArgumentTypeError(f"expected ATTRIBUTE=RATE pairs like position=0.3, got {item!r}")
+        pairs.append((name.strip(), value))
     return tuple(pairs)
 
 
