@@ -201,5 +201,9 @@ def test_attribute_probe_strength_on_a_world_and_a_world_too_small(tmp_path):
     assert set(result) == {"color", "background", "shape", "size", "position", "texture", "count"}
     assert result["color"]["chance"] == 10.0 and set(result["color"]["linear"]) == {30, 60}
     assert result["background"]["linear"][60] > 80 and result["background"]["mlp"] > 80  # the base knows it
+    patches = attribute_probe_strength(model, str(tmp_path / "w"), (30, 60), 30, features="patch_mean")
+    assert set(patches) == set(result) and patches["color"]["linear"] != result["color"]["linear"]
+    with pytest.raises(ValueError, match=r"image features 'cls': choose one of \['embedding', 'pooled'"):
+        attribute_probe_strength(model, str(tmp_path / "w"), (30, 60), 30, features="cls")
     with pytest.raises(ValueError, match=r"90 evaluation images, probes need 60 \+ 40.*--eval-size"):
         attribute_probe_strength(model, str(tmp_path / "w"), train_sizes=(60,), test_size=40)

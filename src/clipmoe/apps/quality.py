@@ -683,13 +683,40 @@ def attribute_probes(model, world: str, batch_size: int = 256) -> dict[str, dict
     return out
 
 
+IMAGE_FEATURES = ("embedding", "pooled", "patch_mean")
+
+
+@torch.no_grad()
+def image_features(model, images, kind: str = "embedding", batch_size: int = 256) -> torch.Tensor:
+    """A CLIP's features of ``images`` (ImageRefs, as ``load_wds`` gives) of one ``kind``: ``embedding``, what
+    zero-shot and retrieval compare (projected, L2-normalised); ``pooled``, the image tower's pooled output
+    before the projection; ``patch_mean``, its last layer's patch tokens averaged (the tokens a LLaVA-style
+    model reads, pooled)."""
+    if kind not in IMAGE_FEATURES:
+        raise ValueError(f"image features {kind!r}: choose one of {list(IMAGE_FEATURES)}")
+    if kind == "embedding":
+        return encode_images(model, images, batch_size=batch_size)
+    out = []
+    for start in range(0, len(images), batch_size):
+        pixels = torch.stack([model.image_processor(ref.open()) for ref in images[start : start + batch_size]])
+        tower = model.vision_model(pixel_values=pixels)
+        out.append(tower.pooler_output if kind == "pooled" else tower.last_hidden_state[:, 1:].mean(1))
+    return torch.cat(out).float()
+
+
 def attribute_probe_strength(
-    model, world: str, train_sizes: tuple[int, ...] = (500, 1000, 5000), test_size: int = 1000, batch_size: int = 256
+    model,
+    world: str,
+    train_sizes: tuple[int, ...] = (500, 1000, 5000),
+    test_size: int = 1000,
+    batch_size: int = 256,
+    features: str = "embedding",
 ) -> dict[str, dict]:
     """Per attribute of a generated world: linear probes fitted on the first n evaluation images for each n in
     ``train_sizes``, and an MLP probe on the largest n, all scored on the last ``test_size`` images (the world
-    needs ``max(train_sizes) + test_size`` evaluation images). Tells absent (no probe reads it) from present
-    but hard to read, which ``attribute_probes``' 1,000-image linear probe cannot."""
+    needs ``max(train_sizes) + test_size`` evaluation images), on the image features of one kind
+    (``image_features``). Tells absent (no probe reads it) from present but hard to read, which
+    ``attribute_probes``' 1,000-image linear probe cannot, and where in the image tower an attribute is."""
     sets = _attribute_sets(world)
     n, images = max(train_sizes), len(sets[0][1].targets)
     if n + test_size > images:
@@ -697,7 +724,8 @@ def attribute_probe_strength(
             f"{world}: {images} evaluation images, probes need {n} + {test_size}"
             " (generate the world with a larger --eval-size)"
         )
-    features = encode_images(model, sets[0][1].images, batch_size=batch_size)  # every set: the same images
+    kind = features
+    features = image_features(model, sets[0][1].images, kind, batch_size)  # every set: the same images
     test = slice(images - test_size, None)
     out = {}
     for a, data in sets:
