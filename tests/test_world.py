@@ -391,7 +391,7 @@ def test_cli_applies_preset_and_overrides(tmp_path, capsys):
     assert "train 10" in capsys.readouterr().out
 
 
-def test_web_mention_rates_are_a_world_option_recorded_in_the_manifest(tmp_path):
+def test_web_mention_rates_are_a_world_option_recorded_in_the_manifest(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_world_arguments(parser)
     out = str(tmp_path / "web")
@@ -416,6 +416,7 @@ def test_web_mention_rates_are_a_world_option_recorded_in_the_manifest(tmp_path)
             assert a.read() == b.read()
     with pytest.raises(SystemExit):
         parser.parse_args([out, "--web-mention-rate", "position:0.3"])
+    assert "expected ATTRIBUTE=RATE pairs like position=0.3, got 'position:0.3'" in capsys.readouterr().err
 
 
 def test_a_world_written_before_a_config_field_existed_is_still_the_same_world(world):

@@ -724,13 +724,12 @@ def attribute_probe_strength(
             f"{world}: {images} evaluation images, probes need {n} + {test_size}"
             " (generate the world with a larger --eval-size)"
         )
-    kind = features
-    features = image_features(model, sets[0][1].images, kind, batch_size)  # every set: the same images
+    x = image_features(model, sets[0][1].images, features, batch_size)  # every set: the same images
     test = slice(images - test_size, None)
     out = {}
     for a, data in sets:
         y, k = data.targets, len(a["values"])
-        linear = {m: linear_probe_accuracy(features[:m], y[:m], features[test], y[test], k) for m in train_sizes}
-        mlp = mlp_probe_accuracy(features[:n], y[:n], features[test], y[test], k)
+        linear = {m: linear_probe_accuracy(x[:m], y[:m], x[test], y[test], k) for m in train_sizes}
+        mlp = mlp_probe_accuracy(x[:n], y[:n], x[test], y[test], k)
         out[a["name"]] = {"chance": 100.0 / k, "linear": linear, "mlp": mlp, "mlp_train_size": n}
     return out
