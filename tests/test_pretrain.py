@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
+import clipmoe
 from clipmoe.apps.pretrain import pretrain
 from clipmoe.data.world import WorldConfig, generate_world
 
 
-def test_pretraining_records_a_heldout_curve_and_a_rerun_keeps_it(tmp_path):
-    world = tmp_path / "world"
-    generate_world(world, WorldConfig.preset("test", seed=1, train_size=64), verbose=False)
-    config = {
+def _config(tmp_path, world, **train) -> dict:
+    return {
         "out": str(tmp_path / "clip"),
         "data": {"train": str(world / "train"), "caption": "json:web"},
         "tokenizer": {"vocabulary": "world"},
@@ -24,9 +24,20 @@ def test_pretraining_records_a_heldout_curve_and_a_rerun_keeps_it(tmp_path):
             "text": {"width": 64, "layers": 1, "context_length": 48},
             "projection_dim": 32,
         },
-        "train": {"epochs": 1, "batch_size": 16, "lr": 1e-3, "warmup_steps": 1, "checkpoint_every": 2},
+        "train": {"epochs": 1, "batch_size": 16, "lr": 1e-3, "warmup_steps": 1, "checkpoint_every": 2, **train},
         "curve": {"eval": str(world / "eval" / "retrieval_short"), "every": 2},
     }
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrain") / "world"
+    generate_world(out, WorldConfig.preset("test", seed=1, train_size=64), verbose=False)
+    return out
+
+
+def test_pretraining_records_a_heldout_curve_and_a_rerun_keeps_it(tmp_path, world):
+    config = _config(tmp_path, world)
     path = tmp_path / "pretrain.yaml"
     path.write_text(yaml.safe_dump(config))
     pretrain(str(path))
@@ -38,3 +49,13 @@ def test_pretraining_records_a_heldout_curve_and_a_rerun_keeps_it(tmp_path):
     assert (tmp_path / "clip" / "model.safetensors").exists()
     pretrain(str(path))  # finished: nothing retrained, the curve is not extended
     assert curve_path.read_text().count("\n") == 2
+
+
+def test_pretraining_at_a_fixed_temperature_saves_that_temperature(tmp_path, world):
+    """A later phase with `logit_scale: model` must use the temperature the base was trained at, not the init."""
+    path = tmp_path / "pretrain.yaml"
+    path.write_text(yaml.safe_dump(_config(tmp_path, world, logit_scale=100.0)))
+    pretrain(str(path))
+    points = [json.loads(line) for line in (tmp_path / "clip.train" / "curve.jsonl").read_text().splitlines()]
+    assert [p["temperature"] for p in points] == [100.0, 100.0]
+    assert clipmoe.load(str(tmp_path / "clip")).logit_scale.exp().item() == pytest.approx(100.0, rel=1e-5)

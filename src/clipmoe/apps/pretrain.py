@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from dataclasses import dataclass, replace
 
@@ -203,6 +204,11 @@ def pretrain(config_path: str, preload: bool = False) -> str:
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model.get("text", {}).get("context_length", 32))
     model = build_clip(cfg.model, tokenizer)
+    if isinstance(cfg.train.logit_scale, (int, float)):
+        # A fixed temperature is part of what the model was trained with: the saved folder carries it, so a
+        # later phase with `logit_scale: model` (and the curve) use the value training used, not the init.
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(cfg.train.logit_scale))
 
     d = cfg.data
     dataset = open_dataset(
