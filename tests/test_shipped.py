@@ -59,6 +59,17 @@ def test_base_suppresses_shape_size_and_texture_rather_than_lacking_them(heldout
     assert result["color"]["zero_shot"] > 90 and result["background"]["zero_shot"] > 90  # what captions name
 
 
+def test_conditional_zero_shot_tells_words_the_text_tower_carries_from_words_it_ignores(heldout_world):
+    """Captions naming an image's colour, shape and background right, varied in one attribute: the base's text
+    tower separates size words (web captions name size and the image tower sees it) and reads them right."""
+    from clipmoe.apps.quality import conditional_zero_shot
+
+    result = conditional_zero_shot(clipmoe.load(TINY_CLIP), str(heldout_world), ("size", "texture"), max_images=200)
+    size = result["size"]
+    assert size["accuracy"] > size["chance"] + 15 and size["variant_cosine"] < 0.9, size
+    assert result["texture"]["variant_cosine"] > size["variant_cosine"], result
+
+
 def test_shipped_tokenizer_fits_every_detailed_caption():
     """Fine-tuning captions must fit the text context the base was pretrained with (no silent truncation)."""
     import numpy as np

@@ -26,13 +26,14 @@ import torch
 import yaml
 
 from ..data.world import FINETUNE_BACKGROUNDS, FINETUNE_COLORS, WorldConfig, generate_world
+from ..data.world_language import ATTRIBUTE_BY_NAME, CaptionPlan
 from ..dmu.baselines import BASELINES
 from ..dmu.budgets import BUDGETS
 from ..dmu.pipeline import Pipeline, open_run
 from ..dmu.report import mcl_wall_times
 from ..eval.classification import classification_metrics, zero_shot_classifier
 from ..eval.datasets import load_wds
-from ..eval.features import encode_images
+from ..eval.features import encode_images, encode_texts
 from ..eval.linear_probe import linear_probe_accuracy
 from ..eval.mlp_probe import mlp_probe_accuracy
 from ..eval.suite import evaluate_suite
@@ -732,4 +733,39 @@ def attribute_probe_strength(
         linear = {m: linear_probe_accuracy(x[:m], y[:m], x[test], y[test], k) for m in train_sizes}
         mlp = mlp_probe_accuracy(x[:n], y[:n], x[test], y[test], k)
         out[a["name"]] = {"chance": 100.0 / k, "linear": linear, "mlp": mlp, "mlp_train_size": n}
+    return out
+
+
+@torch.no_grad()
+def conditional_zero_shot(
+    model, world: str, attributes: tuple[str, ...] = HIDDEN_ATTRIBUTES, max_images: int = 1500, batch_size: int = 256
+) -> dict[str, dict[str, float]]:
+    """Whether the *text* tower carries an attribute's words. Per attribute, for each evaluation image: a caption
+    naming its colour, shape and background correctly, in one variant per value of the attribute and otherwise
+    the same words ("a magenta triangle in the upper left on a white background"); ``accuracy``: how often the
+    right variant scores highest (chance ``100 / values``); ``variant_cosine``: the mean cosine between the
+    variants' text embeddings (near 1: the text tower maps the attribute's words to nothing). Unlike
+    ``attribute_probes``' zero-shot, no prompt omits what the caption would otherwise say."""
+    sets = {a["name"]: (a["values"], data) for a, data in _attribute_sets(world)}  # values: the targets' order
+    images = min(max_images, len(sets["color"][1].targets))
+    scenes = [{name: values[int(data.targets[i])] for name, (values, data) in sets.items()} for i in range(images)]
+    x = encode_images(model, sets["color"][1].images[:images], batch_size=batch_size)
+    out = {}
+    for name in attributes:
+        forms = ATTRIBUTE_BY_NAME[name].forms
+        if "adj" in forms:
+            template = f"a {{{name}:adj}} {{color:adj}} {{shape:noun}} {{background:pp}}"
+        elif "pp" in forms:
+            template = f"a {{color:adj}} {{shape:noun}} {{{name}:pp}} {{background:pp}}"
+        else:
+            template = f"a {{color:adj}} {{shape:noun}} with {{{name}:np}} {{background:pp}}"
+        plan = CaptionPlan(template, (0.0,) * 4)  # the first phrasing of every slot
+        values = sets[name][0]
+        texts = [plan.render({**scene, name: v}) for scene in scenes for v in values]
+        t = encode_texts(model, texts, batch_size=batch_size).view(images, len(values), -1)
+        truth = torch.tensor([values.index(scene[name]) for scene in scenes])
+        accuracy = (torch.einsum("nd,nkd->nk", x, t).argmax(1) == truth).float().mean().item() * 100
+        gram = torch.einsum("nkd,njd->nkj", t, t)
+        cosine = gram[:, ~torch.eye(len(values), dtype=torch.bool)].mean().item()
+        out[name] = {"chance": 100.0 / len(values), "accuracy": accuracy, "variant_cosine": cosine}
     return out
