@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from ..data.world import FINETUNE_BACKGROUNDS, FINETUNE_COLORS, WorldConfig, generate_world
-from ..data.world_language import ATTRIBUTE_BY_NAME, CaptionPlan
+from ..data.world_language import ATTRIBUTE_BY_NAME, SLOT_RE, CaptionPlan
 from ..dmu.baselines import BASELINES
 from ..dmu.budgets import BUDGETS
 from ..dmu.pipeline import Pipeline, open_run
@@ -759,7 +759,7 @@ def conditional_zero_shot(
             template = f"a {{color:adj}} {{shape:noun}} {{{name}:pp}} {{background:pp}}"
         else:
             template = f"a {{color:adj}} {{shape:noun}} with {{{name}:np}} {{background:pp}}"
-        plan = CaptionPlan(template, (0.0,) * 4)  # the first phrasing of every slot
+        plan = CaptionPlan(template, (0.0,) * len(SLOT_RE.findall(template)))  # every slot's first phrasing
         values = sets[name][0]
         texts = [plan.render({**scene, name: v}) for scene in scenes for v in values]
         t = encode_texts(model, texts, batch_size=batch_size).view(images, len(values), -1)
