@@ -17,7 +17,7 @@ def test_shipped_configs_validate():
     from clipmoe.apps.pretrain import read_pretrain_config
 
     cfg = read_pretrain_config("configs/pretrain-tiny-clip.yaml", check_paths=False)
-    assert cfg.train.logit_scale is None and cfg.data.caption == "json:web" and cfg.curve["every"] > 0
+    assert cfg.train.logit_scale == 100.0 and cfg.data.caption == "json:web" and cfg.curve["every"] > 0
 
 
 def test_pretrain_openai_init_draws_position_embeddings_at_openai_scales():
