@@ -391,6 +391,29 @@ def test_cli_applies_preset_and_overrides(tmp_path, capsys):
     assert "train 10" in capsys.readouterr().out
 
 
+def _generate_after(barrier, out):
+    barrier.wait()  # both processes find no world, then both write one
+    generate_world(out, CONFIG, verbose=False)
+
+
+def test_two_processes_writing_the_same_world_at_once_both_succeed(world, tmp_path):
+    """The testbed runs one process per recipe on the same worlds: the one that finishes second keeps the
+    first one's (byte-identical) copy instead of failing on the rename."""
+    import multiprocessing
+
+    out = str(tmp_path / "shared")
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_generate_after, args=(barrier, out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert sorted(os.listdir(tmp_path)) == ["shared"]  # no temporary folder left behind
+    assert all_files(out) == all_files(world[0])
+
+
 def test_web_mention_rates_are_a_world_option_recorded_in_the_manifest(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_world_arguments(parser)

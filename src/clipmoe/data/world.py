@@ -460,9 +460,18 @@ def generate_world(
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the world is ordinary shared data
-        if os.path.isdir(out):
-            os.rmdir(out)  # empty (checked above); rename cannot replace a folder portably
-        os.rename(tmp, out)
+        try:
+            if os.path.isdir(out):
+                os.rmdir(out)  # empty (checked above); rename cannot replace a folder portably
+            os.rename(tmp, out)
+        except OSError:
+            # Another process (a second testbed recipe, say) finished the same world meanwhile: keep its copy,
+            # which is byte-identical for the same config; anything else at ``out`` is still an error.
+            existing = _existing_world(out, config)
+            if existing is None:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            return existing
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
