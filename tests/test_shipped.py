@@ -45,15 +45,19 @@ def test_base_model_zero_shot_is_well_above_chance_on_short_caption_attributes(h
         assert result["top1"] > 3 * chance, (attribute, result["top1"], chance)
 
 
-def test_base_suppresses_its_rarely_named_attributes_rather_than_lacking_them(heldout_world):
+def test_base_suppresses_its_rarely_named_attributes_rather_than_lacking_them(tmp_path):
     """The testbed's premise (docs/pretraining.md): what web captions rarely name is in the image features
-    (a probe reads it) but far less in what zero-shot matching uses."""
+    (a probe reads it) but far less in what zero-shot matching uses. 2,000 held-out images: a linear probe
+    fitted on a few hundred reads too little to show the gap."""
     from clipmoe.apps.quality import attribute_probes
+    from clipmoe.data.world import WorldConfig, generate_world
 
-    result = attribute_probes(clipmoe.load(TINY_CLIP), str(heldout_world))
+    world = tmp_path / "probe-world"
+    generate_world(world, WorldConfig.preset("test", seed=7, eval_size=2000, train_size=8), verbose=False)
+    result = attribute_probes(clipmoe.load(TINY_CLIP), str(world))
     for attribute in ("shape", "size", "position", "texture"):
         r = result[attribute]  # suppressed, not absent: above chance, well below what the features hold
-        assert r["chance"] < r["zero_shot"] < r["linear_probe"] - 5, (attribute, r)
+        assert r["chance"] < r["zero_shot"] < r["linear_probe"] - 10, (attribute, r)
     for attribute in ("size", "position", "texture"):
         assert result[attribute]["zero_shot"] > result[attribute]["chance"] + 10, (attribute, result[attribute])
     assert result["color"]["zero_shot"] > 90 and result["background"]["zero_shot"] > 90  # what captions name
