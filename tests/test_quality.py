@@ -91,6 +91,13 @@ def test_tiny_quality_run_writes_tables_for_both_budget_rules_and_resumes(tmp_pa
         metrics = json.load(f)["metrics"]
     assert any(k.startswith("cls_color/per_class_recall/") for k in metrics)
     mtime = os.path.getmtime(os.path.join(out, "runs", "tuned-seed0", "moe", "model", "model.safetensors"))
+    # a report of finished runs reads each run's own config: other --baselines flags (a recipe run by a separate
+    # invocation with a subset) neither refuse nor drop the run's rows
+    path = run_quality(
+        out, size="tiny", seeds=(0,), recipes=("tuned",), device="cpu", report_only=True, baselines=["dense"]
+    )
+    rows = [line for line in open(path).read().splitlines() if line.startswith("|")]
+    assert rows == [line for line in text.splitlines() if line.startswith("|")]
     # rerun with one more budget rule: nothing of the run is retrained; a fork of it trains the baselines under it
     path = run_quality(out, size="tiny", seeds=(0,), recipes=("tuned",), device="cpu", budgets=("epoch", "flops"))
     assert os.path.getmtime(os.path.join(out, "runs", "tuned-seed0", "moe", "model", "model.safetensors")) == mtime

@@ -262,18 +262,23 @@ def run_quality(
 
 def _run(out: str, name: str, config: dict, report_only: bool, fork_of: str | None = None) -> Pipeline:
     """One pipeline run, resumed where it stopped; ``fork_of``: started as a fork of that run (reusing its DMU
-    phases). ``report_only`` refuses an unfinished run instead of running it."""
-    cfg_path = os.path.join(out, "configs", f"{name}.yaml")
-    os.makedirs(os.path.dirname(cfg_path), exist_ok=True)
-    with open(cfg_path, "w") as f:
-        yaml.safe_dump(config, f, sort_keys=False)
+    phases). ``report_only`` refuses an unfinished run instead of running it, and reads the run's own config
+    (recipes run by separate invocations with different ``--baselines`` still make one report)."""
     run_dir = os.path.join(out, "runs", name)
-    if fork_of and not os.path.exists(run_dir):
-        if report_only:
+    if report_only:
+        snapshot = os.path.join(run_dir, "config.yaml")
+        if not os.path.exists(snapshot):
             raise ValueError(f"{run_dir} does not exist; run it first")
-        cfg, run_dir = open_run(cfg_path, fork_of, fork=run_dir)
+        cfg, run_dir = open_run(snapshot, run_dir)
     else:
-        cfg, run_dir = open_run(cfg_path, run_dir)
+        cfg_path = os.path.join(out, "configs", f"{name}.yaml")
+        os.makedirs(os.path.dirname(cfg_path), exist_ok=True)
+        with open(cfg_path, "w") as f:
+            yaml.safe_dump(config, f, sort_keys=False)
+        if fork_of and not os.path.exists(run_dir):
+            cfg, run_dir = open_run(cfg_path, fork_of, fork=run_dir)
+        else:
+            cfg, run_dir = open_run(cfg_path, run_dir)
     pipe = Pipeline(cfg, run_dir, init_distributed(cfg.device))
     if report_only:
         unfinished = [task for task, done in pipe.status().items() if not done]
