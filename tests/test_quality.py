@@ -73,6 +73,13 @@ def test_baselines_are_selectable_and_extraction_times_are_tabled(tmp_path):
     assert "| MCL stages | 8.0 | - |" in text and "| fusion (1 epoch) | 6.0 | 4.0 |" in text
 
 
+def test_report_only_names_the_run_that_was_never_run(tmp_path):
+    out = str(tmp_path / "q")
+    with pytest.raises(ValueError, match=r"runs/tuned-seed0 does not exist; run it first"):
+        run_quality(out, size="tiny", seeds=(0,), recipes=("tuned",), device="cpu", report_only=True)
+    assert not os.path.exists(os.path.join(out, "runs"))  # nothing half-made
+
+
 @pytest.mark.slow
 def test_tiny_quality_run_writes_tables_for_both_budget_rules_and_resumes(tmp_path):
     out = str(tmp_path / "q")
