@@ -31,6 +31,7 @@ TORCH_FREE = {
     "clipmoe.train.config",
     "clipmoe.model.options",
     "clipmoe.formats.hub",  # model-name resolution, used by the config's validation
+    "clipmoe.utils.interrupt",  # the CLI installs its Ctrl-C handler before any subcommand is imported
 }
 
 

@@ -159,6 +159,39 @@ def test_ctrl_c_stops_with_one_line_then_the_rerun_resumes(tmp_path, world, base
     assert "1 threads" in open(named["report"]).read()
 
 
+def test_a_ctrl_c_that_a_finalizer_swallows_still_stops_the_work():
+    """Python raises KeyboardInterrupt in whatever frame runs when SIGINT arrives; in a finalizer it is printed as
+    "Exception ignored" and lost (CI once saw a run go to its end that way). The CLI's handler records it, and
+    the long loops' ``interrupt.check()`` raises it at their next step."""
+    script = """
+import os, signal, weakref
+from clipmoe.utils import interrupt
+interrupt.install()
+class Thing:
+    pass
+def finalizer(_):
+    os.kill(os.getpid(), signal.SIGINT)
+    sum(range(200000))  # the handler runs here, inside the finalizer
+thing = Thing()
+ref = weakref.ref(thing, finalizer)
+del thing
+print("after the finalizer", flush=True)
+interrupt.check()
+print("not stopped", flush=True)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "PYTHONPATH": SRC},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    assert "Exception ignored" in done.stderr and "KeyboardInterrupt" in done.stderr, done.stderr  # it was swallowed
+    assert "after the finalizer" in done.stdout and "not stopped" not in done.stdout, done.stdout
+    assert done.returncode != 0 and done.stderr.rstrip().endswith("KeyboardInterrupt"), done.stderr
+
+
 # ------------------------------------------------------------------------------------------ plots
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .dmu.stages import STAGE_BY_NAME, STAGES, Stage
+from .utils import interrupt
 
 # ------------------------------------------------------------------------------------------ pipeline commands
 
@@ -302,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     chosen = _chosen(argv)
     name = chosen.name if chosen else "?"
+    interrupt.install()
     try:
         if chosen is not None and chosen.computes and not {"-h", "--help", "--dry-run"} & set(argv):
             _set_threads(argv)  # before the subcommand's module (and with it torch) is imported
@@ -316,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         tail = "; rerun the same command to resume" if name in RESUMABLE else " (interrupted)"
         print(f"clipmoe {name}: {stopped}{tail}", file=sys.stderr)
         return 130
+    finally:
+        interrupt.uninstall()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from ..utils import interrupt
 from .world_formats import ShardedTarWriter, img2dataset_key, jpeg_bytes, json_text, png_bytes, wds_key, write_file
 from .world_language import (
     ATTRIBUTE_BY_NAME,
@@ -270,6 +271,7 @@ def _write_captioned_split(
                 bar.update(n)
     else:
         for chunk in chunks:
+            interrupt.check()
             bar.update(_write_captioned_chunk((folder, stream, chunk, config)))
     bar.close()
 

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..train.distributed import DistEnv, barrier, on_main
+from ..utils import interrupt
 from ..utils.io import write_error, write_json
 
 DONE = "DONE"
@@ -108,6 +109,7 @@ def embed_dataset(
             batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
             loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=num_workers)
             for batch in loader:
+                interrupt.check()
                 idx = batch["index"].numpy()
                 img = model.encode_image(batch["pixel_values"].to(env.device))
                 txt = model.encode_text(batch["input_ids"].to(env.device), batch["attention_mask"].to(env.device))

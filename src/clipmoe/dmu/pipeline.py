@@ -47,6 +47,7 @@ from ..model.stretch import stretch_text_positions
 from ..model.surgery import assemble_moe, init_routers
 from ..train.distributed import DistEnv, full_state_dict, on_main
 from ..train.loop import CHECKPOINT, Distillation, train
+from ..utils import interrupt
 from ..utils.io import atomic_file, write_json
 from ..utils.lock import lock_folder
 from .baselines import BaselineRun, Row, baseline_runs, rows, set_expert_dropout
@@ -396,6 +397,7 @@ class Pipeline:
         """One task, timed into timings.json. Ctrl-C becomes ``Stopped``, saying where (task and step)."""
         task = stage.task(instance)
         try:
+            interrupt.check()
             return self._timed(task, lambda: stage.run(self, instance))
         except Stopped:
             raise

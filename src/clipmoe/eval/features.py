@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..data.processing import ImageRejected
+from ..utils import interrupt
 from .datasets import ImageRef
 
 # Called after each batch's forward pass with the batch's sample indices and, for text, its attention mask;
@@ -104,6 +105,7 @@ def encode_images(
     loader = DataLoader(_ImageDataset(images, model.image_processor), batch_size=batch_size, num_workers=num_workers)
     out, start = [], 0
     for pixels in tqdm(loader, desc=f"encoding {desc}", unit="batch", leave=False):
+        interrupt.check()
         with run.context():
             features = model.encode_image(pixels.to(run.device, run.input_dtype))
         if on_batch is not None:
@@ -129,6 +131,7 @@ def encode_texts(
     run = _Runner(model, device, dtype)
     out = []
     for start in tqdm(range(0, len(texts), batch_size), desc=f"encoding {desc}", unit="batch", leave=False):
+        interrupt.check()
         chunk = list(texts[start : start + batch_size])
         tokens = model.tokenizer(chunk)
         mask = tokens["attention_mask"].to(run.device)

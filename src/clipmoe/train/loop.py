@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..formats.state_dict import save_file_atomically
 from ..model.modeling import tower_layers
+from ..utils import interrupt
 from ..utils.io import atomic_file
 from ..utils.keys import first_few
 from .config import TrainConfig
@@ -193,6 +194,7 @@ def train(
         distill_batches = _distill_stream(distill, cfg.batch_size // env.world_size, env, micro, cfg)
     try:
         while step < total_steps:
+            interrupt.check()
             optimizer.zero_grad(set_to_none=True)
             logged: dict[str, float] = {}
             for accum in range(cfg.grad_accum):

@@ -1,1 +1,1 @@
-"""Bottom layer, torch-free: atomic file writes, dtype names, image extensions."""
+"""Bottom layer, torch-free: atomic file writes, dtype names, image extensions, threads, Ctrl-C."""
