@@ -442,6 +442,25 @@ def test_web_mention_rates_are_a_world_option_recorded_in_the_manifest(tmp_path,
     assert "expected ATTRIBUTE=RATE pairs like position=0.3, got 'position:0.3'" in capsys.readouterr().err
 
 
+def test_dot_radius_is_a_world_option_recorded_in_the_manifest(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_world_arguments(parser)
+    out = str(tmp_path / "big-dots")
+    assert (
+        run_world(parser.parse_args([out, "--preset", "test", "--train-size", "20", "--dot-radius", "0.09", "--quiet"]))
+        == 0
+    )
+    with open(os.path.join(out, "world.json")) as f:
+        assert json.load(f)["config"]["dot_radius"] == 0.09
+    default = str(tmp_path / "default")
+    generate_world(default, WorldConfig.preset("test", train_size=20), verbose=False)
+    first = sorted(glob.glob(os.path.join(out, "train", "*", "*.png")))[0]
+    big, small = (np.asarray(Image.open(p)) for p in (first, first.replace(out, default)))
+    assert (big != small).any()  # the dots differ ...
+    with open(first.replace(".png", ".json")) as a, open(first.replace(out, default).replace(".png", ".json")) as b:
+        assert a.read() == b.read()  # ... and nothing else: same scene, same captions
+
+
 def test_a_world_written_before_a_config_field_existed_is_still_the_same_world(world):
     out, manifest = world
     old = {**manifest, "config": {k: v for k, v in manifest["config"].items() if k != "web_mention_rate"}}
@@ -493,6 +512,47 @@ def test_render_draws_the_size_asked(size, shape, texture):
     assert -1.6 <= extent - SIDE[shape] * SIZE_FRACTION[size] * CONFIG.image_size <= 0.6
     centre = pixels[rows.min() + (np.ptp(rows) // 2), cols.min() + (np.ptp(cols) // 2)]
     assert near(centre, OBJECT_RGB["red"] if texture == "solid" else BACKGROUND_RGB["white"], 2)
+
+
+@pytest.mark.parametrize("radius", [0.045, 0.09])
+def test_dot_radius_sets_the_dots_area_and_nothing_else(radius):
+    """``dot_radius`` (the count's salience) draws each dot as a disc of that radius, in the quadrants the
+    layout gives it, and leaves the object's pixels as they were."""
+    layout = Layout(
+        jitter=(0.0, 0.0),
+        dot_order=(0, 1, 2, 3),
+        dot_jitter=((0.0, 0.0),) * 4,
+        object_tint=(0, 0, 0),
+        background_tint=(0, 0, 0),
+        noise_seed=0,
+    )
+    attributes = {
+        "color": "red",
+        "background": "white",
+        "shape": "square",
+        "size": "small",
+        "position": "lower right",
+        "texture": "solid",
+        "count": "three",
+    }
+    size = CONFIG.image_size
+    pixels = np.asarray(render(attributes, layout, size, dot_radius=radius))
+    dots = near(pixels, dot_rgb("white"), 120)  # pixels at least half covered by a dot
+    half = size // 2
+    for q, (r0, c0) in enumerate([(0, 0), (0, half), (half, 0)]):  # the three quadrants the object leaves
+        covered = dots[r0 : r0 + half, c0 : c0 + half].sum()
+        assert abs(covered - np.pi * (radius * size) ** 2) <= 2 * np.pi * radius * size + 2, (q, covered)
+    assert not dots[half:, half:].any()  # no dot in the object's quadrant
+    plain = np.asarray(render(attributes, layout, size))
+    assert (pixels[half:, half:] == plain[half:, half:]).all()
+
+
+def test_dot_radius_out_of_range_is_refused_naming_the_field():
+    with pytest.raises(ValueError, match=r"WorldConfig.dot_radius=0.3 must be at most 0.2"):
+        WorldConfig(dot_radius=0.3)
+    with pytest.raises(ValueError, match=r"WorldConfig.dot_radius=0.03 .* 2 px across or more at image_size 32"):
+        WorldConfig(image_size=32, dot_radius=0.03)
+    WorldConfig(image_size=32)  # the default dots, 2.9 px across at the smallest image size
 
 
 def test_web_captions_name_what_the_corpus_promises():

@@ -41,7 +41,7 @@ from .world_language import (
     vocabulary,
     web_caption,
 )
-from .world_render import Layout, render
+from .world_render import DOT_RADIUS, MAX_DOT_RADIUS, Layout, render
 
 FORMAT_VERSION = 2  # 2: web alt-text captions, train/val colour and background subsets
 MANIFEST = "world.json"
@@ -67,6 +67,7 @@ class WorldConfig:
     shard_size: int = 10000
     color_jitter: int = 12  # per-channel random offset of object and background colours
     noise: float = 0.0  # std of Gaussian pixel noise (0-255 scale): a difficulty knob
+    dot_radius: float = DOT_RADIUS  # of the image side: how salient the dots (the count attribute) are
     # A narrower train/val image distribution (the fine-tuning data of the quality testbed): object colours and
     # backgrounds drawn from these values only; empty = all. Evaluation sets always cover every value.
     train_colors: tuple[str, ...] = ()
@@ -88,6 +89,12 @@ class WorldConfig:
             # The two closest nominal colours differ by 40 in one channel: more jitter would let them overlap.
             ("color_jitter", 0 <= self.color_jitter <= 20, "must be in [0, 20] (colours would overlap)"),
             ("noise", self.noise >= 0, "must be >= 0"),
+            (
+                "dot_radius",
+                self.dot_radius * self.image_size >= 1 and self.dot_radius <= MAX_DOT_RADIUS,
+                f"must be at most {MAX_DOT_RADIUS} (a dot fits its quadrant) and 2 px across or more at "
+                f"image_size {self.image_size} (smaller dots blur away)",
+            ),
         ]
         for name, attribute in (("train_colors", "color"), ("train_backgrounds", "background")):
             values, known = getattr(self, name), ATTRIBUTE_BY_NAME[attribute].values
@@ -252,7 +259,7 @@ def _other_value(rng: np.random.Generator, attribute: str, value: str) -> str:
 
 
 def _image(config: WorldConfig, attributes: dict[str, str], layout: Layout) -> Image.Image:
-    return render(attributes, layout, config.image_size, config.noise)
+    return render(attributes, layout, config.image_size, config.noise, config.dot_radius)
 
 
 def _write_captioned_split(
@@ -509,6 +516,7 @@ def add_world_arguments(parser: argparse.ArgumentParser) -> None:
         ("shard-size", int, "samples per shard folder / tar"),
         ("color-jitter", int, "per-channel colour jitter"),
         ("noise", float, "Gaussian pixel noise std (0-255)"),
+        ("dot-radius", float, f"dot radius as a fraction of the image side (default {DOT_RADIUS})"),
         ("train-colors", _names, "comma-separated object colours of train/val images (default: all)"),
         ("train-backgrounds", _names, "comma-separated backgrounds of train/val images (default: all)"),
         (

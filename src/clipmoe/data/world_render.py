@@ -46,7 +46,8 @@ BACKGROUND_RGB = {
 SIZE_FRACTION = {"small": 0.26, "medium": 0.36, "large": 0.46}
 QUADRANTS = ("upper left", "upper right", "lower left", "lower right")  # index = 2 * row + column
 COUNTS = {"one": 1, "two": 2, "three": 3}
-DOT_RADIUS = 0.045  # of the image side: about 4 px across at 48 px
+DOT_RADIUS = 0.045  # of the image side: about 4 px across at 48 px (the default; WorldConfig.dot_radius)
+MAX_DOT_RADIUS = 0.2  # a dot (at most 0.4 of the side across) must fit its quadrant (half the side) with room
 MARGIN = 1.0  # pixels kept free between anything drawn and its quadrant's border
 
 
@@ -180,8 +181,8 @@ def _object_mask(attributes: Mapping[str, str], layout: Layout, size: int) -> np
     return mask
 
 
-def _dot_mask(attributes: Mapping[str, str], layout: Layout, size: int) -> np.ndarray:
-    s, r = SUPERSAMPLE, DOT_RADIUS * size
+def _dot_mask(attributes: Mapping[str, str], layout: Layout, size: int, radius: float) -> np.ndarray:
+    s, r = SUPERSAMPLE, radius * size
     canvas = Image.new("L", (size * s, size * s), 0)
     draw = ImageDraw.Draw(canvas)
     room = size / 4 - r - MARGIN
@@ -204,14 +205,16 @@ def dot_rgb(background: str) -> tuple[int, int, int]:
     return (15, 15, 15) if sum(BACKGROUND_RGB[background]) > 3 * 160 else (250, 250, 250)
 
 
-def render(attributes: Mapping[str, str], layout: Layout, size: int, noise: float = 0.0) -> Image.Image:
-    """The RGB image of a scene: ``size`` x ``size`` pixels."""
+def render(
+    attributes: Mapping[str, str], layout: Layout, size: int, noise: float = 0.0, dot_radius: float = DOT_RADIUS
+) -> Image.Image:
+    """The RGB image of a scene: ``size`` x ``size`` pixels; ``dot_radius`` is a fraction of the side."""
     background = np.add(BACKGROUND_RGB[attributes["background"]], layout.background_tint, dtype=np.float32)
     colour = np.add(OBJECT_RGB[attributes["color"]], layout.object_tint, dtype=np.float32)
     image = np.broadcast_to(background, (size, size, 3)).copy()
     alpha = _coverage(_object_mask(attributes, layout, size), size)
     image += alpha * (colour - image)
-    alpha = _coverage(_dot_mask(attributes, layout, size), size)
+    alpha = _coverage(_dot_mask(attributes, layout, size, dot_radius), size)
     image += alpha * (np.asarray(dot_rgb(attributes["background"]), np.float32) - image)
     if noise > 0:
         image += np.random.default_rng(layout.noise_seed).normal(0.0, noise, image.shape).astype(np.float32)
