@@ -10,7 +10,7 @@ from PIL import Image
 
 import clipmoe
 from clipmoe.cli import main
-from clipmoe.eval import evaluate_retrieval, evaluate_suite, load_wds
+from clipmoe.eval import evaluate_classification, evaluate_retrieval, evaluate_suite, load_wds
 from conftest import make_tiny_clip
 from test_eval_data import noise_image, write_wds_classification, write_wds_retrieval
 from test_eval_mmvp import write_mmvp, write_probes
@@ -61,6 +61,27 @@ def test_suite_runs_everything_and_routing_for_moe(eval_dir, model_dirs):
 
     dense = evaluate_suite(clipmoe.load(model_dirs["dense"]), eval_dir, batch_size=5)
     assert "routing" not in dense and set(dense) == set(results) - {"routing"}
+
+
+def test_sets_that_share_their_images_encode_them_once_with_the_same_results(model_dirs, tmp_path):
+    """A world writes its evaluation images into every set: the suite encodes each distinct image list once,
+    and every metric equals the set evaluated on its own (the plain path); routing counts each image once."""
+    root = tmp_path / "eval"
+    images = [noise_image(i) for i in range(12)]
+    write_wds_classification(root / "cls_color", images, [i % 3 for i in range(12)], COLORS, ["a {c} object"])
+    write_wds_classification(root / "cls_size", images, [i % 2 for i in range(12)], ["small", "large"], ["a {c} one"])
+    write_wds_retrieval(root / "retrieval_short", images, [[f"a {COLORS[i % 3]} cube"] for i in range(12)])  # png
+    model = clipmoe.load(model_dirs["moe"])
+    results = evaluate_suite(model, root, batch_size=5)
+    for name in ("cls_color", "cls_size", "retrieval_short"):
+        data = load_wds(root / name)
+        alone = (evaluate_retrieval if name.startswith("retrieval") else evaluate_classification)(
+            model, data, batch_size=5
+        )
+        assert {k: results[f"{name}/{k}"] for k in alone} == alone, name
+    image = results["routing"]["image"]
+    assert image["tokens"] == 17 * (12 + 12)  # the classification sets' webp images once, the retrieval's png once
+    assert image["groups"]["color"]["tokens"] == [4 * 17] * 3 and image["groups"]["size"]["tokens"] == [6 * 17] * 2
 
 
 def test_cli_retrieval_writes_json_and_prints_a_table(eval_dir, model_dirs, tmp_path, capsys):

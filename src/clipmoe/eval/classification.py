@@ -81,22 +81,28 @@ def evaluate_classification(
     num_workers: int = 0,
     image_hook: BatchHook | None = None,
     text_hook: BatchHook | None = None,
+    image_features: torch.Tensor | None = None,
 ) -> dict:
     """Build the zero-shot classifier from the dataset's class names and templates, encode the images once,
-    and return the metrics plus image and class counts. Hooks: see ``RoutingCollector``."""
+    and return the metrics plus image and class counts. Hooks: see ``RoutingCollector``. ``image_features``:
+    the dataset's images already encoded by this model (``encode_images``), not encoded again."""
     kw = {"device": device, "dtype": dtype}
     classifier = zero_shot_classifier(
         model, dataset.classnames, dataset.templates, batch_size=batch_size, on_batch=text_hook, **kw
     )
-    features = encode_images(
-        model,
-        dataset.images,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        on_batch=image_hook,
-        desc=dataset.name,
-        **kw,
-    )
+    features = image_features
+    if features is None:
+        features = encode_images(
+            model,
+            dataset.images,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            on_batch=image_hook,
+            desc=dataset.name,
+            **kw,
+        )
+    elif len(features) != len(dataset.images):
+        raise ValueError(f"{dataset.name}: {len(features)} image features for {len(dataset.images)} images")
     metrics = classification_metrics(features, classifier, dataset.targets)
     if dataset.targets.dim() == 1:  # recall per class name: which classes a model keeps or forgets
         pred = (features @ classifier.T).argmax(dim=1)

@@ -42,10 +42,14 @@ class ImageRef:
     size: int = -1  # -1: the whole file
     member: str = ""
 
-    def open(self) -> Image.Image:
+    def read(self) -> bytes:
+        """The encoded image, as stored."""
         with open(self.path, "rb") as f:
             f.seek(self.offset)
-            data = f.read() if self.size < 0 else f.read(self.size)
+            return f.read() if self.size < 0 else f.read(self.size)
+
+    def open(self) -> Image.Image:
+        data = self.read()
         try:
             image = Image.open(io.BytesIO(data))
             image.load()

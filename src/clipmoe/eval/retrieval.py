@@ -59,14 +59,22 @@ def evaluate_retrieval(
     num_workers: int = 0,
     image_hook: BatchHook | None = None,
     text_hook: BatchHook | None = None,
+    image_features: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Encode the dataset once and return R@k both ways, plus the image and caption counts.
 
-    ``image_hook`` / ``text_hook`` run after each encoded batch (see ``RoutingCollector``)."""
+    ``image_hook`` / ``text_hook`` run after each encoded batch (see ``RoutingCollector``). ``image_features``:
+    the dataset's images already encoded by this model (``encode_images``), not encoded again."""
     texts = [c for caps in dataset.captions for c in caps]
     text_image_index = [i for i, caps in enumerate(dataset.captions) for _ in caps]
     kw = {"batch_size": batch_size, "device": device, "dtype": dtype}
-    images = encode_images(model, dataset.images, num_workers=num_workers, on_batch=image_hook, desc=dataset.name, **kw)
+    images = image_features
+    if images is None:
+        images = encode_images(
+            model, dataset.images, num_workers=num_workers, on_batch=image_hook, desc=dataset.name, **kw
+        )
+    elif len(images) != len(dataset.images):
+        raise ValueError(f"{dataset.name}: {len(images)} image features for {len(dataset.images)} images")
     text_features = encode_texts(model, texts, on_batch=text_hook, desc=f"{dataset.name} captions", **kw)
     metrics = retrieval_metrics(images, text_features, text_image_index, ks, device=model_device(model))
     return {**metrics, "num_images": len(images), "num_texts": len(texts)}

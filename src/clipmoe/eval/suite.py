@@ -6,10 +6,16 @@ folder (``Questions.csv``; e.g. ``mmvp/``) or a probes folder (``probes.jsonl``;
 are keyed ``<folder>/<metric>``. For a CLIP-MoE the same encodings also feed the routing analysis (under
 ``routing``), with classification images and prompts labelled by ``<attribute>`` = class name (the folder
 name without ``cls_``), MMVP inputs by ``mmvp_pattern`` and probe inputs by ``probe_attribute``.
+
+Sets that hold the same images (a world writes its evaluation images into every retrieval and classification
+folder, as CLIP_benchmark expects) are encoded once: the features are the same tensors the sets would each
+compute (same images, order and batches), and the routing analysis counts each image once, with every label
+its sets give it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import torch
@@ -17,6 +23,7 @@ from torch import nn
 
 from .classification import evaluate_classification
 from .datasets import RetrievalDataset, load_wds, wds_splits
+from .features import encode_images
 from .mmvp import evaluate_mmvp, load_mmvp
 from .probes import PROBES_FILE, evaluate_probes, load_probes, probe_caption_labels, probe_image_labels
 from .retrieval import evaluate_retrieval
@@ -71,29 +78,52 @@ def evaluate_suite(
         return {"image_hook": collector.hook("image", image), "text_hook": collector.hook("text", text)}
 
     kw = {"batch_size": batch_size, "device": device, "dtype": dtype}
+    datasets = {name: load_wds(path) for name, (kind, path) in sets.items() if kind == "wds"}
+    labels = {name: _class_labels(name, data) for name, data in datasets.items()}
+    features = {}
+    for names in _same_images(datasets).values():  # each distinct image list encoded once
+        shared = {k: v for name in names for k, v in labels[name].items()}
+        hook = hooks(**shared).get("image_hook")
+        first = datasets[names[0]]
+        desc = first.name + (f" (the images of {len(names)} sets)" if len(names) > 1 else "")
+        encoded = encode_images(model, first.images, num_workers=num_workers, on_batch=hook, desc=desc, **kw)
+        features.update(dict.fromkeys(names, encoded))
     results: dict = {}
     for name, (kind, path) in sets.items():
         if kind == "wds":
-            data = load_wds(path)
-            if isinstance(data, RetrievalDataset):
-                metrics = evaluate_retrieval(model, data, num_workers=num_workers, **hooks(), **kw)
-            else:
-                labels = {}
-                if not data.multilabel:  # label tokens by class name: which classes each expert takes
-                    names = data.classnames
-                    attribute = name.removeprefix("cls_")
-                    prompts = [c for c in names for _ in data.templates]
-                    labels[attribute] = ([names[t] for t in data.targets.tolist()], prompts)
-                metrics = evaluate_classification(model, data, num_workers=num_workers, **hooks(**labels), **kw)
+            data, text_hook = datasets[name], hooks(**labels[name]).get("text_hook")
+            evaluate = evaluate_retrieval if isinstance(data, RetrievalDataset) else evaluate_classification
+            metrics = evaluate(model, data, image_features=features[name], text_hook=text_hook, **kw)
         elif kind == "mmvp":
             pairs = load_mmvp(path)
             patterns = [p.pattern for p in pairs for _ in p.images]
             metrics = evaluate_mmvp(model, pairs, **hooks(mmvp_pattern=(patterns, patterns)), **kw)
         else:
             probes = load_probes(path)
-            labels = {"probe_attribute": (probe_image_labels(probes), probe_caption_labels(probes))}
-            metrics = evaluate_probes(model, probes, **hooks(**labels), **kw)
+            probe_labels = {"probe_attribute": (probe_image_labels(probes), probe_caption_labels(probes))}
+            metrics = evaluate_probes(model, probes, **hooks(**probe_labels), **kw)
         results.update({f"{name}/{k}": v for k, v in metrics.items()})
     if collector is not None:
         results["routing"] = collector.result()
     return results
+
+
+def _class_labels(name: str, data) -> dict[str, tuple[list[str], list[str]]]:
+    """Routing labels of a single-label classification set: each image and each prompt by its class name."""
+    if isinstance(data, RetrievalDataset) or data.multilabel:
+        return {}
+    names = data.classnames
+    prompts = [c for c in names for _ in data.templates]
+    return {name.removeprefix("cls_"): ([names[t] for t in data.targets.tolist()], prompts)}
+
+
+def _same_images(datasets: dict) -> dict[str, list[str]]:
+    """Set names grouped by the bytes of their images, in order (a digest of every image file)."""
+    groups: dict[str, list[str]] = {}
+    for name, data in datasets.items():
+        digest = hashlib.sha256()
+        for image in data.images:
+            content = image.read()
+            digest.update(len(content).to_bytes(8, "little") + content)
+        groups.setdefault(digest.hexdigest(), []).append(name)
+    return groups
