@@ -1,6 +1,6 @@
 """The quality testbed (docs/quality.md): does DMU make the base better, and where? Resumable; rerun to continue.
 
-python benchmarks/bench_quality.py                      # default size, seeds 0 1 2, both recipes
+python benchmarks/bench_quality.py                      # default size, seeds 0 1 2, both recipes, one process a core
 python benchmarks/bench_quality.py --size large --device cuda
 python benchmarks/bench_quality.py --budgets epoch steps samples flops   # + equal samples / equal FLOPs rows
 python benchmarks/bench_quality.py --recipes tuned tuned+centroid tuned+distill   # router options vs tuned
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from clipmoe.apps.quality import RECIPES, SIZES, TESTBED_BUDGETS, run_quality
+from clipmoe.apps.quality import RECIPES, SIZES, TESTBED_BUDGETS, default_jobs, run_quality
 from clipmoe.dmu.budgets import BUDGETS
 
 
@@ -46,6 +46,11 @@ def main() -> None:
         default=["all"],
         help="baseline rows to run: all, or keys of the pipeline's registry (dense upcycle wo_mcl soup clip_up fmoe)",
     )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        help="processes training at once, one per (seed, recipe); default: one per free core on a CPU, 1 on a GPU",
+    )
     a = p.parse_args()
     baselines = "all" if a.baselines == ["all"] else a.baselines
     run_quality(
@@ -58,6 +63,7 @@ def main() -> None:
         a.report_only,
         tuple(a.budgets),
         baselines,
+        a.jobs or default_jobs(a.device),
     )
 
 

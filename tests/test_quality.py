@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 
 import numpy as np
 import pytest
+import yaml
 
 from clipmoe.apps.quality import (
     FINETUNE_BACKGROUNDS,
@@ -114,6 +117,43 @@ def test_tiny_quality_run_writes_tables_for_both_budget_rules_and_resumes(tmp_pa
     text = open(path).read()
     assert "budget rule `steps`" in text and "budget rule `flops` (equal training compute:" in text
     assert "| dense fine-tune (equal FLOPs) |" in text and "| w/o MCL (equal FLOPs) |" in text
+
+
+@pytest.mark.slow
+def test_runs_train_in_parallel_processes_with_a_log_each_and_resume(tmp_path, capsys):
+    out = str(tmp_path / "q")
+    kw = {"size": "tiny", "seeds": (0, 1), "recipes": ("tuned",), "device": "cpu", "baselines": ["dense"]}
+    # seed 1's run folder holds a run of another config: that task fails, naming itself and its log; seed 0 trains
+    world = os.path.join(out, "worlds", "seed1")
+    other = pipeline_config(world, "tuned", SIZES["tiny"], 1, "builtin:tiny-clip", "cpu", baselines=["dense"])
+    other["mcl"]["lr"] = 0.5
+    os.makedirs(os.path.join(out, "runs", "tuned-seed1"))
+    with open(os.path.join(out, "runs", "tuned-seed1", "config.yaml"), "w") as f:
+        yaml.safe_dump(other, f)
+    with pytest.raises(RuntimeError, match=r"(?s)1 task\(s\) failed; rerun .*tuned-seed1: .*changed keys: mcl.lr"):
+        run_quality(out, jobs=2, **kw)
+    printed = capsys.readouterr().out
+    assert "quality: 2 tasks in 2 processes of " in printed
+    assert re.search(r"quality: tuned-seed0 finished \(\d of 2; log .*logs/tuned-seed0\.log\)", printed)
+    assert "started with a different config" in open(os.path.join(out, "logs", "tuned-seed1.log")).read()
+    model = os.path.join(out, "runs", "tuned-seed0", "moe", "model", "model.safetensors")
+    mtime = os.path.getmtime(model)
+
+    shutil.rmtree(os.path.join(out, "runs", "tuned-seed1"))
+    path = run_quality(out, jobs=2, **kw)
+    assert os.path.getmtime(model) == mtime  # seed 0 resumed finished: nothing retrained
+    for seed in (0, 1):
+        log = open(os.path.join(out, "logs", f"tuned-seed{seed}.log")).read()
+        assert "mcl stage 1: 100%" in log and "plan: 12 tasks" in log  # each process's own progress
+    text = open(path).read()
+    assert "seeds [0, 1]" in text and "| dense fine-tune (1 epoch) |" in text
+
+
+def test_a_parallel_run_checks_every_config_before_it_starts_a_process(tmp_path):
+    out = str(tmp_path / "q")
+    with pytest.raises(ValueError, match=r"(?s)the paper-seed0 run's config.*base_model: no such file or folder: /nowhere"):
+        run_quality(out, size="tiny", seeds=(0, 1), recipes=("paper",), device="cpu", jobs=2, base_model="/nowhere")
+    assert not os.path.exists(os.path.join(out, "logs"))
 
 
 def _metrics(retrieval: float, known: float, unseen: float) -> dict:

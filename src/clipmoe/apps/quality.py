@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 import platform
+import sys
 import time
+import traceback
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +32,7 @@ from ..data.world import FINETUNE_BACKGROUNDS, FINETUNE_COLORS, WorldConfig, gen
 from ..data.world_language import ATTRIBUTE_BY_NAME, SLOT_RE, CaptionPlan
 from ..dmu.baselines import BASELINES
 from ..dmu.budgets import BUDGETS
+from ..dmu.config import config_from_dict
 from ..dmu.pipeline import Pipeline, open_run
 from ..dmu.report import mcl_wall_times
 from ..eval.classification import classification_metrics, zero_shot_classifier
@@ -38,6 +42,7 @@ from ..eval.linear_probe import linear_probe_accuracy
 from ..eval.mlp_probe import mlp_probe_accuracy
 from ..eval.suite import evaluate_suite
 from ..train.distributed import init_distributed
+from ..utils.threads import ThreadChoice, apply_threads, available_cores, choose_threads, load_average
 
 KNOWN_ATTRIBUTES = ("color", "background", "shape")  # what the base's captions named: the ImageNet analogue
 HIDDEN_ATTRIBUTES = ("size", "position", "texture", "count")
@@ -191,12 +196,15 @@ def run_quality(
     report_only: bool = False,
     budgets: tuple[str, ...] = TESTBED_BUDGETS,
     baselines: str | list[str] = "all",
+    jobs: int = 1,
 ) -> str:
     """Build the worlds, run every (recipe, seed), and write ``out/quality.md``; returns its path.
     ``report_only`` writes the report from finished runs (for runs done by several processes) and trains nothing;
     ``budgets`` beyond the testbed's two train in forks of each run (see the module docstring); ``baselines``
-    selects the baseline rows (keys of dmu/baselines.py's registry, or "all")."""
-    s = SIZES[size]
+    selects the baseline rows (keys of dmu/baselines.py's registry, or "all"); ``jobs`` > 1 trains the runs in
+    that many processes at once (``default_jobs``), each seed's recipe with its variants in one."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose from {sorted(SIZES)}")
     unknown = sorted(set(recipes) - set(RECIPES))
     if unknown:
         raise ValueError(f"unknown recipe(s) {unknown}; choose from {sorted(RECIPES)}")
@@ -207,16 +215,30 @@ def run_quality(
     unknown = sorted(set(budgets) - set(BUDGETS))
     if unknown:
         raise ValueError(f"unknown budget rule(s) {unknown}; choose from {', '.join(BUDGETS)}")
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
-    runs = {}
+    settings = (size, base_model, device, budgets, baselines)
+    if jobs > 1 and not report_only:
+        _train_in_parallel(out, seeds, recipes, settings, jobs)
+        report_only = True  # every run is finished: the pass below reads them
+    runs = _runs(out, seeds, recipes, settings, report_only)
+    elapsed = time.perf_counter() - t0
+    path = os.path.join(out, "quality.md")
+    with open(path, "w") as f:
+        f.write(quality_report(runs, size, elapsed))
+    print(f"quality: report {path}")
+    return path
+
+
+def _runs(out: str, seeds: tuple[int, ...], recipes: tuple[str, ...], settings: tuple, report_only: bool) -> dict:
+    """Run (or, ``report_only``, read) every (recipe, seed) run in this process; their results by run name."""
+    size, base_model, device, budgets, baselines = settings
+    s = SIZES[size]
+    runs: dict = {}
     for seed in seeds:
-        world = os.path.join(out, "worlds", f"seed{seed}")
-        generate_world(world, world_config(s, seed), verbose=False)
-        broad = None
-        if any(RECIPES[r].get("distill") for r in recipes):
-            broad = os.path.join(out, "worlds", f"seed{seed}-broad")
-            generate_world(broad, broad_world_config(s, seed), verbose=False)
+        world, broad = _worlds(out, s, seed, recipes)
         for recipe in recipes:
             name = f"{recipe}-seed{seed}"
             print(f"quality: {name} ({len(runs) + 1} of {len(seeds) * len(recipes)})", flush=True)
@@ -252,12 +274,86 @@ def run_quality(
             for p in (pipe, *forks):
                 with open(p.timings_path) as f:
                     runs[name]["seconds"] += sum(json.load(f).values())
-    elapsed = time.perf_counter() - t0
-    path = os.path.join(out, "quality.md")
-    with open(path, "w") as f:
-        f.write(quality_report(runs, size, elapsed))
-    print(f"quality: report {path}")
-    return path
+    return runs
+
+
+def _worlds(out: str, s: Size, seed: int, recipes: tuple[str, ...]) -> tuple[str, str | None]:
+    """The seed's fine-tuning world, and its broad world when a recipe distils; generated unless complete."""
+    world = os.path.join(out, "worlds", f"seed{seed}")
+    generate_world(world, world_config(s, seed), verbose=False)
+    broad = None
+    if any(RECIPES[r].get("distill") for r in recipes):
+        broad = os.path.join(out, "worlds", f"seed{seed}-broad")
+        generate_world(broad, broad_world_config(s, seed), verbose=False)
+    return world, broad
+
+
+def default_jobs(device: str) -> int:
+    """Processes to train in: one per core the thread rule (utils/threads.py) gives this machine on a CPU (two
+    one-thread processes beat one two-thread process on small models), one on a GPU."""
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return 1
+    return choose_threads(available_cores(), load_average(), None, os.environ).threads
+
+
+def _train_in_parallel(out: str, seeds: tuple[int, ...], recipes: tuple[str, ...], settings: tuple, jobs: int) -> None:
+    """Train every run in ``jobs`` processes: one task per seed and recipe (with its variants, which fork it),
+    the cores shared among them, each task's progress bars in ``out/logs/<recipe>-seed<s>.log``."""
+    size, base_model, device, _, baselines = settings
+    for seed in seeds:  # the worlds first, so that no two tasks generate one at once; every config checked
+        world, broad = _worlds(out, SIZES[size], seed, recipes)
+        for recipe in recipes:
+            config = pipeline_config(
+                world, recipe, SIZES[size], seed, base_model, device, baselines=baselines, broad=broad
+            )
+            config_from_dict(config, source=f"the {recipe}-seed{seed} run's config")
+    chains = [
+        (r, *(v for v in recipes if RECIPES[v].get("variant_of") == r))
+        for r in recipes
+        if "variant_of" not in RECIPES[r]
+    ]
+    tasks = [(out, (seed,), chain, settings) for seed in seeds for chain in chains]
+    jobs = min(jobs, len(tasks))
+    threads = max(1, choose_threads(available_cores(), load_average(), None, os.environ).threads // jobs)
+    logs = os.path.join(out, "logs")
+    os.makedirs(logs, exist_ok=True)
+    print(
+        f"quality: {len(tasks)} tasks in {jobs} processes of {threads} thread(s) each; progress in {logs}/",
+        flush=True,
+    )
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: torch's threads are set before it loads
+    failed = []
+    with context.Pool(jobs, initializer=_worker_init, initargs=(threads,), maxtasksperchild=1) as pool:
+        for done, (name, error) in enumerate(pool.imap_unordered(_train_task, tasks), 1):
+            log = os.path.join(logs, f"{name}.log")
+            if error:
+                failed.append(f"{name}: {error} (log: {log})")
+            state = f"failed: {error}" if error else "finished"
+            print(f"quality: {name} {state} ({done} of {len(tasks)}; log {log})", flush=True)
+    if failed:
+        raise RuntimeError(f"{len(failed)} task(s) failed; rerun to resume the rest:\n  " + "\n  ".join(failed))
+
+
+def _worker_init(threads: int) -> None:
+    apply_threads(ThreadChoice(threads, False, "quality worker"))
+
+
+def _train_task(task: tuple) -> tuple[str, str | None]:
+    """One task of ``_train_in_parallel`` (in a worker process): its runs, output to its log file."""
+    out, seeds, chain, settings = task
+    name = f"{chain[0]}-seed{seeds[0]}"
+    with open(os.path.join(out, "logs", f"{name}.log"), "a") as log:
+        os.dup2(log.fileno(), 1)  # the pipeline's progress bars and lines, from Python and from native code
+        os.dup2(log.fileno(), 2)
+        try:
+            _runs(out, seeds, chain, settings, report_only=False)
+        except Exception as e:  # reported by the parent, with the log's path; the run resumes on a rerun
+            traceback.print_exc()
+            return name, f"{type(e).__name__}: {e}"
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+    return name, None
 
 
 def _run(out: str, name: str, config: dict, report_only: bool, fork_of: str | None = None) -> Pipeline:
