@@ -3,6 +3,7 @@
 python benchmarks/bench_quality.py                      # default size, seeds 0 1 2, both recipes, one process a core
 python benchmarks/bench_quality.py --size large --device cuda
 python benchmarks/bench_quality.py --budgets epoch steps samples flops   # + equal samples / equal FLOPs rows
+python benchmarks/bench_quality.py --baselines all       # + the later recipes (CLIP-UP, cluster-partition fusion)
 python benchmarks/bench_quality.py --recipes tuned tuned+centroid tuned+distill   # router options vs tuned
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from clipmoe.apps.quality import RECIPES, SIZES, TESTBED_BUDGETS, default_jobs, run_quality
+from clipmoe.apps.quality import DEFAULT_BASELINES, RECIPES, SIZES, TESTBED_BUDGETS, default_jobs, run_quality
 from clipmoe.dmu.budgets import BUDGETS
 
 
@@ -43,8 +44,10 @@ def main() -> None:
     p.add_argument(
         "--baselines",
         nargs="+",
-        default=["all"],
-        help="baseline rows to run: all, or keys of the pipeline's registry (dense upcycle wo_mcl soup clip_up fmoe)",
+        default=list(DEFAULT_BASELINES),
+        help="baseline rows: keys of the pipeline's registry, or all (default: "
+        + " ".join(DEFAULT_BASELINES)
+        + "; all adds the later recipes clip_up and fmoe)",
     )
     p.add_argument(
         "--jobs",

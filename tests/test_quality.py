@@ -52,14 +52,18 @@ def test_finetuning_world_is_narrow_and_config_follows_the_paper_recipe(tmp_path
     assert cfg["mcl"]["epochs"] == cfg["route"]["epochs"] == 1
     assert cfg["mcl"]["warmup_steps"] == 6  # 13% of a 47-step phase, as 200 is of the paper's ~1,500
     assert cfg["route"]["logit_scale"] == "model"
-    assert cfg["baselines"] == {"enabled": "all", "stages": True, "budgets": ["epoch", "steps"]}
-    fork = pipeline_config(str(tmp_path), "paper", size, 1, "builtin:tiny-clip", "cpu", ("flops",))
+    rows = ["dense", "upcycle", "wo_mcl", "soup", "random_routers", "uniform"]  # the paper's, soup, controls
+    assert cfg["baselines"] == {"enabled": rows, "stages": True, "budgets": ["epoch", "steps"]}
+    fork = pipeline_config(str(tmp_path), "paper", size, 1, "builtin:tiny-clip", "cpu", ("flops",), "all")
     assert fork["baselines"] == {
         "enabled": ["dense", "upcycle", "wo_mcl", "clip_up", "fmoe"],
         "stages": False,
         "budgets": ["flops"],
     }
     assert {k: v for k, v in fork.items() if k != "baselines"} == {k: v for k, v in cfg.items() if k != "baselines"}
+    assert pipeline_config(str(tmp_path), "paper", size, 1, "builtin:tiny-clip", "cpu", ("flops",))["baselines"][
+        "enabled"
+    ] == ["dense", "upcycle", "wo_mcl"]  # the default rows that train
 
 
 def test_baselines_are_selectable_and_extraction_times_are_tabled(tmp_path):
@@ -86,7 +90,7 @@ def test_report_only_names_the_run_that_was_never_run(tmp_path):
 @pytest.mark.slow
 def test_tiny_quality_run_writes_tables_for_both_budget_rules_and_resumes(tmp_path):
     out = str(tmp_path / "q")
-    path = run_quality(out, size="tiny", seeds=(0,), recipes=("tuned",), device="cpu")
+    path = run_quality(out, size="tiny", seeds=(0,), recipes=("tuned",), device="cpu", baselines="all")
     text = open(path).read()
     assert "budget rule `epoch`" in text and "budget rule `steps`" in text
     for row in ("| base |", "| DMU CLIP-MoE |", "| MCL stage 1 |", "| expert soup |", "| random routers |"):
@@ -109,7 +113,9 @@ def test_tiny_quality_run_writes_tables_for_both_budget_rules_and_resumes(tmp_pa
     rows = [line for line in open(path).read().splitlines() if line.startswith("|")]
     assert rows == [line for line in text.splitlines() if line.startswith("|")]
     # rerun with one more budget rule: nothing of the run is retrained; a fork of it trains the baselines under it
-    path = run_quality(out, size="tiny", seeds=(0,), recipes=("tuned",), device="cpu", budgets=("epoch", "flops"))
+    path = run_quality(
+        out, size="tiny", seeds=(0,), recipes=("tuned",), device="cpu", budgets=("epoch", "flops"), baselines="all"
+    )
     assert os.path.getmtime(os.path.join(out, "runs", "tuned-seed0", "moe", "model", "model.safetensors")) == mtime
     fork = os.path.join(out, "runs", "tuned-seed0-flops")
     assert os.path.exists(os.path.join(fork, "baselines", "dense-flops", "model", "config.json"))
@@ -151,7 +157,9 @@ def test_runs_train_in_parallel_processes_with_a_log_each_and_resume(tmp_path, c
 
 def test_a_parallel_run_checks_every_config_before_it_starts_a_process(tmp_path):
     out = str(tmp_path / "q")
-    with pytest.raises(ValueError, match=r"(?s)the paper-seed0 run's config.*base_model: no such file or folder: /nowhere"):
+    with pytest.raises(
+        ValueError, match=r"(?s)the paper-seed0 run's config.*base_model: no such file or folder: /nowhere"
+    ):
         run_quality(out, size="tiny", seeds=(0, 1), recipes=("paper",), device="cpu", jobs=2, base_model="/nowhere")
     assert not os.path.exists(os.path.join(out, "logs"))
 
