@@ -10,9 +10,11 @@ python benchmarks/bench_quality.py --recipes tuned tuned+centroid tuned+distill 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from clipmoe.apps.quality import DEFAULT_BASELINES, RECIPES, SIZES, TESTBED_BUDGETS, default_jobs, run_quality
 from clipmoe.dmu.budgets import BUDGETS
+from clipmoe.utils import interrupt
 
 
 def main() -> None:
@@ -52,22 +54,30 @@ def main() -> None:
     p.add_argument(
         "--jobs",
         type=int,
-        help="processes training at once, one per (seed, recipe); default: one per free core on a CPU, 1 on a GPU",
+        help="processes training at once, one per seed and recipe (with its variants); "
+        "default: a free core each on a CPU, 1 on a GPU",
     )
     a = p.parse_args()
     baselines = "all" if a.baselines == ["all"] else a.baselines
-    run_quality(
-        a.out,
-        a.size,
-        tuple(a.seeds),
-        tuple(a.recipes),
-        a.base_model,
-        a.device,
-        a.report_only,
-        tuple(a.budgets),
-        baselines,
-        a.jobs or default_jobs(a.device),
-    )
+    interrupt.install()  # a Ctrl-C stops the run at its next step even when a finalizer swallows it
+    try:
+        run_quality(
+            a.out,
+            a.size,
+            tuple(a.seeds),
+            tuple(a.recipes),
+            a.base_model,
+            a.device,
+            a.report_only,
+            tuple(a.budgets),
+            baselines,
+            a.jobs or default_jobs(a.device),
+        )
+    except KeyboardInterrupt:
+        print("quality: stopped; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        interrupt.uninstall()
 
 
 if __name__ == "__main__":

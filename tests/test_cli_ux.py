@@ -159,6 +159,35 @@ def test_ctrl_c_stops_with_one_line_then_the_rerun_resumes(tmp_path, world, base
     assert "1 threads" in open(named["report"]).read()
 
 
+def test_the_ctrl_c_handler_respects_an_ignored_sigint_and_uninstalls_cleanly():
+    import threading
+
+    from clipmoe.utils import interrupt
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # e.g. a background job of a shell without job control
+        interrupt.install()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        thread = threading.Thread(target=interrupt.install)  # only the main thread may set a handler
+        thread.start()
+        thread.join()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        interrupt.install()
+        assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            interrupt.check()  # still pending: the work stops, not just one loop
+        interrupt.uninstall()
+        interrupt.check()  # nothing pending
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        interrupt.uninstall()
+        signal.signal(signal.SIGINT, before)
+
+
 def test_a_ctrl_c_that_a_finalizer_swallows_still_stops_the_work():
     """Python raises KeyboardInterrupt in whatever frame runs when SIGINT arrives; in a finalizer it is printed as
     "Exception ignored" and lost (CI once saw a run go to its end that way). The CLI's handler records it, and

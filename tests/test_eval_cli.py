@@ -10,7 +10,7 @@ from PIL import Image
 
 import clipmoe
 from clipmoe.cli import main
-from clipmoe.eval import evaluate_classification, evaluate_retrieval, evaluate_suite, load_wds
+from clipmoe.eval import encode_images, evaluate_classification, evaluate_retrieval, evaluate_suite, load_wds
 from conftest import make_tiny_clip
 from test_eval_data import noise_image, write_wds_classification, write_wds_retrieval
 from test_eval_mmvp import write_mmvp, write_probes
@@ -79,6 +79,12 @@ def test_sets_that_share_their_images_encode_them_once_with_the_same_results(mod
             model, data, batch_size=5
         )
         assert {k: results[f"{name}/{k}"] for k in alone} == alone, name
+    data = load_wds(root / "cls_color")
+    features = encode_images(model, data.images, batch_size=5)
+    with pytest.raises(ValueError, match=r"image_hook runs while images are encoded; with image_features none are"):
+        evaluate_classification(model, data, image_features=features, image_hook=lambda *_: None)
+    with pytest.raises(ValueError, match=r"11 image features for 12 images"):
+        evaluate_classification(model, data, image_features=features[:11])
     image = results["routing"]["image"]
     assert image["tokens"] == 17 * (12 + 12)  # the classification sets' webp images once, the retrieval's png once
     assert image["groups"]["color"]["tokens"] == [4 * 17] * 3 and image["groups"]["size"]["tokens"] == [6 * 17] * 2

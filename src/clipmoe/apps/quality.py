@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import platform
 import sys
@@ -42,7 +43,7 @@ from ..eval.linear_probe import linear_probe_accuracy
 from ..eval.mlp_probe import mlp_probe_accuracy
 from ..eval.suite import evaluate_suite
 from ..train.distributed import init_distributed
-from ..utils.threads import ThreadChoice, apply_threads, available_cores, choose_threads, load_average
+from ..utils.threads import available_cores, choose_threads, load_average
 
 KNOWN_ATTRIBUTES = ("color", "background", "shape")  # what the base's captions named: the ImageNet analogue
 HIDDEN_ATTRIBUTES = ("size", "position", "texture", "count")
@@ -223,6 +224,8 @@ def run_quality(
         raise ValueError(f"unknown budget rule(s) {unknown}; choose from {', '.join(BUDGETS)}")
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
+    if isinstance(baselines, str) and baselines != "all":
+        baselines = (baselines,)
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
     settings = (size, base_model, device, budgets, baselines)
@@ -295,16 +298,17 @@ def _worlds(out: str, s: Size, seed: int, recipes: tuple[str, ...]) -> tuple[str
 
 
 def default_jobs(device: str) -> int:
-    """Processes to train in: one per core the thread rule (utils/threads.py) gives this machine on a CPU (two
+    """Processes to train in: one per core the thread rule (utils/threads.py) leaves free on a CPU (two
     one-thread processes beat one two-thread process on small models), one on a GPU."""
-    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
         return 1
-    return choose_threads(available_cores(), load_average(), None, os.environ).threads
+    return choose_threads(available_cores(), load_average(), None, {}).threads  # cores, not a thread setting
 
 
 def _train_in_parallel(out: str, seeds: tuple[int, ...], recipes: tuple[str, ...], settings: tuple, jobs: int) -> None:
-    """Train every run in ``jobs`` processes: one task per seed and recipe (with its variants, which fork it),
-    the cores shared among them, each task's progress bars in ``out/logs/<recipe>-seed<s>.log``."""
+    """Train every run in up to ``jobs`` processes at once: one task per seed and recipe (with its variants,
+    which fork it), the cores shared among them, each task's output in ``out/logs/<recipe>-seed<s>.log``. A
+    task that fails or dies is named with its log; the others go on."""
     size, base_model, device, _, baselines = settings
     for seed in seeds:  # the worlds first, so that no two tasks generate one at once; every config checked
         world, broad = _worlds(out, SIZES[size], seed, recipes)
@@ -318,48 +322,90 @@ def _train_in_parallel(out: str, seeds: tuple[int, ...], recipes: tuple[str, ...
         for r in recipes
         if "variant_of" not in RECIPES[r]
     ]
-    tasks = [(out, (seed,), chain, settings) for seed in seeds for chain in chains]
+    tasks = [(f"{chain[0]}-seed{seed}", (out, (seed,), chain, settings)) for seed in seeds for chain in chains]
     jobs = min(jobs, len(tasks))
-    threads = max(1, choose_threads(available_cores(), load_average(), None, os.environ).threads // jobs)
+    machine = choose_threads(available_cores(), load_average(), None, {})
+    threads = max(1, machine.threads // jobs)
     logs = os.path.join(out, "logs")
     os.makedirs(logs, exist_ok=True)
     print(
-        f"quality: {len(tasks)} tasks in {jobs} processes of {threads} thread(s) each; progress in {logs}/",
-        flush=True,
+        f"quality: {len(tasks)} tasks in {jobs} processes of {threads} thread(s) each; progress in {logs}/", flush=True
     )
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter: torch's threads are set before it loads
-    failed = []
-    with context.Pool(jobs, initializer=_worker_init, initargs=(threads,), maxtasksperchild=1) as pool:
-        for done, (name, error) in enumerate(pool.imap_unordered(_train_task, tasks), 1):
-            log = os.path.join(logs, f"{name}.log")
-            if error:
-                failed.append(f"{name}: {error} (log: {log})")
-            state = f"failed: {error}" if error else "finished"
-            print(f"quality: {name} {state} ({done} of {len(tasks)}; log {log})", flush=True)
+    # Each task in a fresh interpreter that reads its thread settings from the environment before torch loads.
+    context = multiprocessing.get_context("spawn")
+    child_env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if machine.passive:
+        child_env["OMP_WAIT_POLICY"] = "PASSIVE"
+    pending, running, failed, done = list(tasks), {}, [], 0
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                name, task = pending.pop(0)
+                process = context.Process(target=_train_task, args=(name, task), name=name)
+                saved = {k: os.environ.get(k) for k in child_env}
+                os.environ.update(child_env)
+                try:
+                    process.start()
+                finally:
+                    for k, v in saved.items():
+                        if v is None:
+                            os.environ.pop(k, None)
+                        else:
+                            os.environ[k] = v
+                running[process.sentinel] = (name, process)
+            for sentinel in multiprocessing.connection.wait(list(running)):
+                name, process = running.pop(sentinel)
+                process.join()
+                done += 1
+                log = os.path.join(logs, f"{name}.log")
+                error = _task_error(logs, name, process.exitcode)
+                if error:
+                    failed.append(f"{name}: {error} (log: {log})")
+                state = f"failed: {error}" if error else "finished"
+                print(f"quality: {name} {state} ({done} of {len(tasks)}; log {log})", flush=True)
+    finally:  # Ctrl-C or an error here: no task outlives the invocation (each resumes on a rerun)
+        for _, process in running.values():
+            process.terminate()
+            process.join()
     if failed:
-        raise RuntimeError(f"{len(failed)} task(s) failed; rerun to resume the rest:\n  " + "\n  ".join(failed))
+        raise RuntimeError(f"{len(failed)} task(s) failed; rerun to resume them:\n  " + "\n  ".join(failed))
 
 
-def _worker_init(threads: int) -> None:
-    apply_threads(ThreadChoice(threads, False, "quality worker"))
+def _task_error(logs: str, name: str, exitcode: int | None) -> str | None:
+    """What went wrong in a task process, from its exit code and the one line it left (None: it finished)."""
+    path = os.path.join(logs, f"{name}.error")
+    if exitcode == 0:
+        return None
+    if os.path.exists(path):
+        with open(path) as f:
+            return f.read().strip()
+    if exitcode is not None and exitcode < 0:
+        return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"
 
 
-def _train_task(task: tuple) -> tuple[str, str | None]:
-    """One task of ``_train_in_parallel`` (in a worker process): its runs, output to its log file."""
+def _train_task(name: str, task: tuple) -> None:
+    """One task of ``_train_in_parallel``, in its own process: its runs, all output to its log file; an error
+    leaves one line in ``<name>.error`` and exit code 1."""
     out, seeds, chain, settings = task
-    name = f"{chain[0]}-seed{seeds[0]}"
-    with open(os.path.join(out, "logs", f"{name}.log"), "a") as log:
+    logs = os.path.join(out, "logs")
+    error = os.path.join(logs, f"{name}.error")
+    if os.path.exists(error):
+        os.remove(error)
+    with open(os.path.join(logs, f"{name}.log"), "a") as log:
         os.dup2(log.fileno(), 1)  # the pipeline's progress bars and lines, from Python and from native code
         os.dup2(log.fileno(), 2)
         try:
             _runs(out, seeds, chain, settings, report_only=False)
-        except Exception as e:  # reported by the parent, with the log's path; the run resumes on a rerun
+        except BaseException as e:  # Ctrl-C too: the parent reports every task that did not finish
             traceback.print_exc()
-            return name, f"{type(e).__name__}: {e}"
+            sys.stderr.flush()
+            with open(error, "w") as f:
+                f.write(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+            sys.exit(1)
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
-    return name, None
 
 
 def _run(out: str, name: str, config: dict, report_only: bool, fork_of: str | None = None) -> Pipeline:

@@ -101,6 +101,8 @@ def evaluate_classification(
             desc=dataset.name,
             **kw,
         )
+    elif image_hook is not None:
+        raise ValueError(f"{dataset.name}: image_hook runs while images are encoded; with image_features none are")
     elif len(features) != len(dataset.images):
         raise ValueError(f"{dataset.name}: {len(features)} image features for {len(dataset.images)} images")
     metrics = classification_metrics(features, classifier, dataset.targets)

@@ -73,6 +73,8 @@ def evaluate_retrieval(
         images = encode_images(
             model, dataset.images, num_workers=num_workers, on_batch=image_hook, desc=dataset.name, **kw
         )
+    elif image_hook is not None:
+        raise ValueError(f"{dataset.name}: image_hook runs while images are encoded; with image_features none are")
     elif len(images) != len(dataset.images):
         raise ValueError(f"{dataset.name}: {len(images)} image features for {len(dataset.images)} images")
     text_features = encode_texts(model, texts, on_batch=text_hook, desc=f"{dataset.name} captions", **kw)

@@ -117,13 +117,19 @@ def _class_labels(name: str, data) -> dict[str, tuple[list[str], list[str]]]:
     return {name.removeprefix("cls_"): ([names[t] for t in data.targets.tolist()], prompts)}
 
 
-def _same_images(datasets: dict) -> dict[str, list[str]]:
-    """Set names grouped by the bytes of their images, in order (a digest of every image file)."""
-    groups: dict[str, list[str]] = {}
+def _same_images(datasets: dict) -> dict[tuple, list[str]]:
+    """Set names grouped by the bytes of their images, in order. Sets are first told apart by their images'
+    sizes (no reads); only sets that agree on those are read and compared by a digest of every image."""
+    by_sizes: dict[tuple, list[str]] = {}
     for name, data in datasets.items():
-        digest = hashlib.sha256()
-        for image in data.images:
-            content = image.read()
-            digest.update(len(content).to_bytes(8, "little") + content)
-        groups.setdefault(digest.hexdigest(), []).append(name)
+        sizes = tuple(i.size if i.size >= 0 else os.path.getsize(i.path) for i in data.images)
+        by_sizes.setdefault(sizes, []).append(name)
+    groups: dict[tuple, list[str]] = {}
+    for sizes, names in by_sizes.items():
+        for name in names:
+            digest = hashlib.sha256()
+            if len(names) > 1:
+                for image in datasets[name].images:
+                    digest.update(image.read())  # the sizes, already equal, delimit the images
+            groups.setdefault((sizes, digest.hexdigest()), []).append(name)
     return groups

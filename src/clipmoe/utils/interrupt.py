@@ -10,6 +10,7 @@ finalizer stops the work one step later, where it is handled like any other.
 from __future__ import annotations
 
 import signal
+import threading
 
 _pending = False
 
@@ -21,7 +22,10 @@ def _handler(signum: int, frame: object) -> None:
 
 
 def install() -> None:
-    """Record every Ctrl-C, where Python's own handler would run (a SIGINT the parent ignores stays ignored)."""
+    """Record every Ctrl-C, where Python's own handler would run (a SIGINT the parent ignores stays ignored).
+    Only the main thread may set a handler: called from another thread it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _handler)
 
@@ -29,12 +33,13 @@ def install() -> None:
 def uninstall() -> None:
     """Python's own handler again, and nothing pending."""
     global _pending
-    if signal.getsignal(signal.SIGINT) is _handler:
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is _handler:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     _pending = False
 
 
 def check() -> None:
-    """Raise ``KeyboardInterrupt`` if a Ctrl-C arrived since ``install()``, even one a finalizer swallowed."""
+    """Raise ``KeyboardInterrupt`` if a Ctrl-C arrived since ``install()``, even one a finalizer swallowed. It
+    stays pending (every later check raises too) until ``uninstall()``: the work stops, not just one loop."""
     if _pending:
         raise KeyboardInterrupt
