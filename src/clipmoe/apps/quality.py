@@ -322,7 +322,8 @@ def _train_in_parallel(out: str, seeds: tuple[int, ...], recipes: tuple[str, ...
         for r in recipes
         if "variant_of" not in RECIPES[r]
     ]
-    tasks = [(f"{chain[0]}-seed{seed}", (out, (seed,), chain, settings)) for seed in seeds for chain in chains]
+    # Recipe-major: a recipe's seeds take about as long as each other, so the processes finish close together.
+    tasks = [(f"{chain[0]}-seed{seed}", (out, (seed,), chain, settings)) for chain in chains for seed in seeds]
     jobs = min(jobs, len(tasks))
     machine = choose_threads(available_cores(), load_average(), None, {})
     threads = max(1, machine.threads // jobs)
