@@ -484,18 +484,23 @@ def test_pixel_probe_reports_every_attribute(world):
     assert results["background"]["linear"] >= 0.75  # the easiest attribute is read even from 48 images
 
 
-@pytest.mark.parametrize("size", ["small", "medium", "large"])
-@pytest.mark.parametrize("shape", ["circle", "square"])
-@pytest.mark.parametrize("texture", ["solid", "hollow"])
-def test_render_draws_the_size_asked(size, shape, texture):
-    layout = Layout(
-        jitter=(0.3, -0.7),
+def _plain_layout(jitter: tuple[float, float]) -> Layout:
+    """The object moved by ``jitter`` in its quadrant; dots centred in theirs; no tints, no noise."""
+    return Layout(
+        jitter=jitter,
         dot_order=(0, 1, 2, 3),
         dot_jitter=((0.0, 0.0),) * 4,
         object_tint=(0, 0, 0),
         background_tint=(0, 0, 0),
         noise_seed=0,
     )
+
+
+@pytest.mark.parametrize("size", ["small", "medium", "large"])
+@pytest.mark.parametrize("shape", ["circle", "square"])
+@pytest.mark.parametrize("texture", ["solid", "hollow"])
+def test_render_draws_the_size_asked(size, shape, texture):
+    layout = _plain_layout(jitter=(0.3, -0.7))
     attributes = {
         "color": "red",
         "background": "white",
@@ -518,14 +523,7 @@ def test_render_draws_the_size_asked(size, shape, texture):
 def test_dot_radius_sets_the_dots_area_and_nothing_else(radius):
     """``dot_radius`` (the count's salience) draws each dot as a disc of that radius, in the quadrants the
     layout gives it, and leaves the object's pixels as they were."""
-    layout = Layout(
-        jitter=(0.0, 0.0),
-        dot_order=(0, 1, 2, 3),
-        dot_jitter=((0.0, 0.0),) * 4,
-        object_tint=(0, 0, 0),
-        background_tint=(0, 0, 0),
-        noise_seed=0,
-    )
+    layout = _plain_layout(jitter=(0.0, 0.0))
     attributes = {
         "color": "red",
         "background": "white",

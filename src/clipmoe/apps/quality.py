@@ -43,7 +43,7 @@ from ..eval.linear_probe import linear_probe_accuracy
 from ..eval.mlp_probe import mlp_probe_accuracy
 from ..eval.suite import evaluate_suite
 from ..train.distributed import init_distributed
-from ..utils.threads import available_cores, choose_threads, load_average
+from ..utils.threads import ThreadChoice, available_cores, choose_threads, load_average, thread_variables
 
 KNOWN_ATTRIBUTES = ("color", "background", "shape")  # what the base's captions named: the ImageNet analogue
 HIDDEN_ATTRIBUTES = ("size", "position", "texture", "count")
@@ -334,9 +334,7 @@ def _train_in_parallel(out: str, seeds: tuple[int, ...], recipes: tuple[str, ...
     )
     # Each task in a fresh interpreter that reads its thread settings from the environment before torch loads.
     context = multiprocessing.get_context("spawn")
-    child_env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    if machine.passive:
-        child_env["OMP_WAIT_POLICY"] = "PASSIVE"
+    child_env = thread_variables(ThreadChoice(threads, machine.passive, "quality task"), os.environ)
     pending, running, failed, done = list(tasks), {}, [], 0
     try:
         while pending or running:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .datasets import ClassificationDataset, check_templates
-from .features import KEY_CHUNK, BatchHook, encode_images, encode_texts
+from .features import KEY_CHUNK, BatchHook, dataset_image_features, encode_texts
 
 
 def class_prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
@@ -90,21 +90,9 @@ def evaluate_classification(
     classifier = zero_shot_classifier(
         model, dataset.classnames, dataset.templates, batch_size=batch_size, on_batch=text_hook, **kw
     )
-    features = image_features
-    if features is None:
-        features = encode_images(
-            model,
-            dataset.images,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            on_batch=image_hook,
-            desc=dataset.name,
-            **kw,
-        )
-    elif image_hook is not None:
-        raise ValueError(f"{dataset.name}: image_hook runs while images are encoded; with image_features none are")
-    elif len(features) != len(dataset.images):
-        raise ValueError(f"{dataset.name}: {len(features)} image features for {len(dataset.images)} images")
+    features = dataset_image_features(
+        model, dataset.images, dataset.name, image_features, image_hook, num_workers, batch_size=batch_size, **kw
+    )
     metrics = classification_metrics(features, classifier, dataset.targets)
     if dataset.targets.dim() == 1:  # recall per class name: which classes a model keeps or forgets
         pred = (features @ classifier.T).argmax(dim=1)

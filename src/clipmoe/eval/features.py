@@ -115,6 +115,26 @@ def encode_images(
     return torch.cat(out) if out else torch.empty(0, 0)
 
 
+def dataset_image_features(
+    model: nn.Module,
+    images: Sequence[ImageRef],
+    name: str,
+    image_features: torch.Tensor | None,
+    image_hook: BatchHook | None,
+    num_workers: int = 0,
+    **kw,
+) -> torch.Tensor:
+    """An evaluation set's image features: ``image_features`` when the caller already encoded the set's images
+    with this model (checked against the set's size), else ``encode_images`` with ``image_hook``."""
+    if image_features is None:
+        return encode_images(model, images, num_workers=num_workers, on_batch=image_hook, desc=name, **kw)
+    if image_hook is not None:
+        raise ValueError(f"{name}: image_hook runs while images are encoded; with image_features none are")
+    if len(image_features) != len(images):
+        raise ValueError(f"{name}: {len(image_features)} image features for {len(images)} images")
+    return image_features
+
+
 @torch.no_grad()
 def encode_texts(
     model: nn.Module,

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .datasets import RetrievalDataset
-from .features import BatchHook, encode_images, encode_texts, model_device, topk_similarity
+from .features import BatchHook, dataset_image_features, encode_texts, model_device, topk_similarity
 
 DEFAULT_KS = (1, 5, 10)
 
@@ -68,15 +68,7 @@ def evaluate_retrieval(
     texts = [c for caps in dataset.captions for c in caps]
     text_image_index = [i for i, caps in enumerate(dataset.captions) for _ in caps]
     kw = {"batch_size": batch_size, "device": device, "dtype": dtype}
-    images = image_features
-    if images is None:
-        images = encode_images(
-            model, dataset.images, num_workers=num_workers, on_batch=image_hook, desc=dataset.name, **kw
-        )
-    elif image_hook is not None:
-        raise ValueError(f"{dataset.name}: image_hook runs while images are encoded; with image_features none are")
-    elif len(images) != len(dataset.images):
-        raise ValueError(f"{dataset.name}: {len(images)} image features for {len(dataset.images)} images")
+    images = dataset_image_features(model, dataset.images, dataset.name, image_features, image_hook, num_workers, **kw)
     text_features = encode_texts(model, texts, on_batch=text_hook, desc=f"{dataset.name} captions", **kw)
     metrics = retrieval_metrics(images, text_features, text_image_index, ks, device=model_device(model))
     return {**metrics, "num_images": len(images), "num_texts": len(texts)}

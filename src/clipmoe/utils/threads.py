@@ -94,14 +94,22 @@ def load_average() -> float | None:
         return None
 
 
+def thread_variables(choice: ThreadChoice, env: Mapping[str, str]) -> dict[str, str]:
+    """The environment variables that carry ``choice`` to OpenMP and MKL (read once, when a process starts);
+    a ``MKL_NUM_THREADS`` or ``OMP_WAIT_POLICY`` the user set in ``env`` is kept."""
+    variables = {"OMP_NUM_THREADS": str(choice.threads)}
+    if "MKL_NUM_THREADS" not in env:
+        variables["MKL_NUM_THREADS"] = str(choice.threads)
+    if choice.passive and "OMP_WAIT_POLICY" not in env:
+        variables["OMP_WAIT_POLICY"] = "PASSIVE"
+    return variables
+
+
 def apply_threads(choice: ThreadChoice, env: dict[str, str] | None = None) -> None:
     """Make ``choice`` take effect: through the environment before torch is imported (OpenMP, MKL, faiss and
     DataLoader workers read it), and on torch itself when it already is."""
     env = os.environ if env is None else env
-    env["OMP_NUM_THREADS"] = str(choice.threads)
-    env.setdefault("MKL_NUM_THREADS", str(choice.threads))
-    if choice.passive:
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env.update(thread_variables(choice, env))
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(choice.threads)
