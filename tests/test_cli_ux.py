@@ -79,9 +79,14 @@ def _clipmoe(args: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 def test_threads_option_reaches_torch_and_help_stays_fast(tmp_path):
-    t = time.perf_counter()
     assert _clipmoe(["--help"]).returncode == 0
-    assert time.perf_counter() - t < 2
+    # --help stays fast: it answers without importing torch (checked, not timed: a busy machine varies)
+    code = "import sys\nfrom clipmoe.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+    code += "print('torch' in sys.modules)"
+    helped = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": SRC}, capture_output=True, text=True, timeout=60
+    )
+    assert helped.returncode == 0 and helped.stdout.splitlines()[-1] == "False", helped.stdout + helped.stderr
     # `clipmoe world` computes: it prints its choice, and torch (imported after the choice) runs with it.
     code = "import sys; from clipmoe.cli import main; main(sys.argv[1:]); import torch; print(torch.get_num_threads())"
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
