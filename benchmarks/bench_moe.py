@@ -20,7 +20,8 @@ routing is 2x the dense FFN.
     python benchmarks/bench_moe.py --dispatch eager auto grouped_mm
 
 CUDA mode (one command on a GPU machine; bf16 weights, ViT-L/14 widths, 1 to 128 images of 257 tokens,
-grouped_mm against the eager loop, the loop kernel, the official loop and one dense FFN; about 2 min):
+grouped_mm, auto and the loop kernel against the eager loop, the official loop and one dense FFN; about 40 s
+on an H100):
 
     python benchmarks/bench_moe.py --cuda --json moe_cuda.json
 """
@@ -244,7 +245,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cuda",
         action="store_true",
         help="GPU run: --device cuda --dtype bf16 --widths L/14 --tokens 257 2056 8224 32896 "
-        "--dispatch eager loop grouped_mm --rounds 15 --repeat 5 (flags given after it are overridden)",
+        "--dispatch eager loop grouped_mm auto --rounds 15 --repeat 5 (flags given after it are overridden)",
     )
     p.add_argument("--widths", nargs="+", choices=list(WIDTHS), default=list(WIDTHS))
     p.add_argument("--tokens", nargs="+", type=int, default=[197, 1576, 6304], help="rows per call")
@@ -279,7 +280,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.widths, args.tokens, args.rounds, args.repeat = ["B/16"], [197, 1576], 3, 2
     if args.cuda:
         args.device, args.dtype, args.widths, args.tokens = "cuda", "bf16", ["L/14"], [257, 2056, 8224, 32896]
-        args.dispatch, args.rounds, args.repeat = ["eager", "loop", "grouped_mm"], 15, 5
+        args.dispatch, args.rounds, args.repeat = ["eager", "loop", "grouped_mm", "auto"], 15, 5
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda / --cuda: torch sees no GPU")
     if args.clock == "cpu" and args.device != "cpu":

@@ -8,7 +8,8 @@ clipmoe`` does) adds:
   hand-written backward: closed-form activations, weight gradients written in place and their memory reused
   across steps on CPU, row chunks that stay clear of glibc's mmap threshold. The fastest path on CPU.
 - ``"grouped_mm"``: every expert in one ``torch._grouped_mm`` per matmul, plain autograd (CUDA + bf16).
-- ``"auto"`` (the default): ``grouped_mm`` on CUDA in bf16, ``loop`` on CPU, ``eager`` otherwise.
+- ``"auto"`` (the default): on CUDA in bf16 ``grouped_mm`` for calls of up to ``GROUPED_MM_MAX_TOKENS``
+  tokens and ``loop`` above; ``loop`` on CPU; ``eager`` otherwise (CUDA in fp32).
 
 Each is tested equal to ``moe.eager_experts`` (forward and gradients) in tests/test_moe.py; timings and
 profiles are in docs/performance.md. The layer's routing options (capacity with token dropping, the always-on
@@ -33,11 +34,20 @@ from .moe import EXPERT_KERNELS, MoEFeedForward, compute_dtype, eager_experts
 # ---------------------------------------------------------------- selection
 
 
+# Up to how many tokens a call grouped_mm is the fastest path on CUDA in bf16. Measured at ViT-L/14 widths on
+# an H100 (BENCHMARKS.md, "The MoE layer on a GPU"): a training step at 257 and 2,056 tokens takes 0.62x and
+# 0.61x the eager loop's time with grouped_mm (the loop kernel 0.80x, 0.76x); at 8,224 and 32,896 tokens
+# grouped_mm takes 1.07x and 1.25x, the loop kernel 0.73x and 0.74x. The bound sits between the two pairs.
+GROUPED_MM_MAX_TOKENS = 4096
+
+
 def choose_kernel(layer: MoEFeedForward, x: torch.Tensor) -> str:
-    """What ``dispatch="auto"`` runs for this call."""
+    """What ``dispatch="auto"`` runs for this call (``x`` is ``[tokens, dim]``)."""
     dtype = compute_dtype(layer, x)
-    if x.is_cuda and dtype == torch.bfloat16 and grouped_mm_supported(layer.w1, dtype):
-        return "grouped_mm"  # the fused kernel pays off on CUDA in bf16 only
+    if x.is_cuda and dtype == torch.bfloat16:
+        if x.shape[0] <= GROUPED_MM_MAX_TOKENS and grouped_mm_supported(layer.w1, dtype):
+            return "grouped_mm"  # small calls: one fused kernel instead of one launch per expert
+        return "loop"
     if x.device.type == "cpu":
         return "loop"  # as fast as eager forward, 1-27% faster with backward (docs/performance.md, table 1a)
     return "eager"
@@ -98,12 +108,39 @@ def grouped_mm_experts(layer: MoEFeedForward, x: torch.Tensor, weights: torch.Te
     # grouped_mm is not covered by autocast and its bias argument is not usable: cast to the compute dtype
     # ourselves (as F.linear under autocast would) and add the biases per row.
     with torch.autocast(device_type=x.device.type, enabled=False):
-        w1, b1, w2, b2 = (p.to(dtype) for p in (layer.w1, layer.b1, layer.w2, layer.b2))
+        w1, w2 = layer.w1.to(dtype), layer.w2.to(dtype)
         x_sorted = x.to(dtype).index_select(0, order // weights.shape[1])
-        h = torch._grouped_mm(x_sorted, w1.transpose(-2, -1), offs=offsets) + b1[expert_of_row]
+        h = _RowBias.apply(torch._grouped_mm(x_sorted, w1.transpose(-2, -1), offs=offsets), layer.b1, expert_of_row)
         h = layer.expert_dropout(layer.act(h))
-        y_sorted = torch._grouped_mm(h, w2.transpose(-2, -1), offs=offsets) + b2[expert_of_row]
+        y_sorted = _RowBias.apply(torch._grouped_mm(h, w2.transpose(-2, -1), offs=offsets), layer.b2, expert_of_row)
         return _combine(y_sorted, inverse, weights.to(dtype))[0]
+
+
+class _RowBias(torch.autograd.Function):
+    """``y + bias[expert_of_row]``, whose bias gradient is one small matmul instead of the gather's backward.
+
+    The gather's own backward adds every row into its expert's bias row: on CUDA an atomic add per element,
+    all rows contending for E bias rows (grouped_mm's training step ran 4x slower than the eager loop at 33k
+    tokens on an H100: BENCHMARKS.md), and in bf16 every partial sum is rounded (8x F.linear's error at 300
+    tokens: tests/test_moe.py's bf16 tests). ``one_hot(expert_of_row)^T @ grad`` is deterministic, accumulates
+    in fp32 inside the matmul and rounds once, as F.linear's bias gradient does.
+    """
+
+    @staticmethod
+    def forward(ctx, y, bias, expert_of_row):
+        ctx.save_for_backward(expert_of_row)
+        ctx.experts = bias.shape[0]
+        ctx.bias_dtype = bias.dtype
+        return y + bias.to(y.dtype)[expert_of_row]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (expert_of_row,) = ctx.saved_tensors
+        grad_bias = None
+        if ctx.needs_input_grad[1]:
+            rows_of_expert = F.one_hot(expert_of_row, ctx.experts).to(grad.dtype).t()
+            grad_bias = (rows_of_expert @ grad).to(ctx.bias_dtype)
+        return grad, grad_bias, None
 
 
 # ---------------------------------------------------------------- activations in closed form
