@@ -7,7 +7,8 @@ clipmoe`` does) adds:
 - ``"loop"``: the experts on sorted, contiguous token slices inside one ``autograd.Function`` with a
   hand-written backward: closed-form activations, weight gradients written in place and their memory reused
   across steps on CPU, row chunks that stay clear of glibc's mmap threshold. The fastest path on CPU.
-- ``"grouped_mm"``: every expert in one ``torch._grouped_mm`` per matmul, plain autograd (CUDA + bf16).
+- ``"grouped_mm"``: every expert in one ``torch._grouped_mm`` per matmul, autograd (CUDA + bf16); the
+  per-expert bias add has its own backward (``_RowBias``).
 - ``"auto"`` (the default): on CUDA in bf16 ``grouped_mm`` for calls of up to ``GROUPED_MM_MAX_TOKENS``
   tokens and ``loop`` above; ``loop`` on CPU; ``eager`` otherwise (CUDA in fp32).
 
@@ -34,10 +35,10 @@ from .moe import EXPERT_KERNELS, MoEFeedForward, compute_dtype, eager_experts
 # ---------------------------------------------------------------- selection
 
 
-# Up to how many tokens a call grouped_mm is the fastest path on CUDA in bf16. Measured at ViT-L/14 widths on
-# an H100 (BENCHMARKS.md, "The MoE layer on a GPU"): a training step at 257 and 2,056 tokens takes 0.62x and
-# 0.61x the eager loop's time with grouped_mm (the loop kernel 0.80x, 0.76x); at 8,224 and 32,896 tokens
-# grouped_mm takes 1.07x and 1.25x, the loop kernel 0.73x and 0.74x. The bound sits between the two pairs.
+# Up to how many tokens a call grouped_mm is the fastest path on CUDA in bf16. Measured at ViT-L/14 widths,
+# 4 experts, top-2, on an H100 (docs/performance.md, "On a GPU"): a training step at 257 and 2,056 tokens takes
+# 0.62x and 0.61x the plain layer's time with grouped_mm (the loop kernel 0.80x, 0.76x); at 8,224 and 32,896
+# tokens grouped_mm takes 1.07x and 1.25x, the loop kernel 0.73x and 0.74x. The bound sits between the pairs.
 GROUPED_MM_MAX_TOKENS = 4096
 
 
@@ -47,7 +48,7 @@ def choose_kernel(layer: MoEFeedForward, x: torch.Tensor) -> str:
     if x.is_cuda and dtype == torch.bfloat16:
         if x.shape[0] <= GROUPED_MM_MAX_TOKENS and grouped_mm_supported(layer.w1, dtype):
             return "grouped_mm"  # small calls: one fused kernel instead of one launch per expert
-        return "loop"
+        return "loop"  # large calls, and widths grouped_mm cannot take
     if x.device.type == "cpu":
         return "loop"  # as fast as eager forward, 1-27% faster with backward (docs/performance.md, table 1a)
     return "eager"
@@ -120,8 +121,8 @@ class _RowBias(torch.autograd.Function):
     """``y + bias[expert_of_row]``, whose bias gradient is one small matmul instead of the gather's backward.
 
     The gather's own backward adds every row into its expert's bias row: on CUDA an atomic add per element,
-    all rows contending for E bias rows (grouped_mm's training step ran 4x slower than the eager loop at 33k
-    tokens on an H100: BENCHMARKS.md), and in bf16 every partial sum is rounded (8x F.linear's error at 300
+    all rows contending for E bias rows (grouped_mm's training step took 3.9x the plain layer's time at 33k
+    tokens on an H100: docs/performance.md, "On a GPU"), and in bf16 every partial sum is rounded (8x F.linear's error at 300
     tokens: tests/test_moe.py's bf16 tests). ``one_hot(expert_of_row)^T @ grad`` is deterministic, accumulates
     in fp32 inside the matmul and rounds once, as F.linear's bias gradient does.
     """
