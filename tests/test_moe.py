@@ -251,8 +251,9 @@ def test_auto_runs_grouped_mm_for_small_calls_and_the_loop_above_on_cuda():
     small, large = (torch.zeros(n, 64, device="cuda") for n in (GROUPED_MM_MAX_TOKENS, GROUPED_MM_MAX_TOKENS + 1))
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert [choose_kernel(layer, x) for x in (small, large)] == ["grouped_mm", "loop"]
-    assert [choose_kernel(layer.bfloat16(), x.bfloat16()) for x in (small, large)] == ["grouped_mm", "loop"]
-    assert choose_kernel(layer.float(), large) == "eager"  # fp32 on CUDA: the plain path
+    assert choose_kernel(layer, large) == "eager"  # fp32 on CUDA: the plain path
+    half = layer.bfloat16()
+    assert [choose_kernel(half, x.bfloat16()) for x in (small, large)] == ["grouped_mm", "loop"]
 
 
 # ---------------------------------------------------------------- the uniform mixture (a control, no routing)

@@ -12,8 +12,8 @@ clipmoe`` does) adds:
 - ``"auto"`` (the default): on CUDA in bf16 ``grouped_mm`` for calls of up to ``GROUPED_MM_MAX_TOKENS``
   tokens and ``loop`` above; ``loop`` on CPU; ``eager`` otherwise (CUDA in fp32).
 
-Each is tested equal to ``moe.eager_experts`` (forward and gradients) in tests/test_moe.py; timings and
-profiles are in docs/performance.md. The layer's routing options (capacity with token dropping, the always-on
+Each is tested against ``moe.eager_experts`` (forward and gradients; in bf16 against a float64 truth) in
+tests/test_moe.py; timings and profiles are in docs/performance.md. The layer's routing options (capacity with token dropping, the always-on
 base expert) change only what ``route`` hands the kernels: zero weights for dropped pairs, and one more slot
 per token (expert 0) for the base, so the slot count is ``weights.shape[1]``, not ``top_k``
 (tests/test_recipes.py checks both against the plain path).
@@ -122,9 +122,9 @@ class _RowBias(torch.autograd.Function):
 
     The gather's own backward adds every row into its expert's bias row: on CUDA an atomic add per element,
     all rows contending for E bias rows (grouped_mm's training step took 3.9x the plain layer's time at 33k
-    tokens on an H100: docs/performance.md, "On a GPU"), and in bf16 every partial sum is rounded (8x F.linear's error at 300
-    tokens: tests/test_moe.py's bf16 tests). ``one_hot(expert_of_row)^T @ grad`` is deterministic, accumulates
-    in fp32 inside the matmul and rounds once, as F.linear's bias gradient does.
+    tokens on an H100: docs/performance.md, "On a GPU"), and in bf16 every partial sum is rounded (8x
+    F.linear's error at 300 tokens: tests/test_moe.py's bf16 tests). ``one_hot(expert_of_row)^T @ grad`` is
+    deterministic, accumulates in fp32 inside the matmul and rounds once, as F.linear's bias gradient does.
     """
 
     @staticmethod
