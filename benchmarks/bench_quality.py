@@ -3,6 +3,7 @@
 python benchmarks/bench_quality.py                      # default size, seeds 0 1 2, both recipes, one process a core
 python benchmarks/bench_quality.py --size large --device cuda
 python benchmarks/bench_quality.py --budgets epoch steps samples flops   # + equal samples / equal FLOPs rows
+python benchmarks/bench_quality.py --size large --seeds 0 --recipes tuned --budgets epoch   # the paper's rule alone
 python benchmarks/bench_quality.py --baselines all       # + the later recipes (CLIP-UP, cluster-partition fusion)
 python benchmarks/bench_quality.py --recipes tuned tuned+centroid tuned+distill   # router options vs tuned
 """
@@ -33,7 +34,8 @@ def main() -> None:
         nargs="+",
         choices=list(BUDGETS),
         default=list(TESTBED_BUDGETS),
-        help="budget rules of the baseline rows (default: epoch steps; others train in forks of each run)",
+        help="budget rules of the baseline rows (default: epoch steps; at least one of the two, which each run "
+        "trains; samples and flops train in forks of it)",
     )
     p.add_argument("--out", default="quality-run", help="output folder (worlds, runs, quality.md)")
     p.add_argument("--base-model", default="builtin:tiny-clip", help="base CLIP (default: the shipped one)")

@@ -18,6 +18,7 @@ from clipmoe.apps.quality import (
     decide,
     pipeline_config,
     routing_mutual_information,
+    run_budgets,
     run_quality,
     world_config,
 )
@@ -64,6 +65,19 @@ def test_finetuning_world_is_narrow_and_config_follows_the_paper_recipe(tmp_path
     assert pipeline_config(str(tmp_path), "paper", size, 1, "builtin:tiny-clip", "cpu", ("flops",))["baselines"][
         "enabled"
     ] == ["dense", "upcycle", "wo_mcl"]  # the default rows that train
+    paper_rule = pipeline_config(str(tmp_path), "paper", size, 1, "builtin:tiny-clip", "cpu", ("epoch",))
+    assert paper_rule["baselines"] == {"enabled": rows, "stages": True, "budgets": ["epoch"]}
+
+
+def test_budget_rules_split_into_the_run_and_its_forks_and_a_run_needs_a_testbed_rule(tmp_path):
+    assert run_budgets(("flops", "epoch")) == (("epoch",), ("flops",))
+    assert run_budgets(("steps", "samples", "epoch", "flops")) == (("epoch", "steps"), ("samples", "flops"))
+    out = str(tmp_path / "q")
+    with pytest.raises(ValueError, match=r"budgets \['flops'\] name neither epoch nor steps: every run trains"):
+        run_quality(out, size="tiny", seeds=(0,), recipes=("tuned",), device="cpu", budgets=("flops",))
+    with pytest.raises(ValueError, match=r"unknown budget rule\(s\) \['epochs'\]"):
+        run_quality(out, size="tiny", seeds=(0,), recipes=("tuned",), device="cpu", budgets=("epochs",))
+    assert not os.path.exists(out)  # refused before anything is written
 
 
 def test_baselines_are_selectable_and_extraction_times_are_tabled(tmp_path):
@@ -112,9 +126,20 @@ def test_tiny_quality_run_writes_tables_for_both_budget_rules_and_resumes(tmp_pa
     )
     rows = [line for line in open(path).read().splitlines() if line.startswith("|")]
     assert rows == [line for line in text.splitlines() if line.startswith("|")]
+    # a run keeps the rules it was started with: dropping one is refused, naming the key, before any work
+    with pytest.raises(ValueError, match=r"changed keys: baselines\.budgets"):
+        run_quality(
+            out, size="tiny", seeds=(0,), recipes=("tuned",), device="cpu", budgets=("epoch", "flops"), baselines="all"
+        )
     # rerun with one more budget rule: nothing of the run is retrained; a fork of it trains the baselines under it
     path = run_quality(
-        out, size="tiny", seeds=(0,), recipes=("tuned",), device="cpu", budgets=("epoch", "flops"), baselines="all"
+        out,
+        size="tiny",
+        seeds=(0,),
+        recipes=("tuned",),
+        device="cpu",
+        budgets=("epoch", "steps", "flops"),
+        baselines="all",
     )
     assert os.path.getmtime(os.path.join(out, "runs", "tuned-seed0", "moe", "model", "model.safetensors")) == mtime
     fork = os.path.join(out, "runs", "tuned-seed0-flops")
@@ -129,9 +154,10 @@ def test_tiny_quality_run_writes_tables_for_both_budget_rules_and_resumes(tmp_pa
 def test_runs_train_in_parallel_processes_with_a_log_each_and_resume(tmp_path, capsys):
     out = str(tmp_path / "q")
     kw = {"size": "tiny", "seeds": (0, 1), "recipes": ("tuned",), "device": "cpu", "baselines": ["dense"]}
+    kw["budgets"] = ("epoch",)  # the paper's rule alone: no baseline trains under the other
     # seed 1's run folder holds a run of another config: that task fails, naming itself and its log; seed 0 trains
     world = os.path.join(out, "worlds", "seed1")
-    other = pipeline_config(world, "tuned", SIZES["tiny"], 1, "builtin:tiny-clip", "cpu", baselines=["dense"])
+    other = pipeline_config(world, "tuned", SIZES["tiny"], 1, "builtin:tiny-clip", "cpu", ("epoch",), ["dense"])
     other["mcl"]["lr"] = 0.5
     os.makedirs(os.path.join(out, "runs", "tuned-seed1"))
     with open(os.path.join(out, "runs", "tuned-seed1", "config.yaml"), "w") as f:
@@ -153,6 +179,8 @@ def test_runs_train_in_parallel_processes_with_a_log_each_and_resume(tmp_path, c
         assert "mcl stage 1: 100%" in log and "plan: 12 tasks" in log  # each process's own progress
     text = open(path).read()
     assert "seeds [0, 1]" in text and "| dense fine-tune (1 epoch) |" in text
+    assert "budget rule `steps`" not in text and "(equal steps)" not in text
+    assert not os.path.exists(os.path.join(out, "runs", "tuned-seed0", "baselines", "dense-steps"))
 
 
 def test_a_parallel_run_checks_every_config_before_it_starts_a_process(tmp_path):

@@ -2,12 +2,14 @@
 
 For each seed: a fine-tuning world (detailed captions, a narrower image distribution than the base's
 pretraining corpus, broad held-out evaluation sets), then one pipeline run per recipe (``paper``, ``tuned``, and
-the router-option variants of ``tuned``) from the shipped base, each with every row and both budget rules. Everything is resumable: worlds are reused
-when complete, runs skip finished stages. The tables, verdicts and plots go to ``OUT/quality.md``.
+the router-option variants of ``tuned``) from the shipped base, each with every row. Everything is resumable:
+worlds are reused when complete, runs skip finished stages. The tables, verdicts and plots go to
+``OUT/quality.md``.
 
-Budget rules beyond the testbed's two (``--budgets ... samples flops``) each train in a fork of the (recipe,
-seed) run, ``runs/<recipe>-seed<s>-<rule>``, that reuses its DMU phases and trains only the baselines under
-that rule; their rows join the run's in the report.
+A run trains its baselines under the testbed's rules that ``--budgets`` names (both by default; ``--budgets
+epoch`` for the paper's alone). Other rules (``--budgets ... samples flops``) each train in a fork of the
+(recipe, seed) run, ``runs/<recipe>-seed<s>-<rule>``, that reuses its DMU phases and trains only the baselines
+under that rule; their rows join the run's in the report.
 
     python benchmarks/bench_quality.py [--size default|large|tiny] [--seeds 0 1 2] [--out quality-run]
 """
@@ -49,7 +51,7 @@ KNOWN_ATTRIBUTES = ("color", "background", "shape")  # what the base's captions 
 HIDDEN_ATTRIBUTES = ("size", "position", "texture", "count")
 WORLD_SEED_OFFSET = 100  # fine-tuning worlds never share a seed with the base's pretraining corpus (seed 1)
 PAPER_WARMUP_FRACTION = 200 / 1500  # the paper's 200 warmup steps of a ~1,500-step phase
-TESTBED_BUDGETS = ("epoch", "steps")  # every run's; other rules train in forks (see the module docstring)
+TESTBED_BUDGETS = ("epoch", "steps")  # a run's own rules (those asked for); other rules train in forks
 # The default rows: the paper's (dense, sparse upcycling, w/o MCL), the expert soup and the two routing
 # controls. The field's later recipes (clip_up, fmoe) join with baselines "all": they add about half again to a
 # run's training, which the default size's time budget (docs/quality.md, "Seeds and sizes") does not hold.
@@ -152,9 +154,11 @@ def pipeline_config(
 ) -> dict:
     """The pipeline config of one (recipe, seed) run: the paper's recipe with ``RECIPES[recipe]`` applied;
     ``baselines``: the rows of the pipeline's baseline registry to run (``baselines.enabled``). Other
-    ``budgets`` than the testbed's make the config of a fork that trains only the baselines under them.
+    ``budgets`` than the testbed's make the config of a fork that trains only the baselines under them
+    (``run_budgets`` splits a request into the run's own rules and its forks' rules).
     ``broad``: the broad world (``broad_world_config``) whose training images a ``distill`` recipe uses."""
     r = RECIPES[recipe]
+    own = set(budgets) <= set(TESTBED_BUDGETS)  # the (recipe, seed) run itself, not a fork of it
     if r.get("distill") and broad is None:
         raise ValueError(f"recipe {recipe!r} distils on a broad world's images: give broad=")
     warmup = max(1, round(PAPER_WARMUP_FRACTION * math.ceil(size.train_size / size.batch_size)))
@@ -184,13 +188,26 @@ def pipeline_config(
             **({"distill_data": os.path.join(broad, "train")} if r.get("distill") else {}),
         },
         "baselines": {
-            "enabled": (baselines if baselines == "all" else list(baselines))
-            if tuple(budgets) == TESTBED_BUDGETS
-            else _trained(baselines),
-            "stages": tuple(budgets) == TESTBED_BUDGETS,  # a fork's report need not evaluate the stages again
+            "enabled": (baselines if baselines == "all" else list(baselines)) if own else _trained(baselines),
+            "stages": own,  # a fork's report need not evaluate the stages again
             "budgets": list(budgets),
         },
     }
+
+
+def run_budgets(budgets: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The budget rules a (recipe, seed) run trains its baselines under (the testbed's rules asked for), and
+    the rules each trained in a fork of it. A fork needs a run to reuse, so one testbed rule is required."""
+    unknown = sorted(set(budgets) - set(BUDGETS))
+    if unknown:
+        raise ValueError(f"unknown budget rule(s) {unknown}; choose from {', '.join(BUDGETS)}")
+    own = tuple(b for b in TESTBED_BUDGETS if b in budgets)
+    if not own:
+        raise ValueError(
+            f"budgets {list(budgets)} name neither {' nor '.join(TESTBED_BUDGETS)}: every run trains its baselines "
+            "under at least one of them, and the other rules train in forks of that run"
+        )
+    return own, tuple(b for b in BUDGETS if b in budgets and b not in TESTBED_BUDGETS)
 
 
 def run_quality(
@@ -219,9 +236,7 @@ def run_quality(
     if orphans:
         raise ValueError(f"recipe(s) {orphans} are forks of {RECIPES[orphans[0]]['variant_of']!r}: run it too")
     recipes = tuple(sorted(recipes, key=lambda r: "variant_of" in RECIPES[r]))  # a variant after its parent
-    unknown = sorted(set(budgets) - set(BUDGETS))
-    if unknown:
-        raise ValueError(f"unknown budget rule(s) {unknown}; choose from {', '.join(BUDGETS)}")
+    run_budgets(budgets)  # refuses a request no run can hold before anything is written
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
     if isinstance(baselines, str) and baselines != "all":
@@ -244,6 +259,7 @@ def run_quality(
 def _runs(out: str, seeds: tuple[int, ...], recipes: tuple[str, ...], settings: tuple, report_only: bool) -> dict:
     """Run (or, ``report_only``, read) every (recipe, seed) run in this process; their results by run name."""
     size, base_model, device, budgets, baselines = settings
+    own, forked = run_budgets(budgets)
     s = SIZES[size]
     runs: dict = {}
     for seed in seeds:
@@ -265,11 +281,11 @@ def _runs(out: str, seeds: tuple[int, ...], recipes: tuple[str, ...], settings: 
                 with open(pipe.timings_path) as f:
                     host["seconds"] += sum(json.load(f).values())
                 continue
-            config = pipeline_config(world, recipe, s, seed, base_model, device, baselines=baselines, broad=broad)
+            config = pipeline_config(world, recipe, s, seed, base_model, device, own, baselines, broad)
             pipe = _run(out, name, config, report_only)
             runs[name] = {"recipe": recipe, "seed": seed, "run_dir": pipe.run_dir, "results": pipe.results()}
             forks = []
-            for rule in [b for b in budgets if b not in TESTBED_BUDGETS]:
+            for rule in forked:
                 config = pipeline_config(world, recipe, s, seed, base_model, device, (rule,), baselines, broad)
                 forks.append(_run(out, f"{name}-{rule}", config, report_only, fork_of=pipe.run_dir))
                 results = runs[name]["results"]
@@ -309,13 +325,12 @@ def _train_in_parallel(out: str, seeds: tuple[int, ...], recipes: tuple[str, ...
     """Train every run in up to ``jobs`` processes at once: one task per seed and recipe (with its variants,
     which fork it), the cores shared among them, each task's output in ``out/logs/<recipe>-seed<s>.log``. A
     task that fails or dies is named with its log; the others go on."""
-    size, base_model, device, _, baselines = settings
+    size, base_model, device, budgets, baselines = settings
+    own, _ = run_budgets(budgets)
     for seed in seeds:  # the worlds first, so that no two tasks generate one at once; every config checked
         world, broad = _worlds(out, SIZES[size], seed, recipes)
         for recipe in recipes:
-            config = pipeline_config(
-                world, recipe, SIZES[size], seed, base_model, device, baselines=baselines, broad=broad
-            )
+            config = pipeline_config(world, recipe, SIZES[size], seed, base_model, device, own, baselines, broad)
             config_from_dict(config, source=f"the {recipe}-seed{seed} run's config")
     chains = [
         (r, *(v for v in recipes if RECIPES[v].get("variant_of") == r))
