@@ -75,6 +75,9 @@ def main() -> None:
             baselines,
             a.jobs or default_jobs(a.device),
         )
+    except (ValueError, FileNotFoundError) as e:  # a bad request or config: one clear line, as the CLI's
+        print(f"quality: error: {e}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("quality: stopped; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)

@@ -6,6 +6,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -21,6 +23,11 @@ from clipmoe.apps.quality import (
     run_budgets,
     run_quality,
     world_config,
+)
+
+NO_TESTBED_RULE = (
+    "name neither epoch nor steps: every run trains its baselines under at least one of them, and the other rules "
+    "train in forks of that run"
 )
 
 
@@ -73,11 +80,19 @@ def test_budget_rules_split_into_the_run_and_its_forks_and_a_run_needs_a_testbed
     assert run_budgets(("flops", "epoch")) == (("epoch",), ("flops",))
     assert run_budgets(("steps", "samples", "epoch", "flops")) == (("epoch", "steps"), ("samples", "flops"))
     out = str(tmp_path / "q")
-    with pytest.raises(ValueError, match=r"budgets \['flops'\] name neither epoch nor steps: every run trains"):
+    with pytest.raises(ValueError, match=re.escape(f"budgets ['flops'] {NO_TESTBED_RULE}")):
         run_quality(out, size="tiny", seeds=(0,), recipes=("tuned",), device="cpu", budgets=("flops",))
     with pytest.raises(ValueError, match=r"unknown budget rule\(s\) \['epochs'\]"):
         run_quality(out, size="tiny", seeds=(0,), recipes=("tuned",), device="cpu", budgets=("epochs",))
     assert not os.path.exists(out)  # refused before anything is written
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_quality.py")
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "src"))}
+    done = subprocess.run(
+        [sys.executable, script, "--budgets", "flops", "--out", out], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [f"quality: error: budgets ['flops'] {NO_TESTBED_RULE}"]
+    assert not os.path.exists(out)
 
 
 def test_baselines_are_selectable_and_extraction_times_are_tabled(tmp_path):
