@@ -13,7 +13,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from clipmoe.apps.quality import DEFAULT_BASELINES, RECIPES, SIZES, TESTBED_BUDGETS, default_jobs, run_quality
+from clipmoe.apps.quality import (
+    DEFAULT_BASELINES,
+    RECIPES,
+    SIZES,
+    TESTBED_BUDGETS,
+    TasksFailed,
+    default_jobs,
+    run_quality,
+)
 from clipmoe.dmu.budgets import BUDGETS
 from clipmoe.utils import interrupt
 
@@ -78,6 +86,9 @@ def main() -> None:
     except (ValueError, FileNotFoundError) as e:  # a bad request or config: one clear line, as the CLI's
         print(f"quality: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TasksFailed as e:  # each named with its log; a traceback of the parent would say nothing more
+        print(f"quality: {e}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("quality: stopped; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)

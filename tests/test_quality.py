@@ -6,8 +6,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -38,6 +40,16 @@ def test_verdict_rule_needs_the_same_sign_in_every_seed():
     assert decide([]) == "within noise"
     assert decide([-0.5, -0.9], margin=-1.0) == "holds"  # within 1 point of the base in every seed
     assert decide([-0.5, -1.5], margin=-1.0) == "within noise"
+    from clipmoe.apps.quality import _claim_line
+
+    # one seed: the rule says a sign, and the report says so; a difference rounding to zero shows its size
+    assert (
+        _claim_line("c", [0.03], decide([0.03]), "mnats")
+        == "| c | +0.03 (+0.03 to +0.03) mnats | **holds, one seed** |"
+    )
+    assert (
+        _claim_line("c", [0.5, -1.25], decide([0.5, -1.25])) == "| c | -0.4 (-1.2 to +0.5) points | **within noise** |"
+    )
 
 
 def test_routing_mutual_information_is_zero_for_uniform_and_positive_for_specialised_routing():
@@ -196,6 +208,83 @@ def test_runs_train_in_parallel_processes_with_a_log_each_and_resume(tmp_path, c
     assert "seeds [0, 1]" in text and "| dense fine-tune (1 epoch) |" in text
     assert "budget rule `steps`" not in text and "(equal steps)" not in text
     assert not os.path.exists(os.path.join(out, "runs", "tuned-seed0", "baselines", "dense-steps"))
+
+
+def _children(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid`` (from /proc)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[1] == str(pid) and fields[0] != "Z":  # ppid; a zombie has already ended
+            kids.append(int(entry))
+    return kids
+
+
+def _gone(pids: list[int], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(os.path.exists(f"/proc/{p}") and _state(p) != "Z" for p in pids):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the kernel's parent-death signal")
+def test_a_stopped_parallel_run_leaves_no_task_training(tmp_path):
+    """SIGTERM (a scheduler, `kill`) stops the tasks with the invocation; SIGKILL of the invocation, which no
+    handler sees, still ends its tasks (the kernel's parent-death signal), so no orphan trains on."""
+    out = str(tmp_path / "q")
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_quality.py")
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "src"))}
+    command = [sys.executable, script, "--size", "tiny", "--seeds", "0", "1", "--recipes", "tuned", "--device", "cpu"]
+    command += ["--budgets", "epoch", "--baselines", "dense", "--jobs", "2", "--out", out]
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        deadline = time.monotonic() + 120
+        tasks = []
+        while time.monotonic() < deadline and proc.poll() is None:
+            logs = [os.path.join(out, "logs", f"tuned-seed{s}.log") for s in (0, 1)]
+            if all(os.path.exists(p) and os.path.getsize(p) > 0 for p in logs):  # both tasks started their work
+                tasks = [p for p in _children(proc.pid) if "spawn_main" in open(f"/proc/{p}/cmdline").read()]
+                if len(tasks) == 2:
+                    break
+            time.sleep(0.2)
+        assert len(tasks) == 2, f"the two task processes did not start: {proc.communicate(timeout=60)}"
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+        # A stopped task dies at once (a tiny task still has tens of seconds of training left at this point)
+        assert _gone(tasks, timeout=5), f"task processes outlived the invocation after signal {signum}"
+        if signum == signal.SIGTERM:
+            assert proc.returncode == 130 and "quality: stopped; rerun the same command to resume" in err
+            assert "Traceback" not in err
+        else:
+            assert proc.returncode == -signal.SIGKILL
+    # Tasks that fail are one line each on stderr, with their logs, and exit code 1 (no traceback)
+    for seed in (0, 1):
+        with open(os.path.join(out, "runs", f"tuned-seed{seed}", "config.yaml")) as f:
+            other = yaml.safe_load(f)
+        other["mcl"]["lr"] = 0.5
+        with open(os.path.join(out, "runs", f"tuned-seed{seed}", "config.yaml"), "w") as f:
+            yaml.safe_dump(other, f)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[0] == "quality: 2 task(s) failed; rerun to resume them:"
+    assert all(
+        re.search(r"tuned-seed\d: .*changed keys: mcl.lr.* \(log: .*logs/tuned-seed\d\.log\)", x) for x in lines[1:]
+    )
 
 
 def test_a_parallel_run_checks_every_config_before_it_starts_a_process(tmp_path):

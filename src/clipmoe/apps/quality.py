@@ -22,7 +22,9 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import platform
+import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -338,7 +340,9 @@ def _train_in_parallel(out: str, seeds: tuple[int, ...], recipes: tuple[str, ...
         if "variant_of" not in RECIPES[r]
     ]
     # Recipe-major: a recipe's seeds take about as long as each other, so the processes finish close together.
-    tasks = [(f"{chain[0]}-seed{seed}", (out, (seed,), chain, settings)) for chain in chains for seed in seeds]
+    tasks = [
+        (f"{chain[0]}-seed{seed}", (out, (seed,), chain, settings, os.getpid())) for chain in chains for seed in seeds
+    ]
     jobs = min(jobs, len(tasks))
     machine = choose_threads(available_cores(), load_average(), None, {})
     threads = max(1, machine.threads // jobs)
@@ -351,6 +355,13 @@ def _train_in_parallel(out: str, seeds: tuple[int, ...], recipes: tuple[str, ...
     context = multiprocessing.get_context("spawn")
     child_env = thread_variables(ThreadChoice(threads, machine.passive, "quality task"), os.environ)
     pending, running, failed, done = list(tasks), {}, [], 0
+    # A scheduler or `kill` stops the run with SIGTERM, whose default would leave the tasks training on as
+    # orphans: it raises here instead, so that the finally below stops them (each resumes on a rerun).
+    previous = (
+        signal.signal(signal.SIGTERM, _raise_on_sigterm)
+        if threading.current_thread() is threading.main_thread()
+        else None
+    )
     try:
         while pending or running:
             while pending and len(running) < jobs:
@@ -377,12 +388,33 @@ def _train_in_parallel(out: str, seeds: tuple[int, ...], recipes: tuple[str, ...
                     failed.append(f"{name}: {error} (log: {log})")
                 state = f"failed: {error}" if error else "finished"
                 print(f"quality: {name} {state} ({done} of {len(tasks)}; log {log})", flush=True)
-    finally:  # Ctrl-C or an error here: no task outlives the invocation (each resumes on a rerun)
+    finally:  # Ctrl-C, SIGTERM or an error here: no task outlives the invocation (each resumes on a rerun)
         for _, process in running.values():
             process.terminate()
             process.join()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if failed:
-        raise RuntimeError(f"{len(failed)} task(s) failed; rerun to resume them:\n  " + "\n  ".join(failed))
+        raise TasksFailed(f"{len(failed)} task(s) failed; rerun to resume them:\n  " + "\n  ".join(failed))
+
+
+class TasksFailed(RuntimeError):
+    """Tasks of a parallel run failed (each named with its error and log); the others finished and are kept."""
+
+
+def _raise_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # stopped as by Ctrl-C: the tasks stopped, the finished phases kept
+
+
+def _stop_with_parent(parent: int) -> None:
+    """Linux: the kernel sends this task SIGTERM when the invocation's process dies, even by SIGKILL or the
+    out-of-memory killer, which no handler sees; without it the task would train on as an orphan."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request took hold
+        os._exit(1)
 
 
 def _task_error(logs: str, name: str, exitcode: int | None) -> str | None:
@@ -401,7 +433,8 @@ def _task_error(logs: str, name: str, exitcode: int | None) -> str | None:
 def _train_task(name: str, task: tuple) -> None:
     """One task of ``_train_in_parallel``, in its own process: its runs, all output to its log file; an error
     leaves one line in ``<name>.error`` and exit code 1."""
-    out, seeds, chain, settings = task
+    out, seeds, chain, settings, parent = task
+    _stop_with_parent(parent)
     logs = os.path.join(out, "logs")
     error = os.path.join(logs, f"{name}.error")
     if os.path.exists(error):
@@ -601,7 +634,15 @@ def _paired(runs: dict, recipe: str, row_a: str, row_b: str, measure) -> list[fl
 def _claim_line(claim: str, diffs: list[float], verdict: str, unit: str = "points") -> str:
     if not diffs:
         return f"| {claim} | - | not measured |"
-    return f"| {claim} | {np.mean(diffs):+.1f} ({min(diffs):+.1f} to {max(diffs):+.1f}) {unit} | **{verdict}** |"
+    # A difference that rounds to zero shows its sign's size: "+0.0 ... holds" would read as a contradiction.
+    places = 2 if max(abs(d) for d in diffs) < 0.05 else 1
+    cell = f"{np.mean(diffs):+.{places}f} ({min(diffs):+.{places}f} to {max(diffs):+.{places}f}) {unit}"
+    return f"| {claim} | {cell} | **{_seeds_said(verdict, diffs)}** |"
+
+
+def _seeds_said(verdict: str, diffs: list[float]) -> str:
+    """The verdict, marked when it rests on one seed: the rule (the same sign in every seed) then says a sign."""
+    return f"{verdict}, one seed" if len(diffs) == 1 else verdict
 
 
 def verdicts(runs: dict, recipe: str, rule: str) -> list[str]:
@@ -685,7 +726,7 @@ def recipe_claims(runs: dict, recipe: str, rule: str) -> list[str]:
     def claim(diffs: list[float], margin: float = 0.0) -> str:
         if not diffs:
             return "-"
-        return f"{np.mean(diffs):+.1f}: {decide(diffs, margin)}"
+        return f"{np.mean(diffs):+.1f}: {_seeds_said(decide(diffs, margin), diffs)}"
 
     for row in _candidates(runs, recipe, rule):
         vs_dense = _paired(runs, recipe, row, dense, retrieval_r1) if dense and row != dense else []
