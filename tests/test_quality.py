@@ -19,6 +19,7 @@ from clipmoe.apps.quality import (
     FINETUNE_BACKGROUNDS,
     FINETUNE_COLORS,
     SIZES,
+    _claim_line,
     decide,
     pipeline_config,
     routing_mutual_information,
@@ -27,6 +28,9 @@ from clipmoe.apps.quality import (
     world_config,
 )
 
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+BENCH_QUALITY = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_quality.py")]
+ENV = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")}  # the script imports this checkout's clipmoe
 NO_TESTBED_RULE = (
     "name neither epoch nor steps: every run trains its baselines under at least one of them, and the other rules "
     "train in forks of that run"
@@ -40,8 +44,6 @@ def test_verdict_rule_needs_the_same_sign_in_every_seed():
     assert decide([]) == "within noise"
     assert decide([-0.5, -0.9], margin=-1.0) == "holds"  # within 1 point of the base in every seed
     assert decide([-0.5, -1.5], margin=-1.0) == "within noise"
-    from clipmoe.apps.quality import _claim_line
-
     # one seed: the rule says a sign, and the report says so; a difference rounding to zero shows its size
     assert (
         _claim_line("c", [0.03], decide([0.03]), "mnats")
@@ -97,11 +99,7 @@ def test_budget_rules_split_into_the_run_and_its_forks_and_a_run_needs_a_testbed
     with pytest.raises(ValueError, match=r"unknown budget rule\(s\) \['epochs'\]"):
         run_quality(out, size="tiny", seeds=(0,), recipes=("tuned",), device="cpu", budgets=("epochs",))
     assert not os.path.exists(out)  # refused before anything is written
-    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_quality.py")
-    env = {**os.environ, "PYTHONPATH": os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "src"))}
-    done = subprocess.run(
-        [sys.executable, script, "--budgets", "flops", "--out", out], capture_output=True, text=True, env=env
-    )
+    done = subprocess.run([*BENCH_QUALITY, "--budgets", "flops", "--out", out], capture_output=True, text=True, env=ENV)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [f"quality: error: budgets ['flops'] {NO_TESTBED_RULE}"]
     assert not os.path.exists(out)
@@ -210,35 +208,28 @@ def test_runs_train_in_parallel_processes_with_a_log_each_and_resume(tmp_path, c
     assert not os.path.exists(os.path.join(out, "runs", "tuned-seed0", "baselines", "dense-steps"))
 
 
+def _stat(pid: int | str) -> list[str]:
+    """A process's /proc stat fields after its name (state, ppid, ...); [] once it has ended or been reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+    return [] if fields[0] == "Z" else fields  # a zombie has ended
+
+
 def _children(pid: int) -> list[int]:
-    """The live processes whose parent is ``pid`` (from /proc)."""
-    kids = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[1] == str(pid) and fields[0] != "Z":  # ppid; a zombie has already ended
-            kids.append(int(entry))
-    return kids
+    """The live processes whose parent is ``pid``."""
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and _stat(e)[1:2] == [str(pid)]]
 
 
 def _gone(pids: list[int], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not any(os.path.exists(f"/proc/{p}") and _state(p) != "Z" for p in pids):
+        if not any(_stat(p) for p in pids):
             return True
         time.sleep(0.2)
     return False
-
-
-def _state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "gone"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the kernel's parent-death signal")
@@ -246,12 +237,10 @@ def test_a_stopped_parallel_run_leaves_no_task_training(tmp_path):
     """SIGTERM (a scheduler, `kill`) stops the tasks with the invocation; SIGKILL of the invocation, which no
     handler sees, still ends its tasks (the kernel's parent-death signal), so no orphan trains on."""
     out = str(tmp_path / "q")
-    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_quality.py")
-    env = {**os.environ, "PYTHONPATH": os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "src"))}
-    command = [sys.executable, script, "--size", "tiny", "--seeds", "0", "1", "--recipes", "tuned", "--device", "cpu"]
+    command = [*BENCH_QUALITY, "--size", "tiny", "--seeds", "0", "1", "--recipes", "tuned", "--device", "cpu"]
     command += ["--budgets", "epoch", "--baselines", "dense", "--jobs", "2", "--out", out]
     for signum in (signal.SIGTERM, signal.SIGKILL):
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
         deadline = time.monotonic() + 120
         tasks = []
         while time.monotonic() < deadline and proc.poll() is None:
@@ -272,13 +261,14 @@ def test_a_stopped_parallel_run_leaves_no_task_training(tmp_path):
         else:
             assert proc.returncode == -signal.SIGKILL
     # Tasks that fail are one line each on stderr, with their logs, and exit code 1 (no traceback)
-    for seed in (0, 1):
-        with open(os.path.join(out, "runs", f"tuned-seed{seed}", "config.yaml")) as f:
-            other = yaml.safe_load(f)
+    for seed in (0, 1):  # each run folder holds a run of another config (the stops above may have left none)
+        world = os.path.join(out, "worlds", f"seed{seed}")
+        other = pipeline_config(world, "tuned", SIZES["tiny"], seed, "builtin:tiny-clip", "cpu", ("epoch",), ["dense"])
         other["mcl"]["lr"] = 0.5
+        os.makedirs(os.path.join(out, "runs", f"tuned-seed{seed}"), exist_ok=True)
         with open(os.path.join(out, "runs", f"tuned-seed{seed}", "config.yaml"), "w") as f:
             yaml.safe_dump(other, f)
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
     assert lines[0] == "quality: 2 task(s) failed; rerun to resume them:"
