@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
+from clipmoe.apps.pretrain import build_clip, load_tokenizer
 from clipmoe.data.processing import ImageTransform, TextTokenizer, build_word_tokenizer
+from clipmoe.data.world import WorldConfig, generate_world
 from clipmoe.model.modeling import ClipMoeModel
 
 WORDS = "a photo of red green blue cube sphere cone small large left right on the".split()
@@ -90,3 +93,26 @@ def clip_benchmark_numpy(monkeypatch):
         check_numpy()
     except RuntimeError:
         monkeypatch.setattr(zeroshot_classification, "accuracy", _topk_accuracy)
+
+
+def generate_test_world(tmp_path_factory, train_size: int) -> Path:
+    """The generated world of the `test` preset with ``train_size`` training images (a module's pipeline runs)."""
+    out = tmp_path_factory.mktemp("w") / "world"
+    generate_world(out, WorldConfig.preset("test", train_size=train_size), verbose=False)
+    return out
+
+
+def save_world_clip(tmp_path_factory, width: int = 64, image_size: int = 48, context_length: int = 48) -> Path:
+    """A random 2-block HF CLIP with the world vocabulary (16 px patches), saved to disk: a pipeline test's base."""
+    torch.manual_seed(0)
+    config = {
+        "image_size": image_size,
+        "patch_size": 16,
+        "vision": {"width": width, "layers": 2},
+        "text": {"width": width, "layers": 2, "context_length": context_length},
+        "projection_dim": width // 2,
+    }
+    model = build_clip(config, load_tokenizer({"vocabulary": "world"}, context_length))
+    path = tmp_path_factory.mktemp("b") / "base"
+    model.save_pretrained(path)
+    return path

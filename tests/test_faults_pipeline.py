@@ -16,35 +16,18 @@ import torch
 import yaml
 
 import clipmoe
-from clipmoe.apps.pretrain import build_clip, load_tokenizer
 from clipmoe.utils.lock import LOCK_FILE, FolderLocked, lock_folder
+from conftest import generate_test_world, save_world_clip
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from clipmoe.data.world import WorldConfig, generate_world
-
-    out = tmp_path_factory.mktemp("w") / "world"
-    generate_world(out, WorldConfig.preset("test", train_size=96), verbose=False)
-    return out
+    return generate_test_world(tmp_path_factory, train_size=96)
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_clip(
-        {
-            "image_size": 32,
-            "patch_size": 16,
-            "vision": {"width": 32, "layers": 2},
-            "text": {"width": 32, "layers": 2, "context_length": 32},
-            "projection_dim": 16,
-        },
-        load_tokenizer({"vocabulary": "world"}, 32),
-    )
-    path = tmp_path_factory.mktemp("b") / "base"
-    model.save_pretrained(path)
-    return path
+    return save_world_clip(tmp_path_factory, width=32, image_size=32, context_length=32)
 
 
 def write_config(tmp_path, world, base_dir, experts=2, name="cfg.yaml", **over):

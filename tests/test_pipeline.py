@@ -13,38 +13,21 @@ import torch
 import yaml
 
 import clipmoe
-from clipmoe.apps.pretrain import build_clip, load_tokenizer
 from clipmoe.dmu.cluster import cluster_features
 from clipmoe.dmu.config import ConfigError
 from clipmoe.dmu.embed import FeatureStore
 from clipmoe.dmu.pipeline import Pipeline, open_run, print_plan
+from conftest import generate_test_world, save_world_clip
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from clipmoe.data.world import WorldConfig, generate_world
-
-    out = tmp_path_factory.mktemp("w") / "world"
-    generate_world(out, WorldConfig.preset("test", train_size=96), verbose=False)
-    return out
+    return generate_test_world(tmp_path_factory, train_size=96)
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_clip(
-        {
-            "image_size": 48,
-            "patch_size": 16,
-            "vision": {"width": 64, "layers": 2},
-            "text": {"width": 64, "layers": 2, "context_length": 48},
-            "projection_dim": 32,
-        },
-        load_tokenizer({"vocabulary": "world"}, 48),
-    )
-    path = tmp_path_factory.mktemp("b") / "base"
-    model.save_pretrained(path)
-    return path
+    return save_world_clip(tmp_path_factory)
 
 
 def write_config(tmp_path, world, base_dir, experts=3, **over):

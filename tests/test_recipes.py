@@ -16,13 +16,13 @@ import yaml
 from transformers import AutoModel
 
 import clipmoe
-from clipmoe.apps.pretrain import build_clip, load_tokenizer
 from clipmoe.dmu.baselines import clip_up_phase, fmoe_partitions, rows
 from clipmoe.dmu.config import ConfigError, config_from_dict
 from clipmoe.dmu.pipeline import Pipeline, open_run
 from clipmoe.model import kernels  # noqa: F401  (registers the fast kernels)
 from clipmoe.model.moe import MoEFeedForward, capacity_mask, load_balancing_loss, router_z_loss
 from clipmoe.model.surgery import assemble_moe, sparse_upcycle
+from conftest import generate_test_world, save_world_clip
 
 FAST = ["loop", "grouped_mm", "auto"]
 
@@ -243,29 +243,12 @@ def test_recipe_config_is_checked():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from clipmoe.data.world import WorldConfig, generate_world
-
-    out = tmp_path_factory.mktemp("w") / "world"
-    generate_world(out, WorldConfig.preset("test", train_size=96), verbose=False)
-    return out
+    return generate_test_world(tmp_path_factory, train_size=96)
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_clip(
-        {
-            "image_size": 48,
-            "patch_size": 16,
-            "vision": {"width": 64, "layers": 2},
-            "text": {"width": 64, "layers": 2, "context_length": 48},
-            "projection_dim": 32,
-        },
-        load_tokenizer({"vocabulary": "world"}, 48),
-    )
-    path = tmp_path_factory.mktemp("b") / "base"
-    model.save_pretrained(path)
-    return path
+    return save_world_clip(tmp_path_factory)
 
 
 def recipe_config(tmp_path, world, base_dir, **baselines) -> str:

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 import yaml
 
 from clipmoe import assemble_moe, sparse_upcycle
-from clipmoe.apps.pretrain import build_clip, load_tokenizer
 from clipmoe.apps.quality import RECIPES, SIZES, pipeline_config
 from clipmoe.data.collate import ClipCollator
 from clipmoe.dmu.centroids import stage_samples
@@ -23,7 +22,7 @@ from clipmoe.model.surgery import find_ffns, init_routers
 from clipmoe.train.config import TrainConfig
 from clipmoe.train.loop import METRICS, Distillation, train
 from clipmoe.train.loss import router_losses
-from conftest import WORDS, make_tiny_clip
+from conftest import WORDS, generate_test_world, make_tiny_clip, save_world_clip
 
 
 class Pairs(torch.utils.data.Dataset):
@@ -242,29 +241,12 @@ def test_distillation_pulls_the_moe_towards_the_base_on_its_images(tmp_path):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from clipmoe.data.world import WorldConfig, generate_world
-
-    out = tmp_path_factory.mktemp("w") / "world"
-    generate_world(out, WorldConfig.preset("test", train_size=64), verbose=False)
-    return out
+    return generate_test_world(tmp_path_factory, train_size=64)
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_clip(
-        {
-            "image_size": 48,
-            "patch_size": 16,
-            "vision": {"width": 64, "layers": 2},
-            "text": {"width": 64, "layers": 2, "context_length": 48},
-            "projection_dim": 32,
-        },
-        load_tokenizer({"vocabulary": "world"}, 48),
-    )
-    path = tmp_path_factory.mktemp("b") / "base"
-    model.save_pretrained(path)
-    return path
+    return save_world_clip(tmp_path_factory)
 
 
 def test_pipeline_runs_every_router_option_and_centroid_rows_point_at_hand_centroids(tmp_path, world, base_dir):
