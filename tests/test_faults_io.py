@@ -149,3 +149,24 @@ def test_disk_full_when_allocating_the_feature_store_is_one_line_and_leaves_noth
     FeatureStore.create(str(tmp_path), 10, 4)  # with room, all three files at their full size
     assert sorted(os.listdir(tmp_path)) == ["image.f32", "text.f32", "valid.u8"]
     assert os.path.getsize(tmp_path / "image.f32") == 4 * 10 * 4 and os.path.getsize(tmp_path / "valid.u8") == 10
+
+
+def test_results_models_and_worlds_get_the_umask_not_the_private_mode_of_their_temporaries(tmp_path):
+    """Every atomic write goes through a private temporary (mkstemp 0600, mkdtemp 0700); what is renamed into
+    place must read as any new file would, or a result, a model or a world is unreadable to the user's group."""
+    from clipmoe.data.world import WorldConfig, generate_world
+    from clipmoe.utils.io import write_json
+
+    def mode(path) -> int:
+        return os.stat(path).st_mode & 0o777
+
+    old = os.umask(0o027)
+    try:
+        write_json(tmp_path / "results.json", {"R@1": 1.0})
+        make_tiny_clip().save_pretrained(tmp_path / "model")
+        generate_world(tmp_path / "world", WorldConfig.preset("test", train_size=4, eval_size=4), verbose=False)
+    finally:
+        os.umask(old)
+    assert mode(tmp_path / "results.json") == 0o640
+    assert mode(tmp_path / "model") == mode(tmp_path / "world") == 0o750
+    assert mode(tmp_path / "model" / "config.json") == mode(tmp_path / "world" / "world.json") == 0o640

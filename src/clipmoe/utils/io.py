@@ -45,6 +45,15 @@ def write_error(target: str, reason: str, tmp: str | None = None) -> WriteError:
     return WriteError(f"could not write {target}: {reason}{removed}")
 
 
+def shared_mode(mode: int) -> int:
+    """``mode`` less this process's umask: what ``open`` or ``mkdir`` would give a new file or folder. The
+    temporaries that atomic writes rename into place are private (``mkstemp`` 0600, ``mkdtemp`` 0700), and a
+    result, a model or a world is ordinary data that the user's group may need to read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]:
     """Open a temp file beside ``path``; on a clean exit it replaces ``path``, on an error it is removed.
@@ -56,6 +65,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iter
     try:
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
+        os.chmod(tmp, shared_mode(0o666))
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):
@@ -89,6 +99,7 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
     try:
         yield tmp
+        os.chmod(tmp, shared_mode(0o777))
         old = None
         if os.path.exists(target):
             old = tempfile.mkdtemp(prefix=".old-", dir=parent)

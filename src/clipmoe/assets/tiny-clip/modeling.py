@@ -290,6 +290,9 @@ class _MoEHooks:
                     raise
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise ModelWriteError(f"could not write {target}: {reason}; removed the partial {tmp}") from e
+            umask = os.umask(0)  # mkdtemp made the folder private; a model is ordinary data, as open() makes it
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)
             old = None
             if os.path.exists(target):
                 old = tempfile.mkdtemp(prefix=".old-", dir=parent)
