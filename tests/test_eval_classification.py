@@ -191,9 +191,9 @@ def test_mlp_probe_reads_what_a_linear_probe_cannot_and_not_noise():
 
 def test_attribute_probe_strength_on_a_world_and_a_world_too_small(tmp_path):
     import clipmoe
-    from clipmoe.apps.quality import attribute_probe_strength
     from clipmoe.assets import TINY_CLIP
     from clipmoe.data.world import WorldConfig, generate_world
+    from clipmoe.eval.attributes import attribute_probe_strength
 
     generate_world(tmp_path / "w", WorldConfig.preset("test", seed=5, eval_size=90), verbose=False)
     model = clipmoe.load(TINY_CLIP)

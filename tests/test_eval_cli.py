@@ -168,3 +168,10 @@ def test_cli_bad_input_gives_one_clear_error(eval_dir, model_dirs, tmp_path, cap
     wrong = ["eval", model, "--task", "classification", "--data", str(eval_dir / "retrieval_short")]
     assert "is a retrieval dataset; use --task retrieval" in _error(wrong, capsys)
     assert "no MoE layers" in _error(["eval", model, "--task", "routing", "--data", str(eval_dir)], capsys)
+
+    not_a_world = ["eval", model, "--task", "attributes", "--data", str(eval_dir)]
+    assert f"{eval_dir}: not a generated world (no world.json)" in _error(not_a_world, capsys)
+    probe_elsewhere = ["eval", model, "--task", "retrieval", "--data", str(eval_dir / "retrieval_short")]
+    assert "--probe-world is for --task attributes" in _error(
+        [*probe_elsewhere, "--probe-world", str(eval_dir)], capsys
+    )

@@ -1,5 +1,6 @@
 """The shipped tiny CLIP and the README's examples, run as written."""
 
+import json
 import os
 import re
 import subprocess
@@ -49,8 +50,8 @@ def test_base_suppresses_its_rarely_named_attributes_rather_than_lacking_them(tm
     """The testbed's premise (docs/pretraining.md): what web captions rarely name is in the image features
     (a probe reads it) but far less in what zero-shot matching uses. 2,000 held-out images: a linear probe
     fitted on a few hundred reads too little to show the gap."""
-    from clipmoe.apps.quality import attribute_probes
     from clipmoe.data.world import WorldConfig, generate_world
+    from clipmoe.eval.attributes import attribute_probes
 
     world = tmp_path / "probe-world"
     generate_world(world, WorldConfig.preset("test", seed=7, eval_size=2000, train_size=8), verbose=False)
@@ -67,7 +68,7 @@ def test_conditional_zero_shot_tells_words_the_text_tower_carries_from_words_it_
     """Captions naming an image's colour, shape and background right, varied in one attribute: the base's text
     tower separates position and size words and reads them right; it maps every dot count to the same
     embedding (the one attribute the base lacks, docs/pretraining.md)."""
-    from clipmoe.apps.quality import conditional_zero_shot
+    from clipmoe.eval.attributes import conditional_zero_shot
 
     result = conditional_zero_shot(
         clipmoe.load(TINY_CLIP), str(heldout_world), ("position", "size", "count"), max_images=200
@@ -80,6 +81,47 @@ def test_conditional_zero_shot_tells_words_the_text_tower_carries_from_words_it_
             attribute,
             r,
         )
+
+
+@pytest.mark.parametrize(
+    "chance, zero_shot, probe, state",
+    [
+        (10.0, 99.7, 99.9, "known"),  # the shipped base's colour (docs/pretraining.md)
+        (33.3, 58.2, 86.1, "suppressed"),  # its size
+        (33.3, 34.9, 38.1, "absent"),  # its dot count
+        (16.7, 21.3, 94.8, "unaligned"),  # its shape on unseen combinations: in the features, not in the text
+        (25.0, 30.0, 40.0, "suppressed"),  # both bars met exactly
+        (25.0, 30.0, 39.9, "known"),
+        (25.0, 29.9, 35.0, "unaligned"),
+        (25.0, 29.9, 34.9, "absent"),
+    ],
+)
+def test_attribute_state_is_the_bar_the_docs_hold_every_base_to(chance, zero_shot, probe, state):
+    from clipmoe.eval import attribute_state
+
+    assert attribute_state(chance, zero_shot, probe) == state
+
+
+def test_eval_attributes_reads_what_the_shipped_base_knows_and_lacks(heldout_world, tmp_path, capsys):
+    """``clipmoe eval --task attributes`` end to end: every attribute's readings, a state for each, the table."""
+    from clipmoe.cli import main
+
+    out = tmp_path / "attributes.json"
+    sizes = ["--probe-train-size", "160", "--probe-test-size", "80"]  # the world's 240 evaluation images
+    world = str(heldout_world)
+    argv = ["eval", "builtin:tiny-clip", "--task", "attributes", "--data", world, "--probe-world", world, *sizes]
+    assert main([*argv, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["attributes"]
+    assert list(rows) == ["color", "background", "shape", "size", "position", "texture", "count"]
+    assert result["state_from"] == "embedding_mlp"
+    for name in ("color", "background"):
+        assert rows[name]["state"] == "known" and rows[name]["zero_shot"] > 90, rows[name]
+    count = rows["count"]  # the one hidden attribute the base lacks: its words map to one text embedding
+    assert count["state"] in ("absent", "unaligned") and count["variant_cosine"] > 0.999, count
+    assert "conditional" not in rows["color"] and {"embedding_mlp", "patch_mean_mlp"} <= set(rows["size"])
+    table = capsys.readouterr().out
+    assert "| attribute | chance | zero-shot |" in table and f"| count | 33.3 | {count['zero_shot']:.1f} |" in table
 
 
 def test_shipped_tokenizer_fits_every_detailed_caption():

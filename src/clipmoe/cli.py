@@ -238,7 +238,10 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command("pretrain", "Train a CLIP from scratch on image-caption data (resumable).", add_pretrain, run_pretrain),
     Command(
-        "eval", "Evaluate a CLIP or CLIP-MoE: retrieval, classification, MMVP, probes, routing.", add_eval, run_eval
+        "eval",
+        "Evaluate a CLIP or CLIP-MoE: retrieval, classification, MMVP, probes, routing, world attributes.",
+        add_eval,
+        run_eval,
     ),
     Command(
         "export",

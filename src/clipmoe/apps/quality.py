@@ -34,23 +34,16 @@ import torch
 import yaml
 
 from ..data.world import FINETUNE_BACKGROUNDS, FINETUNE_COLORS, WorldConfig, generate_world
-from ..data.world_language import ATTRIBUTE_BY_NAME, SLOT_RE, CaptionPlan
 from ..dmu.baselines import BASELINES
 from ..dmu.budgets import BUDGETS
 from ..dmu.config import config_from_dict
 from ..dmu.pipeline import Pipeline, open_run
 from ..dmu.report import mcl_wall_times
-from ..eval.classification import classification_metrics, zero_shot_classifier
-from ..eval.datasets import load_wds
-from ..eval.features import encode_images, encode_texts
-from ..eval.linear_probe import linear_probe_accuracy
-from ..eval.mlp_probe import mlp_probe_accuracy
+from ..eval.attributes import HIDDEN_ATTRIBUTES, KNOWN_ATTRIBUTES
 from ..eval.suite import evaluate_suite
 from ..train.distributed import init_distributed
 from ..utils.threads import ThreadChoice, available_cores, choose_threads, load_average, thread_variables
 
-KNOWN_ATTRIBUTES = ("color", "background", "shape")  # what the base's captions named: the ImageNet analogue
-HIDDEN_ATTRIBUTES = ("size", "position", "texture", "count")
 WORLD_SEED_OFFSET = 100  # fine-tuning worlds never share a seed with the base's pretraining corpus (seed 1)
 PAPER_WARMUP_FRACTION = 200 / 1500  # the paper's 200 warmup steps of a ~1,500-step phase
 TESTBED_BUDGETS = ("epoch", "steps")  # a run's own rules (those asked for); other rules train in forks
@@ -862,118 +855,3 @@ def _stage_plan_table(runs: dict, recipe: str) -> list[str]:
             f"{mean['clusters_used']:.0f} | {mean['clusters_dropped']:.0f} | {mean['dropped']:.0f} |"
         )
     return [*lines, ""]
-
-
-# ------------------------------------------------------------------------------------------ suppression
-
-
-def _attribute_sets(world: str) -> list[tuple[dict, object]]:
-    """A generated world's attributes, each with its evaluation classification set (``eval/cls_<name>``)."""
-    with open(os.path.join(world, "world.json")) as f:
-        attributes = json.load(f)["attributes"]
-    return [(a, load_wds(os.path.join(world, "eval", f"cls_{a['name']}"))) for a in attributes]
-
-
-def attribute_probes(model, world: str, batch_size: int = 256) -> dict[str, dict[str, float]]:
-    """Per attribute of a generated world, on its held-out evaluation images: zero-shot top-1 (prompt ensemble)
-    and a linear probe on the same frozen image features (2-fold cross-fitted on those images, so the probe
-    sees the same distribution it is scored on). Zero-shot near chance with a probe far above it = suppressed;
-    both near chance = absent."""
-    sets = _attribute_sets(world)
-    features = encode_images(model, sets[0][1].images, batch_size=batch_size)  # every set: the same images
-    out = {}
-    for a, data in sets:
-        classifier = zero_shot_classifier(model, data.classnames, data.templates, batch_size=batch_size)
-        zero_shot = classification_metrics(features, classifier, data.targets)["top1"]
-        y, half, k = data.targets, len(data.targets) // 2, len(a["values"])
-        folds = [(slice(0, half), slice(half, None)), (slice(half, None), slice(0, half))]
-        probe = sum(linear_probe_accuracy(features[tr], y[tr], features[te], y[te], k) for tr, te in folds) / 2
-        out[a["name"]] = {"chance": 100.0 / k, "zero_shot": zero_shot, "linear_probe": probe}
-    return out
-
-
-IMAGE_FEATURES = ("embedding", "pooled", "patch_mean")
-
-
-@torch.no_grad()
-def image_features(model, images, kind: str = "embedding", batch_size: int = 256) -> torch.Tensor:
-    """A CLIP's features of ``images`` (ImageRefs, as ``load_wds`` gives) of one ``kind``: ``embedding``, what
-    zero-shot and retrieval compare (projected, L2-normalised); ``pooled``, the image tower's pooled output
-    before the projection; ``patch_mean``, its last layer's patch tokens averaged (the tokens a LLaVA-style
-    model reads, pooled)."""
-    if kind not in IMAGE_FEATURES:
-        raise ValueError(f"image features {kind!r}: choose one of {list(IMAGE_FEATURES)}")
-    if kind == "embedding":
-        return encode_images(model, images, batch_size=batch_size)
-    out = []
-    for start in range(0, len(images), batch_size):
-        pixels = torch.stack([model.image_processor(ref.open()) for ref in images[start : start + batch_size]])
-        tower = model.vision_model(pixel_values=pixels)
-        out.append(tower.pooler_output if kind == "pooled" else tower.last_hidden_state[:, 1:].mean(1))
-    return torch.cat(out).float()
-
-
-def attribute_probe_strength(
-    model,
-    world: str,
-    train_sizes: tuple[int, ...] = (500, 1000, 5000),
-    test_size: int = 1000,
-    batch_size: int = 256,
-    features: str = "embedding",
-) -> dict[str, dict]:
-    """Per attribute of a generated world: linear probes fitted on the first n evaluation images for each n in
-    ``train_sizes``, and an MLP probe on the largest n, all scored on the last ``test_size`` images (the world
-    needs ``max(train_sizes) + test_size`` evaluation images), on the image features of one kind
-    (``image_features``). Tells absent (no probe reads it) from present but hard to read, which
-    ``attribute_probes``' 1,000-image linear probe cannot, and where in the image tower an attribute is."""
-    sets = _attribute_sets(world)
-    n, images = max(train_sizes), len(sets[0][1].targets)
-    if n + test_size > images:
-        raise ValueError(
-            f"{world}: {images} evaluation images, probes need {n} + {test_size}"
-            " (generate the world with a larger --eval-size)"
-        )
-    x = image_features(model, sets[0][1].images, features, batch_size)  # every set: the same images
-    test = slice(images - test_size, None)
-    out = {}
-    for a, data in sets:
-        y, k = data.targets, len(a["values"])
-        linear = {m: linear_probe_accuracy(x[:m], y[:m], x[test], y[test], k) for m in train_sizes}
-        mlp = mlp_probe_accuracy(x[:n], y[:n], x[test], y[test], k)
-        out[a["name"]] = {"chance": 100.0 / k, "linear": linear, "mlp": mlp, "mlp_train_size": n}
-    return out
-
-
-@torch.no_grad()
-def conditional_zero_shot(
-    model, world: str, attributes: tuple[str, ...] = HIDDEN_ATTRIBUTES, max_images: int = 1500, batch_size: int = 256
-) -> dict[str, dict[str, float]]:
-    """Whether the *text* tower carries an attribute's words. Per attribute, for each evaluation image: a caption
-    naming its colour, shape and background correctly, in one variant per value of the attribute and otherwise
-    the same words ("a magenta triangle in the upper left on a white background"); ``accuracy``: how often the
-    right variant scores highest (chance ``100 / values``); ``variant_cosine``: the mean cosine between the
-    variants' text embeddings (near 1: the text tower maps the attribute's words to nothing). Unlike
-    ``attribute_probes``' zero-shot, no prompt omits what the caption would otherwise say."""
-    sets = {a["name"]: (a["values"], data) for a, data in _attribute_sets(world)}  # values: the targets' order
-    images = min(max_images, len(sets["color"][1].targets))
-    scenes = [{name: values[int(data.targets[i])] for name, (values, data) in sets.items()} for i in range(images)]
-    x = encode_images(model, sets["color"][1].images[:images], batch_size=batch_size)
-    out = {}
-    for name in attributes:
-        forms = ATTRIBUTE_BY_NAME[name].forms
-        if "adj" in forms:
-            template = f"a {{{name}:adj}} {{color:adj}} {{shape:noun}} {{background:pp}}"
-        elif "pp" in forms:
-            template = f"a {{color:adj}} {{shape:noun}} {{{name}:pp}} {{background:pp}}"
-        else:
-            template = f"a {{color:adj}} {{shape:noun}} with {{{name}:np}} {{background:pp}}"
-        plan = CaptionPlan(template, (0.0,) * len(SLOT_RE.findall(template)))  # every slot's first phrasing
-        values = sets[name][0]
-        texts = [plan.render({**scene, name: v}) for scene in scenes for v in values]
-        t = encode_texts(model, texts, batch_size=batch_size).view(images, len(values), -1)
-        truth = torch.tensor([values.index(scene[name]) for scene in scenes])
-        accuracy = (torch.einsum("nd,nkd->nk", x, t).argmax(1) == truth).float().mean().item() * 100
-        gram = torch.einsum("nkd,njd->nkj", t, t)
-        cosine = gram[:, ~torch.eye(len(values), dtype=torch.bool)].mean().item()
-        out[name] = {"chance": 100.0 / len(values), "accuracy": accuracy, "variant_cosine": cosine}
-    return out

@@ -1,6 +1,7 @@
 """Evaluation suite: zero-shot retrieval and classification (as CLIP_benchmark defines them), MMVP-VLM,
 attribute probes and routing analysis, for any model ``clipmoe.load`` opens. Numbers are percentages."""
 
+from .attributes import attribute_state, read_attributes
 from .classification import classification_metrics, evaluate_classification, zero_shot_classifier
 from .datasets import (
     ClassificationDataset,
@@ -27,6 +28,7 @@ __all__ = [
     "RetrievalDataset",
     "RoutingCollector",
     "analyze_routing",
+    "attribute_state",
     "classification_metrics",
     "encode_images",
     "encode_texts",
@@ -44,6 +46,7 @@ __all__ = [
     "load_wds",
     "open_eval_set",
     "plot_routing",
+    "read_attributes",
     "retrieval_metrics",
     "topk_similarity",
     "zero_shot_classifier",

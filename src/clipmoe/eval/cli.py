@@ -1,10 +1,13 @@
-"""Evaluate a CLIP or CLIP-MoE: retrieval, classification, MMVP-VLM, probes, routing, or a whole eval/ suite.
+"""Evaluate a CLIP or CLIP-MoE: retrieval, classification, MMVP-VLM, probes, routing, a whole eval/ suite, or
+what it knows, suppresses or lacks of a generated world's attributes.
 
 Writes the results as JSON (--out) and prints a table. --data is, per task: retrieval / classification: a
 CLIP_benchmark webdataset folder, a COCO captions JSON or Flickr caption file (images under --images, default
 beside it), a CLIP_benchmark COCO/Flickr root, or an ImageFolder; mmvp: an MMVP-VLM folder; probes: a probes
 folder or probes.jsonl; suite: a generated world's eval/ folder; routing: an eval/ folder or any retrieval /
-classification dataset (classification images and prompts are grouped by class).
+classification dataset (classification images and prompts are grouped by class); attributes: a generated
+world's folder (``clipmoe world``), with --probe-world a larger one for the probes that tell suppressed from
+absent (docs/pretraining.md).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 from ..formats.load import load
 from ..utils.dtypes import DTYPE_CHOICES, torch_dtype
 from ..utils.io import write_json
+from .attributes import format_attributes, is_world, read_attributes
 from .classification import class_prompts, evaluate_classification
 from .datasets import ClassificationDataset, RetrievalDataset, open_eval_set, wds_splits
 from .mmvp import evaluate_mmvp
@@ -26,7 +30,7 @@ from .retrieval import evaluate_retrieval
 from .routing import analyze_routing, plot_routing
 from .suite import evaluate_suite, find_eval_sets
 
-TASKS = ("retrieval", "classification", "mmvp", "probes", "routing", "suite")
+TASKS = ("retrieval", "classification", "mmvp", "probes", "routing", "suite", "attributes")
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +47,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="routing / suite on a CLIP-MoE: write the routing figures, one per tower (PLOT_vision.png, PLOT_text.png)",
     )
+    parser.add_argument(
+        "--probe-world",
+        default=None,
+        help="attributes: a generated world with PROBE_TRAIN_SIZE + PROBE_TEST_SIZE evaluation images for the"
+        " embedding's linear and MLP probes, the patch tokens' MLP probe and the caption contrast",
+    )
+    parser.add_argument("--probe-train-size", type=int, default=5000, help="attributes: probe training images")
+    parser.add_argument("--probe-test-size", type=int, default=1000, help="attributes: probe test images")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=0, help="image decoding worker processes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -54,8 +66,19 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
     if args.plot and args.task not in ("routing", "suite"):
         raise ValueError("--plot is for --task routing or suite")
-    if not os.path.exists(args.data):
-        raise FileNotFoundError(f"no data at {args.data}")
+    if args.probe_world and args.task != "attributes":
+        raise ValueError("--probe-world is for --task attributes")
+    for path in (args.data, args.probe_world):
+        if path and not os.path.exists(path):
+            raise FileNotFoundError(f"no data at {path}")
+    if args.task == "attributes":
+        for path in (args.data, args.probe_world):
+            if path and not is_world(path):
+                raise ValueError(
+                    f"{path}: not a generated world (no world.json); --task attributes reads `clipmoe world` output"
+                )
+        if min(args.probe_train_size, args.probe_test_size) < 1:
+            raise ValueError("--probe-train-size and --probe-test-size must be positive")
     dtype = torch_dtype(args.dtype)
     model = load(args.model, device=args.device, dtype=None if dtype == torch.float32 else dtype)
     kw = {"batch_size": args.batch_size, "device": args.device}
@@ -65,12 +88,16 @@ def run_eval(args: argparse.Namespace) -> int:
     routing = results.get("routing") if args.task == "suite" else results if args.task == "routing" else None
     if args.plot and routing:
         print("routing plots: " + ", ".join(plot_routing(routing, args.plot)))
-    print(format_table(results))
+    print(format_attributes(results) if args.task == "attributes" else format_table(results))
     return 0
 
 
 def _run_task(model, args: argparse.Namespace, kw: dict) -> dict:
     task = args.task
+    if task == "attributes":
+        return read_attributes(
+            model, args.data, args.probe_world, args.probe_train_size, args.probe_test_size, args.batch_size
+        )
     if task == "mmvp":
         return evaluate_mmvp(model, args.data, **kw)
     if task == "probes":
