@@ -120,8 +120,11 @@ def test_eval_attributes_reads_what_the_shipped_base_knows_and_lacks(heldout_wor
     count = rows["count"]  # the one hidden attribute the base lacks: its words map to one text embedding
     assert count["state"] in ("absent", "unaligned") and count["variant_cosine"] > 0.999, count
     assert "conditional" not in rows["color"] and {"embedding_mlp", "patch_mean_mlp"} <= set(rows["size"])
+    assert result["images"] == 240 and result["probe_train_size"] == 160
     table = capsys.readouterr().out
     assert "| attribute | chance | zero-shot |" in table and f"| count | 33.3 | {count['zero_shot']:.1f} |" in table
+    assert "on 240 evaluation images" in table and "states from the embedding's MLP probe on 160 images" in table
+    assert "Too few images for the states' 5-point bar" in table  # 240 images: a standard error of up to 3.2
 
 
 def test_shipped_tokenizer_fits_every_detailed_caption():

@@ -188,9 +188,13 @@ def read_attributes(
     probe = "embedding_mlp" if probe_world is not None else "linear_probe"
     for row in rows.values():
         row["state"] = attribute_state(row["chance"], row["zero_shot"], row[probe])
+    images = len(attribute_sets(world)[0][1].targets)
     return {
         "world": str(world),
+        "images": images,
+        "zero_shot_standard_error": 50.0 / images**0.5,  # the largest, at 50% accuracy
         "probe_world": probe_world and str(probe_world),
+        "probe_train_size": probe_train_size if probe_world is not None else None,
         "state_from": probe,
         "attributes": rows,
     }
@@ -216,6 +220,20 @@ def format_attributes(result: dict) -> str:
     for name, row in rows.items():
         cells = [_cell(row, k) for k, _ in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['state']} |")
+    error = result["zero_shot_standard_error"]
+    probe = (
+        f"the embedding's MLP probe on {result['probe_train_size']} images of {result['probe_world']}"
+        if result["state_from"] == "embedding_mlp"
+        else "the linear probe (too weak to tell suppressed from absent: give --probe-world)"
+    )
+    lines.append(
+        f"\nZero-shot and linear probe on {result['images']} evaluation images of {result['world']} (standard error"
+        f" up to {error:.1f} points); states from {probe}."
+    )
+    if error > ABOVE_CHANCE / 2:  # the states' 5-point bar is then within two standard errors of chance
+        lines.append(
+            f"Too few images for the states' {ABOVE_CHANCE:.0f}-point bar: generate the world with a larger --eval-size."
+        )
     return "\n".join(lines)
 
 
