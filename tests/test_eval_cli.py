@@ -170,8 +170,21 @@ def test_cli_bad_input_gives_one_clear_error(eval_dir, model_dirs, tmp_path, cap
     assert "no MoE layers" in _error(["eval", model, "--task", "routing", "--data", str(eval_dir)], capsys)
 
     not_a_world = ["eval", model, "--task", "attributes", "--data", str(eval_dir)]
-    assert f"{eval_dir}: not a generated world (no world.json)" in _error(not_a_world, capsys)
+    assert f"{eval_dir}: not a generated world (no world.json;" in _error(not_a_world, capsys)
     probe_elsewhere = ["eval", model, "--task", "retrieval", "--data", str(eval_dir / "retrieval_short")]
     assert "--probe-world is for --task attributes" in _error(
         [*probe_elsewhere, "--probe-world", str(eval_dir)], capsys
     )
+
+
+def test_attributes_refuses_worlds_it_cannot_read_right_before_loading_the_model(tmp_path, capsys):
+    from clipmoe.data.world import WorldConfig, generate_world
+
+    small, larger_dots = tmp_path / "small", tmp_path / "larger-dots"
+    generate_world(small, WorldConfig.preset("test", train_size=4, eval_size=8), verbose=False)
+    generate_world(larger_dots, WorldConfig.preset("test", train_size=4, eval_size=8, dot_radius=0.09), verbose=False)
+    nowhere = str(tmp_path / "no-model")  # never opened: the worlds are checked first
+    argv = ["eval", nowhere, "--task", "attributes", "--data", str(small), "--probe-world"]
+    assert "draw their images differently (dot_radius 0.045 vs 0.09)" in _error([*argv, str(larger_dots)], capsys)
+    too_few = _error([*argv, str(small)], capsys)
+    assert f"{small}: 8 evaluation images, the probes need 5000 + 1000 (--probe-train-size" in too_few

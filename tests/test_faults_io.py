@@ -8,6 +8,7 @@ import resource
 import select
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,18 +156,21 @@ def test_results_models_and_worlds_get_the_umask_not_the_private_mode_of_their_t
     """Every atomic write goes through a private temporary (mkstemp 0600, mkdtemp 0700); what is renamed into
     place must read as any new file would, or a result, a model or a world is unreadable to the user's group."""
     from clipmoe.data.world import WorldConfig, generate_world
-    from clipmoe.utils.io import write_json
+    from clipmoe.utils.io import atomic_folder, process_umask, write_json
 
     def mode(path) -> int:
         return os.stat(path).st_mode & 0o777
 
     old = os.umask(0o027)
     try:
+        assert process_umask() == 0o027
         write_json(tmp_path / "results.json", {"R@1": 1.0})
+        with atomic_folder(tmp_path / "index") as folder:  # a search index, a run's outputs
+            (Path(folder) / "part").write_text("x")
         make_tiny_clip().save_pretrained(tmp_path / "model")
         generate_world(tmp_path / "world", WorldConfig.preset("test", train_size=4, eval_size=4), verbose=False)
     finally:
         os.umask(old)
     assert mode(tmp_path / "results.json") == 0o640
-    assert mode(tmp_path / "model") == mode(tmp_path / "world") == 0o750
+    assert mode(tmp_path / "model") == mode(tmp_path / "world") == mode(tmp_path / "index") == 0o750
     assert mode(tmp_path / "model" / "config.json") == mode(tmp_path / "world" / "world.json") == 0o640

@@ -94,6 +94,9 @@ def test_conditional_zero_shot_tells_words_the_text_tower_carries_from_words_it_
         (25.0, 30.0, 39.9, "known"),
         (25.0, 29.9, 35.0, "unaligned"),
         (25.0, 29.9, 34.9, "absent"),
+        (100 / 3, 38.3, 48.3, "suppressed"),  # the docs' bar for three values, "at least 38.3", as printed
+        (100 / 3, 38.7, 48.7, "suppressed"),  # a 10-point gap that float subtraction puts a hair below 10
+        (100 / 3, 38.24, 43.3, "unaligned"),  # 38.2 as printed: 4.9 above chance
     ],
 )
 def test_attribute_state_is_the_bar_the_docs_hold_every_base_to(chance, zero_shot, probe, state):

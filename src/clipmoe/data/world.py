@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..utils import interrupt
-from ..utils.io import shared_mode
+from ..utils.io import make_shared
 from .world_formats import ShardedTarWriter, img2dataset_key, jpeg_bytes, json_text, png_bytes, wds_key, write_file
 from .world_language import (
     ATTRIBUTE_BY_NAME,
@@ -467,7 +467,7 @@ def generate_world(
         _write_probes(os.path.join(tmp, "eval", "probes"), config, verbose)
         manifest = build_manifest(config)
         write_file(os.path.join(tmp, MANIFEST), json_text(manifest, indent=2) + "\n")
-        os.chmod(tmp, shared_mode(0o777))
+        make_shared(tmp, 0o777)
         try:
             if os.path.isdir(out):
                 os.rmdir(out)  # empty (checked above); rename cannot replace a folder portably

@@ -33,10 +33,42 @@ def attribute_state(chance: float, zero_shot: float, probe: float) -> str:
     """``suppressed``: zero-shot at least chance + 5 with the probe 10 or more above it (the testbed's premise);
     ``known``: zero-shot at least chance + 5 and within 10 of the probe; ``unaligned``: zero-shot within 5 of
     chance while the probe reads 10 or more above chance (in the features, not tied to its words); ``absent``:
-    neither reads it."""
-    if zero_shot >= chance + ABOVE_CHANCE:
-        return "suppressed" if probe - zero_shot >= PROBE_GAP else "known"
-    return "unaligned" if probe >= chance + PROBE_GAP else "absent"
+    neither reads it. Percentages, compared as the docs print them (to 0.1)."""
+    chance, zero_shot, probe = round(chance, 1), round(zero_shot, 1), round(probe, 1)
+    if round(zero_shot - chance, 1) >= ABOVE_CHANCE:  # on the values as printed: 38.3 clears 33.3 + 5
+        return "suppressed" if round(probe - zero_shot, 1) >= PROBE_GAP else "known"
+    return "unaligned" if round(probe - chance, 1) >= PROBE_GAP else "absent"
+
+
+# What draws a world's images: two worlds probed together must agree on these (sizes and seeds may differ).
+IMAGE_SETTINGS = ("image_size", "dot_radius", "color_jitter", "noise")
+
+
+def check_worlds(world: str, probe_world: str | None, probe_train_size: int, probe_test_size: int) -> None:
+    """Refuse, before any encoding, what ``read_attributes`` could not read right: a folder that is no world,
+    two worlds drawn differently, a probe world with fewer evaluation images than its probes need."""
+    configs = {}
+    for path in (world, probe_world):
+        if path is None:
+            continue
+        if not is_world(path):
+            raise ValueError(f"{path}: not a generated world (no world.json; make one with `clipmoe world`)")
+        with open(os.path.join(path, "world.json")) as f:
+            configs[path] = json.load(f)["config"]
+    if probe_world is None:
+        return
+    differ = [k for k in IMAGE_SETTINGS if configs[world].get(k) != configs[probe_world].get(k)]
+    if differ:
+        settings = ", ".join(f"{k} {configs[world].get(k)} vs {configs[probe_world].get(k)}" for k in differ)
+        raise ValueError(f"{world} and {probe_world} draw their images differently ({settings}): probe on one kind")
+    if min(probe_train_size, probe_test_size) < 1:
+        raise ValueError("the probe train and test sizes must be positive")
+    if probe_train_size + probe_test_size > configs[probe_world]["eval_size"]:
+        raise ValueError(
+            f"{probe_world}: {configs[probe_world]['eval_size']} evaluation images, the probes need"
+            f" {probe_train_size} + {probe_test_size} (--probe-train-size, --probe-test-size; or generate the"
+            " world with a larger --eval-size)"
+        )
 
 
 def is_world(path: str | os.PathLike) -> bool:
@@ -54,8 +86,7 @@ def attribute_sets(world: str) -> list[tuple[dict, object]]:
 def attribute_probes(model, world: str, batch_size: int = 256) -> dict[str, dict[str, float]]:
     """Per attribute of a generated world, on its held-out evaluation images: zero-shot top-1 (prompt ensemble)
     and a linear probe on the same frozen image features (2-fold cross-fitted on those images, so the probe
-    sees the same distribution it is scored on). Zero-shot near chance with a probe far above it = suppressed;
-    both near chance = absent."""
+    sees the same distribution it is scored on); ``attribute_state`` names what the two say together."""
     sets = attribute_sets(world)
     features = encode_images(model, sets[0][1].images, batch_size=batch_size)  # every set: the same images
     out = {}
@@ -165,13 +196,12 @@ def read_attributes(
     batch_size: int = 256,
 ) -> dict:
     """Every attribute of ``world`` (a generated world's folder): chance, zero-shot and the cross-fitted linear
-    probe on its evaluation images; with ``probe_world`` (a larger world, ``probe_train_size + probe_test_size``
-    evaluation images) also the embedding's linear and MLP probes, an MLP probe on the mean patch token and
-    the caption contrast; and the ``state`` by ``attribute_state``, on the MLP probe where there is one (a
+    probe on its evaluation images; the caption contrast of the hidden attributes (on ``probe_world`` when
+    given, else on ``world``); with ``probe_world`` (a world drawn alike, ``probe_train_size +
+    probe_test_size`` evaluation images) also the embedding's linear and MLP probes and an MLP probe on the
+    mean patch token; and the ``state`` by ``attribute_state``, on the MLP probe where there is one (a
     1,000-image linear probe reads too little to tell suppressed from absent), else on the linear probe."""
-    for path in (world, probe_world):
-        if path is not None and not is_world(path):
-            raise ValueError(f"{path}: not a generated world (no world.json; make one with `clipmoe world`)")
+    check_worlds(world, probe_world, probe_train_size, probe_test_size)
     rows = attribute_probes(model, world, batch_size)
     if probe_world is not None:
         sizes = (probe_train_size,)

@@ -21,7 +21,7 @@ import torch
 from ..formats.load import load
 from ..utils.dtypes import DTYPE_CHOICES, torch_dtype
 from ..utils.io import write_json
-from .attributes import format_attributes, is_world, read_attributes
+from .attributes import check_worlds, format_attributes, read_attributes
 from .classification import class_prompts, evaluate_classification
 from .datasets import ClassificationDataset, RetrievalDataset, open_eval_set, wds_splits
 from .mmvp import evaluate_mmvp
@@ -50,8 +50,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--probe-world",
         default=None,
-        help="attributes: a generated world with PROBE_TRAIN_SIZE + PROBE_TEST_SIZE evaluation images for the"
-        " embedding's linear and MLP probes, the patch tokens' MLP probe and the caption contrast",
+        help="attributes: a generated world drawn like --data, with PROBE_TRAIN_SIZE + PROBE_TEST_SIZE evaluation"
+        " images, for the embedding's linear and MLP probes and the patch tokens' MLP probe (the states then come"
+        " from the MLP probe) and the caption contrast",
     )
     parser.add_argument("--probe-train-size", type=int, default=5000, help="attributes: probe training images")
     parser.add_argument("--probe-test-size", type=int, default=1000, help="attributes: probe test images")
@@ -71,14 +72,8 @@ def run_eval(args: argparse.Namespace) -> int:
     for path in (args.data, args.probe_world):
         if path and not os.path.exists(path):
             raise FileNotFoundError(f"no data at {path}")
-    if args.task == "attributes":
-        for path in (args.data, args.probe_world):
-            if path and not is_world(path):
-                raise ValueError(
-                    f"{path}: not a generated world (no world.json); --task attributes reads `clipmoe world` output"
-                )
-        if min(args.probe_train_size, args.probe_test_size) < 1:
-            raise ValueError("--probe-train-size and --probe-test-size must be positive")
+    if args.task == "attributes":  # before the model loads
+        check_worlds(args.data, args.probe_world, args.probe_train_size, args.probe_test_size)
     dtype = torch_dtype(args.dtype)
     model = load(args.model, device=args.device, dtype=None if dtype == torch.float32 else dtype)
     kw = {"batch_size": args.batch_size, "device": args.device}

@@ -1,8 +1,8 @@
 """Supervised linear probes on frozen features: how much of an attribute a model's features hold.
 
 Zero-shot accuracy says what the image and text towers agree on; a linear probe on the same image features
-says what the image features contain at all. An attribute with zero-shot near chance and a probe far above
-it is *suppressed* (present, unused); one with both near chance is *absent*. Multinomial logistic regression
+says what the image features contain at all (``eval.attributes.attribute_state`` names what the two say
+together: known, suppressed, unaligned or absent). Multinomial logistic regression
 on standardised features, full-batch L-BFGS, a little weight decay; numbers are percentages.
 """
 

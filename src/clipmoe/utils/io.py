@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import IO, Any
 
 
@@ -45,13 +45,28 @@ def write_error(target: str, reason: str, tmp: str | None = None) -> WriteError:
     return WriteError(f"could not write {target}: {reason}{removed}")
 
 
-def shared_mode(mode: int) -> int:
-    """``mode`` less this process's umask: what ``open`` or ``mkdir`` would give a new file or folder. The
-    temporaries that atomic writes rename into place are private (``mkstemp`` 0600, ``mkdtemp`` 0700), and a
-    result, a model or a world is ordinary data that the user's group may need to read."""
-    umask = os.umask(0)
+def process_umask() -> int:
+    """This process's umask, read without changing it where Linux shows it (setting it to read it back would
+    briefly give files other threads create that moment the mode 0666)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o077)  # elsewhere: the brief window makes files private, never open to all
     os.umask(umask)
-    return mode & ~umask
+    return umask
+
+
+def make_shared(path: str, mode: int) -> None:
+    """Give a private temporary (``mkstemp`` 0600, ``mkdtemp`` 0700) the mode ``open`` or ``mkdir`` would give a
+    new file or folder (``mode`` less the umask): a result, a model or a world is ordinary data the user's group
+    may need to read. Best effort: a file system that refuses modes (some network and FUSE mounts) keeps its
+    own, and the write goes on."""
+    with suppress(OSError):
+        os.chmod(path, mode & ~process_umask())
 
 
 @contextmanager
@@ -65,7 +80,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iter
     try:
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
-        os.chmod(tmp, shared_mode(0o666))
+        make_shared(tmp, 0o666)
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):
@@ -99,7 +114,7 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
     try:
         yield tmp
-        os.chmod(tmp, shared_mode(0o777))
+        make_shared(tmp, 0o777)
         old = None
         if os.path.exists(target):
             old = tempfile.mkdtemp(prefix=".old-", dir=parent)

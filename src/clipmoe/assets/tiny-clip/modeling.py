@@ -10,6 +10,7 @@ and ``.moe`` so that it can be copied next to an exported model and loaded witho
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -290,9 +291,7 @@ class _MoEHooks:
                     raise
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise ModelWriteError(f"could not write {target}: {reason}; removed the partial {tmp}") from e
-            umask = os.umask(0)  # mkdtemp made the folder private; a model is ordinary data, as open() makes it
-            os.umask(umask)
-            os.chmod(tmp, 0o777 & ~umask)
+            _make_shared(tmp)
             old = None
             if os.path.exists(target):
                 old = tempfile.mkdtemp(prefix=".old-", dir=parent)
@@ -322,6 +321,23 @@ def _io_failure(exc: BaseException) -> str | None:
         return None
     # safetensors: "Error while serializing: I/O error: No space left on device (os error 28)"
     return text.partition("I/O error: ")[2].partition(" (os error")[0][:200] or text[:200]
+
+
+def _make_shared(folder: str) -> None:
+    """mkdtemp made the folder private; a model is ordinary data: give it the mode mkdir would (the umask read
+    from Linux's /proc where it shows it, not set and reset under other threads). Best effort, as a file system
+    that refuses modes keeps its own. (This file travels as remote code, so it cannot use clipmoe's utils.)"""
+    umask = None
+    try:
+        with open("/proc/self/status") as f:
+            umask = next((int(line.split()[1], 8) for line in f if line.startswith("Umask:")), None)
+    except OSError:
+        pass
+    if umask is None:
+        umask = os.umask(0o077)
+        os.umask(umask)
+    with contextlib.suppress(OSError):
+        os.chmod(folder, 0o777 & ~umask)
 
 
 def write_remote_code(folder: str, model: _MoEHooks) -> None:
