@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 
 import clipmoe
@@ -59,3 +60,40 @@ def test_pretraining_at_a_fixed_temperature_saves_that_temperature(tmp_path, wor
     points = [json.loads(line) for line in (tmp_path / "clip.train" / "curve.jsonl").read_text().splitlines()]
     assert [p["temperature"] for p in points] == [100.0, 100.0]
     assert clipmoe.load(str(tmp_path / "clip")).logit_scale.exp().item() == pytest.approx(100.0, rel=1e-5)
+
+
+def test_the_curve_follows_the_attributes_on_a_world_without_changing_training(tmp_path, world):
+    """`curve.attributes`: each curve point reads every attribute (zero-shot, linear probe, state) on a world,
+    to see suppression form during pretraining; measuring must not change what is trained."""
+    from safetensors.torch import load_file
+
+    from clipmoe.eval.attributes import STATES
+
+    runs = {}
+    for name, curve in (("plain", {}), ("followed", {"attributes": str(world)})):
+        config = _config(tmp_path / name, world)
+        config["curve"].update(curve)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        pretrain(str(path))
+        runs[name] = tmp_path / name
+    points = [json.loads(line) for line in (runs["followed"] / "clip.train" / "curve.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in points] == [2, 4]
+    for p in points:
+        assert list(p["attributes"]) == ["color", "background", "shape", "size", "position", "texture", "count"]
+        for r in p["attributes"].values():
+            assert r["state"] in STATES and 0 <= r["zero_shot"] <= 100 and 0 <= r["linear_probe"] <= 100
+    plain, followed = (load_file(runs[n] / "clip" / "model.safetensors") for n in ("plain", "followed"))
+    assert plain.keys() == followed.keys() and all(torch.equal(plain[k], followed[k]) for k in plain)
+
+
+def test_a_curve_on_attributes_needs_a_generated_world(tmp_path, world):
+    from clipmoe.dmu.config import ConfigError
+
+    config = _config(tmp_path, world)
+    config["curve"]["attributes"] = str(world / "eval")
+    path = tmp_path / "pretrain.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=r"curve.attributes: .*/eval is not a generated world \(no world.json\)"):
+        pretrain(str(path))
+    assert not (tmp_path / "clip.train").exists()  # refused before any work

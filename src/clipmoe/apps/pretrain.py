@@ -20,7 +20,9 @@ Config (YAML)::
       init: openai                      # position embeddings at OpenAI CLIP's scales (default: hf, transformers')
     train: {epochs: 10, batch_size: 128, lr: 5.0e-4, weight_decay: 0.2, warmup_steps: 100}
     curve: {eval: world/eval/retrieval_short, every: 250}   # optional: held-out retrieval + temperature
-                                        # every N steps into OUT.train/curve.jsonl (to see the plateau)
+                                        # every N steps into OUT.train/curve.jsonl (to see the plateau);
+                                        # `attributes: WORLD` adds each attribute's zero-shot, linear probe
+                                        # and state on that generated world (to see suppression form)
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from ..data.processing import ImageTransform, TextTokenizer, build_word_tokenize
 from ..data.readers import open_dataset
 from ..data.world import world_vocabulary
 from ..dmu.config import ConfigError, DataConfig, TrainConfig, build_section
+from ..eval.attributes import attribute_probes, attribute_state, is_world
 from ..eval.datasets import load_wds
 from ..eval.retrieval import evaluate_retrieval
 from ..model.modeling import ClipMoeModel
@@ -141,12 +144,15 @@ def read_pretrain_config(config_path: str, check_paths: bool = True) -> Pretrain
     ]
     curve = raw.get("curve")
     if curve is not None:
-        if not isinstance(curve, dict) or set(curve) != {"eval", "every"}:
-            errors.append("curve: expected {eval: RETRIEVAL_SET_FOLDER, every: STEPS}")
+        if not isinstance(curve, dict) or not {"eval", "every"} <= set(curve) <= {"eval", "every", "attributes"}:
+            errors.append("curve: expected {eval: RETRIEVAL_SET_FOLDER, every: STEPS, attributes: WORLD (optional)}")
         elif not isinstance(curve["every"], int) or curve["every"] < 1:
             errors.append(f"curve.every: expected a positive integer, got {curve['every']!r}")
-        elif check_paths and not os.path.isdir(curve["eval"]):
-            errors.append(f"curve.eval: no such folder: {curve['eval']}")
+        elif check_paths:
+            if not os.path.isdir(curve["eval"]):
+                errors.append(f"curve.eval: no such folder: {curve['eval']}")
+            if "attributes" in curve and not is_world(curve["attributes"]):
+                errors.append(f"curve.attributes: {curve['attributes']} is not a generated world (no world.json)")
     errors += [f"{k}: required" for k in ("out", "data") if k not in raw]
     data = build_section(DataConfig, raw.get("data", {}), "data.", errors)
     tcfg = build_section(TrainConfig, {**PRETRAIN_DEFAULTS, **raw.get("train", {})}, "train.", errors)
@@ -163,7 +169,8 @@ def read_pretrain_config(config_path: str, check_paths: bool = True) -> Pretrain
 
 
 def _curve_logger(model: ClipMoeModel, spec: dict, path: str, env: DistEnv):
-    """``on_step`` callback: every ``spec['every']`` steps, held-out retrieval R@1 and the learned temperature,
+    """``on_step`` callback: every ``spec['every']`` steps, held-out retrieval R@1 and the learned temperature
+    (and with ``spec['attributes']`` each attribute's zero-shot, linear probe and state on that world),
     measured on the main rank (its error raises on every rank)."""
     dataset = load_wds(spec["eval"])
     done = set()
@@ -181,13 +188,22 @@ def _curve_logger(model: ClipMoeModel, spec: dict, path: str, env: DistEnv):
         model.eval()
         with torch.no_grad():
             m = evaluate_retrieval(model, dataset, batch_size=256)
-        model.train()
         point = {
             "step": step,
             "temperature": round(model.logit_scale.exp().item(), 3),
             "image_to_text_R@1": round(m["image_to_text_R@1"], 2),
             "text_to_image_R@1": round(m["text_to_image_R@1"], 2),
         }
+        if "attributes" in spec:
+            point["attributes"] = {
+                name: {
+                    "zero_shot": round(r["zero_shot"], 1),
+                    "linear_probe": round(r["linear_probe"], 1),
+                    "state": attribute_state(r["chance"], r["zero_shot"], r["linear_probe"]),
+                }
+                for name, r in attribute_probes(model, spec["attributes"]).items()
+            }
+        model.train()
         with open(path, "a") as f:
             f.write(json.dumps(point) + "\n")
 
