@@ -116,3 +116,16 @@ def save_world_clip(tmp_path_factory, width: int = 64, image_size: int = 48, con
     path = tmp_path_factory.mktemp("b") / "base"
     model.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """The pipeline tests' world: the `test` preset with 96 training images (a module needing another defines
+    its own ``world``)."""
+    return generate_test_world(tmp_path_factory, train_size=96)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    """The pipeline tests' base: ``save_world_clip``'s defaults (a module needing another defines its own)."""
+    return save_world_clip(tmp_path_factory)

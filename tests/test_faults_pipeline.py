@@ -17,12 +17,7 @@ import yaml
 
 import clipmoe
 from clipmoe.utils.lock import LOCK_FILE, FolderLocked, lock_folder
-from conftest import generate_test_world, save_world_clip
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return generate_test_world(tmp_path_factory, train_size=96)
+from conftest import save_world_clip
 
 
 @pytest.fixture(scope="module")

@@ -17,17 +17,6 @@ from clipmoe.dmu.cluster import cluster_features
 from clipmoe.dmu.config import ConfigError
 from clipmoe.dmu.embed import FeatureStore
 from clipmoe.dmu.pipeline import Pipeline, open_run, print_plan
-from conftest import generate_test_world, save_world_clip
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return generate_test_world(tmp_path_factory, train_size=96)
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    return save_world_clip(tmp_path_factory)
 
 
 def write_config(tmp_path, world, base_dir, experts=3, **over):

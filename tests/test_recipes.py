@@ -22,7 +22,6 @@ from clipmoe.dmu.pipeline import Pipeline, open_run
 from clipmoe.model import kernels  # noqa: F401  (registers the fast kernels)
 from clipmoe.model.moe import MoEFeedForward, capacity_mask, load_balancing_loss, router_z_loss
 from clipmoe.model.surgery import assemble_moe, sparse_upcycle
-from conftest import generate_test_world, save_world_clip
 
 FAST = ["loop", "grouped_mm", "auto"]
 
@@ -239,16 +238,6 @@ def test_recipe_config_is_checked():
 
 
 # ---------------------------------------------------------------- end to end, tiny
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return generate_test_world(tmp_path_factory, train_size=96)
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    return save_world_clip(tmp_path_factory)
 
 
 def recipe_config(tmp_path, world, base_dir, **baselines) -> str:

@@ -22,7 +22,7 @@ from clipmoe.model.surgery import find_ffns, init_routers
 from clipmoe.train.config import TrainConfig
 from clipmoe.train.loop import METRICS, Distillation, train
 from clipmoe.train.loss import router_losses
-from conftest import WORDS, generate_test_world, make_tiny_clip, save_world_clip
+from conftest import WORDS, generate_test_world, make_tiny_clip
 
 
 class Pairs(torch.utils.data.Dataset):
@@ -242,11 +242,6 @@ def test_distillation_pulls_the_moe_towards_the_base_on_its_images(tmp_path):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     return generate_test_world(tmp_path_factory, train_size=64)
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    return save_world_clip(tmp_path_factory)
 
 
 def test_pipeline_runs_every_router_option_and_centroid_rows_point_at_hand_centroids(tmp_path, world, base_dir):
