@@ -21,7 +21,7 @@ from clipmoe.eval.routing import routing_figures
 from clipmoe.utils.threads import ThreadChoice, apply_threads, choose_threads
 from conftest import make_tiny_clip
 from test_eval_data import noise_image
-from test_pipeline import base_dir, world, write_config  # noqa: F401 (fixtures)
+from test_pipeline import write_config
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
@@ -111,7 +111,7 @@ def test_threads_option_reaches_torch_and_help_stays_fast(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_with_one_line_then_the_rerun_resumes(tmp_path, world, base_dir):  # noqa: F811
+def test_ctrl_c_stops_with_one_line_then_the_rerun_resumes(tmp_path, world, base_dir):
     cfg = write_config(
         tmp_path,
         world,
@@ -273,7 +273,7 @@ def test_routing_figures_one_per_tower_with_named_experts_and_labels(routing):
     assert [t.get_text() for t in default.get_xticklabels()] == ["expert 0", "expert 1", "expert 2"]
 
 
-def test_training_curves_keep_batch_kinds_apart(tmp_path, world, base_dir):  # noqa: F811
+def test_training_curves_keep_batch_kinds_apart(tmp_path, world, base_dir):
     cfg = load_config(write_config(tmp_path, world, base_dir, experts=3, baselines={"enabled": ["dense"]}))
     pipe = Pipeline(cfg, str(tmp_path / "run"))
     rows = pipe.rows()
