@@ -40,9 +40,9 @@ from transformers import AutoTokenizer, CLIPConfig, CLIPTextConfig, CLIPVisionCo
 from ..data.collate import ClipCollator
 from ..data.processing import ImageTransform, TextTokenizer, build_word_tokenizer
 from ..data.readers import open_dataset
-from ..data.world import world_vocabulary
+from ..data.world import is_world, world_vocabulary
 from ..dmu.config import ConfigError, DataConfig, TrainConfig, build_section
-from ..eval.attributes import attribute_probes, attribute_state, is_world
+from ..eval.attributes import attribute_probes, attribute_state
 from ..eval.datasets import load_wds
 from ..eval.retrieval import evaluate_retrieval
 from ..model.modeling import ClipMoeModel

@@ -403,6 +403,31 @@ def _write_probes(folder: str, config: WorldConfig, verbose: bool) -> None:
     write_file(os.path.join(folder, "probes.jsonl"), "".join(json_text(line) + "\n" for line in lines))
 
 
+def is_world(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a generated world's folder (its manifest is written last: the world is complete)."""
+    return os.path.isfile(os.path.join(path, MANIFEST))
+
+
+def read_manifest(world: str | os.PathLike) -> dict:
+    """A generated world's manifest (``world.json``) as stored; one ValueError naming the file if it is missing
+    or unreadable."""
+    path = os.path.join(os.fspath(world), MANIFEST)
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
+            raise ValueError("no config")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable world manifest: {e}") from e
+    return manifest
+
+
+def manifest_config(manifest: dict) -> dict:
+    """A manifest's config with the fields added since the world was made at their defaults."""
+    defaults = json.loads(json.dumps(asdict(WorldConfig())))  # tuples as the manifest stores them (lists)
+    return {**{k: v for k, v in defaults.items() if k not in manifest["config"]}, **manifest["config"]}
+
+
 def _existing_world(out: str, config: WorldConfig) -> dict | None:
     """The manifest of a complete world at ``out`` made with ``config``; None if ``out`` is absent or empty.
     Anything else at ``out`` is an error: the generator never overwrites data it did not make this way."""
@@ -417,15 +442,8 @@ def _existing_world(out: str, config: WorldConfig) -> dict | None:
                 f"{out} exists, is not empty and holds no {MANIFEST}: not a generated world; refusing to write into it"
             )
         return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-        old = manifest["config"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path} is not a readable world manifest: {e}") from e
-    new = json.loads(json.dumps(asdict(config)))  # tuples as the manifest stores them (lists)
-    defaults = json.loads(json.dumps(asdict(WorldConfig())))
-    old = {**{k: v for k, v in defaults.items() if k not in old}, **old}  # fields added since: their defaults
+    manifest = read_manifest(out)
+    old, new = manifest_config(manifest), json.loads(json.dumps(asdict(config)))
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{out} holds world format {manifest.get('format_version')}, this is format {FORMAT_VERSION}")
     if old != new:

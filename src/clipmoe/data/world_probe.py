@@ -22,6 +22,8 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
+from .world import read_manifest
+
 BATCH_SIZE = 128
 LEARNING_RATE = 3e-3  # peak of a one-cycle schedule: converges in ~10 epochs
 
@@ -105,8 +107,7 @@ def fit_heads(
 
 def probe_world(world_dir: str | os.PathLike, epochs: int = 10) -> dict[str, dict[str, float]]:
     """``{attribute: {"chance", "linear", "cnn"}}`` accuracies on the world's ``val/`` split."""
-    with open(os.path.join(os.fspath(world_dir), "world.json"), encoding="utf-8") as f:
-        attributes = json.load(f)["attributes"]
+    attributes = read_manifest(world_dir)["attributes"]
     classes = [len(a["values"]) for a in attributes]
     train, val = load_split(world_dir, "train", attributes), load_split(world_dir, "val", attributes)
     linear = fit_heads(nn.Flatten(), train, val, classes, epochs, "linear probe")

@@ -8,11 +8,11 @@ the word the docs use for a base: known, suppressed, unaligned or absent.
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 
+from ..data.world import is_world, manifest_config, read_manifest
 from ..data.world_language import ATTRIBUTE_BY_NAME, SLOT_RE, CaptionPlan
 from .classification import classification_metrics, zero_shot_classifier
 from .datasets import load_wds
@@ -53,8 +53,7 @@ def check_worlds(world: str, probe_world: str | None, probe_train_size: int, pro
             continue
         if not is_world(path):
             raise ValueError(f"{path}: not a generated world (no world.json; make one with `clipmoe world`)")
-        with open(os.path.join(path, "world.json")) as f:
-            configs[path] = json.load(f)["config"]
+        configs[path] = manifest_config(read_manifest(path))
     if probe_world is None:
         return
     differ = [k for k in IMAGE_SETTINGS if configs[world].get(k) != configs[probe_world].get(k)]
@@ -71,15 +70,9 @@ def check_worlds(world: str, probe_world: str | None, probe_train_size: int, pro
         )
 
 
-def is_world(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a generated world's folder (``clipmoe world`` writes ``world.json`` last)."""
-    return os.path.isfile(os.path.join(path, "world.json"))
-
-
 def attribute_sets(world: str) -> list[tuple[dict, object]]:
     """A generated world's attributes, each with its evaluation classification set (``eval/cls_<name>``)."""
-    with open(os.path.join(world, "world.json")) as f:
-        attributes = json.load(f)["attributes"]
+    attributes = read_manifest(world)["attributes"]
     return [(a, load_wds(os.path.join(world, "eval", f"cls_{a['name']}"))) for a in attributes]
 
 
@@ -218,7 +211,7 @@ def read_attributes(
     probe = "embedding_mlp" if probe_world is not None else "linear_probe"
     for row in rows.values():
         row["state"] = attribute_state(row["chance"], row["zero_shot"], row[probe])
-    images = len(attribute_sets(world)[0][1].targets)
+    images = read_manifest(world)["config"]["eval_size"]  # every attribute's set holds every evaluation image
     return {
         "world": str(world),
         "images": images,
