@@ -615,3 +615,16 @@ def test_parallel_generation_writes_the_same_bytes(tmp_path):
     generate_world(str(tmp_path / "one"), config, verbose=False)
     generate_world(str(tmp_path / "two"), config, verbose=False, workers=2)
     assert all_files(str(tmp_path / "one")) == all_files(str(tmp_path / "two"))
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"attributes": []}', '{"config": 3}'])
+def test_an_unreadable_manifest_is_one_error_naming_it(tmp_path, content):
+    from clipmoe.data.world import read_manifest
+
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "world.json").write_text(content)
+    message = rf"{tmp_path}/w/world.json is not a readable world manifest"
+    with pytest.raises(ValueError, match=message):
+        read_manifest(tmp_path / "w")
+    with pytest.raises(ValueError, match=message):  # the generator refuses to take it for a world
+        generate_world(str(tmp_path / "w"), CONFIG, verbose=False)
