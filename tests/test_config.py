@@ -60,6 +60,47 @@ def test_bad_pretrain_config(tmp_path):
         read_pretrain_config(str(p))
 
 
+def test_pretrain_config_refuses_what_it_would_ignore_or_fail_on_later(tmp_path, world):
+    """Keys pretraining would ignore (a training seed, MoE settings, data.eval, a typo in a tower), values that
+    would fail after the model is built (a temperature of 0, an infinite lr, a width the heads do not
+    divide) and a curve on a classification set: all named at once, before any work."""
+    from clipmoe.apps.pretrain import read_pretrain_config
+
+    p = tmp_path / "p.yaml"
+    p.write_text(
+        "out: o\nseed: 1.9\ndata: {train: x, eval: y, num_workers: 2}\ntokenizer: {vocabulary: world, folder: t}\n"
+        "model: {image_size: 30, patch_size: 8, vision: {width: 96, layer: 1, heads: 5}, text: 32, hidden_act: gelux}\n"
+        "train: {seed: 5, distill_weight: 0.5, num_workers: 2}\n"
+        f"curve: {{eval: {world}/eval/cls_color, every: 2}}\n"
+    )
+    with pytest.raises(ConfigError) as e:
+        read_pretrain_config(str(p))
+    for needle in (
+        "seed: expected a non-negative integer, got 1.9",
+        "data.eval: not used by pretraining",
+        "tokenizer: give {vocabulary: WORDS_FILE | world} or {folder: TOKENIZER_DIR}, one of the two",
+        "model.image_size: 30 is not a multiple of patch_size 8",
+        "model.vision.layer: unknown key",
+        "model.vision.width: 96 does not split into 5 heads",
+        "model.text: expected a mapping",
+        "model.hidden_act: 'gelux' is not one of transformers' activations",
+        "train.seed: set the run's seed with the top-level `seed`",
+        "train.num_workers: set it as `data.num_workers`",
+        "train.distill_weight: a setting of the MoE phases",
+        "cls_color is a classification set; the curve measures retrieval",
+    ):
+        assert needle in str(e.value)
+    p.write_text("out: o\ndata: {train: x}\ntokenizer: {vocabulary: world}\ntrain: {logit_scale: 0, lr: .inf}\n")
+    with pytest.raises(ConfigError, match=r"train: invalid training settings: lr=inf, logit_scale=0"):
+        read_pretrain_config(str(p))
+    p.write_text("- out\n- data\n")
+    with pytest.raises(ConfigError, match="expected a mapping of sections"):
+        read_pretrain_config(str(p))
+    p.write_text("out: o\ndata: {train: x, num_workers: 2}\ntokenizer: {vocabulary: world}\nseed: 3\n")
+    train = read_pretrain_config(str(p)).train
+    assert (train.seed, train.num_workers) == (3, 2)  # the run's seed and workers reach the training loop
+
+
 def test_paper_recipe_defaults():
     cfg = config_from_dict({"base_model": "x", "data": {"train": "y"}}, check_paths=False)
     assert (cfg.mcl.lr, cfg.mcl.weight_decay, cfg.mcl.trainable) == (1e-5, 0.2, "ffn")

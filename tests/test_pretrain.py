@@ -97,3 +97,104 @@ def test_a_curve_on_attributes_needs_a_generated_world(tmp_path, world):
     with pytest.raises(ConfigError, match=r"curve.attributes: .*/eval is not a generated world \(no world.json\)"):
         pretrain(str(path))
     assert not (tmp_path / "clip.train").exists()  # refused before any work
+
+
+def _interrupted(path, after_step: int) -> None:
+    """Run ``pretrain`` and stop it as Ctrl-C would, inside the work that follows optimizer step ``after_step``
+    (its curve point written, its checkpoint not yet)."""
+    import clipmoe.apps.pretrain as module
+
+    real = module.train
+
+    def train(*args, on_step=None, **kwargs):
+        def stop_at(step, total):
+            on_step(step, total)
+            if step == after_step:
+                raise KeyboardInterrupt
+
+        return real(*args, on_step=stop_at, **kwargs)
+
+    module.train = train
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pretrain(str(path))
+    finally:
+        module.train = real
+
+
+def _curve(tmp_path) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / "clip.train" / "curve.jsonl").read_text().splitlines()]
+
+
+def test_a_stopped_pretraining_resumes_exactly_and_measures_every_curve_point_once(tmp_path, world):
+    """Stopped while measuring a checkpoint step's curve point, a rerun measures it again (the checkpoint comes
+    after the point) and drops what was measured past its checkpoint, and a line cut short by the kill; the
+    weights and the curve are those of a run never stopped. Starting over (checkpoint deleted, another lr)
+    leaves no point of the earlier run in the curve."""
+    from safetensors.torch import load_file
+
+    config = _config(tmp_path / "whole", world, epochs=2)  # 8 steps, checkpoints at 2, 4, 6
+    whole = tmp_path / "whole.yaml"
+    whole.write_text(yaml.safe_dump(config))
+    pretrain(str(whole))
+    config["out"] = str(tmp_path / "clip")
+    path = tmp_path / "pretrain.yaml"
+    path.write_text(yaml.safe_dump(config))
+    _interrupted(path, after_step=6)
+    assert [p["step"] for p in _curve(tmp_path)] == [2, 4, 6]
+    with open(tmp_path / "clip.train" / "curve.jsonl", "a") as f:
+        f.write('{"step": 7, "temper')  # the kill cut a line short
+    pretrain(str(path))
+    assert _curve(tmp_path) == _curve(tmp_path / "whole")
+    a, b = (
+        load_file(tmp_path / "whole" / "clip" / "model.safetensors"),
+        load_file(tmp_path / "clip" / "model.safetensors"),
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    config["out"] = str(tmp_path / "again" / "clip")
+    path.write_text(yaml.safe_dump(config))
+    _interrupted(path, after_step=5)
+    (tmp_path / "again" / "clip.train" / "checkpoint.pt").unlink()  # start over, with another learning rate
+    config["train"]["lr"] = 5e-3
+    path.write_text(yaml.safe_dump(config))
+    pretrain(str(path))
+    points = _curve(tmp_path / "again")
+    assert [p["step"] for p in points] == [2, 4, 6, 8] and points != _curve(tmp_path / "whole")
+
+
+def test_a_checkpoint_resumes_only_the_model_data_and_seed_it_was_trained_with(tmp_path, world):
+    """The training settings are compared by the loop; another head count, activation, corpus or seed would
+    load without an error and save a model half trained as each, so the rerun refuses, naming what changed,
+    before any work; the same config resumes."""
+    from clipmoe.dmu.config import ConfigError
+
+    config = _config(tmp_path, world)
+    path = tmp_path / "pretrain.yaml"
+    path.write_text(yaml.safe_dump(config))
+    _interrupted(path, after_step=3)
+    checkpoint = tmp_path / "clip.train" / "checkpoint.pt"
+    before = checkpoint.stat().st_mtime_ns
+    changed = json.loads(json.dumps(config))
+    changed["model"]["vision"]["heads"] = 2
+    changed["model"]["hidden_act"] = "gelu"
+    changed["seed"] = 1
+    path.write_text(yaml.safe_dump(changed))
+    with pytest.raises(ConfigError) as e:
+        pretrain(str(path))
+    assert "model.hidden_act, model.vision.heads, seed" in str(e.value) and "delete" in str(e.value)
+    assert checkpoint.stat().st_mtime_ns == before and not (tmp_path / "clip").exists()
+    config["data"]["num_workers"] = 1  # how the images are decoded changes nothing trained: it resumes
+    path.write_text(yaml.safe_dump(config))
+    pretrain(str(path))
+    assert (tmp_path / "clip" / "model.safetensors").exists()
+
+
+def test_an_out_folder_without_a_model_is_not_taken_for_a_finished_run(tmp_path, world):
+    from clipmoe.dmu.config import ConfigError
+
+    path = tmp_path / "pretrain.yaml"
+    path.write_text(yaml.safe_dump(_config(tmp_path, world)))
+    (tmp_path / "clip").mkdir()
+    with pytest.raises(ConfigError, match=r"out: .*/clip exists and holds no saved model"):
+        pretrain(str(path))

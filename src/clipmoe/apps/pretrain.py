@@ -7,7 +7,7 @@ folder (config, safetensors, tokenizer, preprocessor config) that ``clipmoe.load
 Config (YAML)::
 
     out: runs/tiny-clip                 # model folder written at the end
-    data: {train: world/train, caption: "json:short"}
+    data: {train: world/train, caption: "json:short", num_workers: 2}   # workers: image decoding processes
     tokenizer: {vocabulary: words.txt}  # a word list (one per line; "world" = the generated world's words)
                                         # or {folder: an HF tokenizer folder}
     model:
@@ -23,6 +23,10 @@ Config (YAML)::
                                         # every N steps into OUT.train/curve.jsonl (to see the plateau);
                                         # `attributes: WORLD` adds each attribute's zero-shot, linear probe
                                         # and state on that generated world (to see suppression form)
+
+Paths are relative to the working directory. Rerunning the command resumes from the last checkpoint, and only
+the run that wrote it: ``OUT.train/run.json`` records the seed, data, tokenizer and model, the checkpoint the
+training settings; a change to any is refused, naming it (delete ``OUT.train`` to start over).
 """
 
 from __future__ import annotations
@@ -34,20 +38,21 @@ import os
 from dataclasses import dataclass, replace
 
 import torch
-import yaml
 from transformers import AutoTokenizer, CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from transformers.activations import ACT2FN
 
 from ..data.collate import ClipCollator
 from ..data.processing import ImageTransform, TextTokenizer, build_word_tokenizer
 from ..data.readers import open_dataset
 from ..data.world import is_world, world_vocabulary
-from ..dmu.config import ConfigError, DataConfig, TrainConfig, build_section
+from ..dmu.config import ConfigError, DataConfig, TrainConfig, build_section, read_yaml
 from ..eval.attributes import attribute_probes, attribute_state
-from ..eval.datasets import load_wds
+from ..eval.datasets import RetrievalDataset, load_wds
 from ..eval.retrieval import evaluate_retrieval
 from ..model.modeling import ClipMoeModel
 from ..train.distributed import DistEnv, init_distributed, on_main
-from ..train.loop import train
+from ..train.loop import CHECKPOINT, drop_records_after, train
+from ..utils.io import write_json
 
 PRETRAIN_DEFAULTS = {"logit_scale": None, "label_smoothing": 0.0, "lr": 5e-4, "weight_decay": 0.2}
 _MODEL_KEYS = {"image_size", "patch_size", "vision", "text", "projection_dim", "hidden_act", "init"}
@@ -135,37 +140,141 @@ class PretrainConfig:
     curve: dict | None = None
 
 
-def read_pretrain_config(config_path: str, check_paths: bool = True) -> PretrainConfig:
-    """Read and validate a pretraining config; every problem is reported at once."""
-    with open(config_path) as f:
-        raw = yaml.safe_load(f) or {}
-    errors: list[str] = [
-        f"{k}: unknown key" for k in sorted(set(raw) - {"out", "data", "tokenizer", "model", "train", "seed", "curve"})
-    ]
-    curve = raw.get("curve")
-    if curve is not None:
-        if not isinstance(curve, dict) or not {"eval", "every"} <= set(curve) <= {"eval", "every", "attributes"}:
-            errors.append("curve: expected {eval: RETRIEVAL_SET_FOLDER, every: STEPS, attributes: WORLD (optional)}")
-        elif not isinstance(curve["every"], int) or curve["every"] < 1:
-            errors.append(f"curve.every: expected a positive integer, got {curve['every']!r}")
-        elif check_paths:
-            if not os.path.isdir(curve["eval"]):
-                errors.append(f"curve.eval: no such folder: {curve['eval']}")
-            if "attributes" in curve and not is_world(curve["attributes"]):
-                errors.append(f"curve.attributes: {curve['attributes']} is not a generated world (no world.json)")
-    errors += [f"{k}: required" for k in ("out", "data") if k not in raw]
-    data = build_section(DataConfig, raw.get("data", {}), "data.", errors)
-    tcfg = build_section(TrainConfig, {**PRETRAIN_DEFAULTS, **raw.get("train", {})}, "train.", errors)
-    model = raw.get("model", {})
-    errors += [f"model.{k}: unknown key (known: {sorted(_MODEL_KEYS)})" for k in sorted(set(model) - _MODEL_KEYS)]
+_SECTIONS = {"out", "data", "tokenizer", "model", "train", "seed", "curve"}
+_TOWER_KEYS = {"vision": {"width", "layers", "heads"}, "text": {"width", "layers", "heads", "context_length"}}
+# TrainConfig settings pretraining has no use for (it trains every parameter of a dense CLIP: no routers, no
+# clusters, no base to distil from), and the two it takes from elsewhere, so none is accepted and ignored.
+_NOT_PRETRAINING = {
+    "seed": "set the run's seed with the top-level `seed`",
+    "num_workers": "set it as `data.num_workers`",
+    **dict.fromkeys(
+        (
+            "trainable",
+            "last_n_blocks",
+            "router_lr",
+            "balance_weight",
+            "text_balance_factor",
+            "balance_mask_padding",
+            "balance_scope",
+            "global_balance",
+            "z_loss_weight",
+            "distill_weight",
+            "distill_data",
+            "small_clusters",
+            "min_batch",
+        ),
+        "a setting of the MoE phases; pretraining trains every parameter of a dense CLIP on uniform batches",
+    ),
+}
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _model_errors(model) -> list[str]:
+    """Every problem of the ``model`` section, so a typo fails here instead of building another model."""
+    if not isinstance(model, dict):
+        return [f"model: expected a mapping, got {model!r}"]
+    errors = [f"model.{k}: unknown key (known: {sorted(_MODEL_KEYS)})" for k in sorted(set(model) - _MODEL_KEYS)]
+    for key in ("image_size", "patch_size", "projection_dim"):
+        if key in model and not _positive_int(model[key]):
+            errors.append(f"model.{key}: expected a positive integer, got {model[key]!r}")
+    image, patch = model.get("image_size", 32), model.get("patch_size", 4)
+    if _positive_int(image) and _positive_int(patch) and image % patch:
+        errors.append(f"model.image_size: {image} is not a multiple of patch_size {patch}")
+    for tower, known in _TOWER_KEYS.items():
+        spec = model.get(tower, {})
+        if not isinstance(spec, dict):
+            errors.append(f"model.{tower}: expected a mapping like {{width: 128, layers: 4}}, got {spec!r}")
+            continue
+        errors += [f"model.{tower}.{k}: unknown key (known: {sorted(known)})" for k in sorted(set(spec) - known)]
+        bad = [k for k in sorted(set(spec) & known) if not _positive_int(spec[k])]
+        errors += [f"model.{tower}.{k}: expected a positive integer, got {spec[k]!r}" for k in bad]
+        width = spec.get("width", 128)
+        heads = spec.get("heads", max(1, width // 64) if _positive_int(width) else 1)
+        if not {"width", "heads"} & set(bad) and width % heads:
+            errors.append(f"model.{tower}.width: {width} does not split into {heads} heads")
+    act = model.get("hidden_act", "quick_gelu")
+    if not isinstance(act, str) or act not in ACT2FN:
+        errors.append(
+            f"model.hidden_act: {act!r} is not one of transformers' activations ({', '.join(sorted(ACT2FN))})"
+        )
     if model.get("init", "hf") not in INITS:
         errors.append(f"model.init: {model['init']!r} is not one of {list(INITS)}")
-    tok = raw.get("tokenizer", {})
-    if not ({"vocabulary", "folder"} & set(tok)):
-        errors.append("tokenizer: give {vocabulary: WORDS_FILE | world} or {folder: TOKENIZER_DIR}")
+    return errors
+
+
+def _tokenizer_errors(tok, check_paths: bool) -> list[str]:
+    if not isinstance(tok, dict) or len({"vocabulary", "folder"} & set(tok)) != 1:
+        return ["tokenizer: give {vocabulary: WORDS_FILE | world} or {folder: TOKENIZER_DIR}, one of the two"]
+    errors = [
+        f"tokenizer.{k}: unknown key (known: folder, vocabulary)" for k in sorted(set(tok) - {"vocabulary", "folder"})
+    ]
+    if check_paths:
+        if "folder" in tok and not os.path.isdir(str(tok["folder"])):
+            errors.append(f"tokenizer.folder: no such folder: {tok['folder']}")
+        if tok.get("vocabulary", "world") != "world" and not os.path.isfile(str(tok["vocabulary"])):
+            errors.append(f"tokenizer.vocabulary: no such word list: {tok['vocabulary']}")
+    return errors
+
+
+def _curve_errors(curve, check_paths: bool) -> list[str]:
+    if not isinstance(curve, dict) or not {"eval", "every"} <= set(curve) <= {"eval", "every", "attributes"}:
+        return ["curve: expected {eval: RETRIEVAL_SET_FOLDER, every: STEPS, attributes: WORLD (optional)}"]
+    if not _positive_int(curve["every"]):
+        return [f"curve.every: expected a positive integer, got {curve['every']!r}"]
+    errors = []
+    if check_paths:
+        if not os.path.isdir(str(curve["eval"])):
+            errors.append(f"curve.eval: no such folder: {curve['eval']}")
+        else:
+            try:
+                is_retrieval = isinstance(load_wds(curve["eval"]), RetrievalDataset)
+            except (OSError, ValueError) as e:
+                errors.append(f"curve.eval: {curve['eval']} is not an evaluation set the curve can read ({e})")
+            else:
+                if not is_retrieval:
+                    errors.append(
+                        f"curve.eval: {curve['eval']} is a classification set; the curve measures retrieval"
+                        " (a set with captions, e.g. WORLD/eval/retrieval_short)"
+                    )
+        if "attributes" in curve and not is_world(curve["attributes"]):
+            errors.append(f"curve.attributes: {curve['attributes']} is not a generated world (no world.json)")
+    return errors
+
+
+def read_pretrain_config(config_path: str, check_paths: bool = True) -> PretrainConfig:
+    """Read and validate a pretraining config; every problem is reported at once (paths are relative to the
+    working directory)."""
+    raw = read_yaml(config_path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{config_path}: expected a mapping of sections ({', '.join(sorted(_SECTIONS))})")
+    errors = [f"{k}: unknown key" for k in sorted(set(raw) - _SECTIONS)]
+    errors += [f"{k}: required" for k in ("out", "data") if k not in raw]
+    if "out" in raw and not (isinstance(raw["out"], str) and raw["out"]):
+        errors.append(f"out: expected a folder path, got {raw['out']!r}")
+    seed = raw.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        errors.append(f"seed: expected a non-negative integer, got {seed!r}")
+    if "curve" in raw:
+        errors += _curve_errors(raw["curve"], check_paths)
+    data_raw = raw.get("data", {})
+    if isinstance(data_raw, dict) and "eval" in data_raw:
+        errors.append("data.eval: not used by pretraining (the held-out curve reads `curve.eval`)")
+        data_raw = {k: v for k, v in data_raw.items() if k != "eval"}
+    data = build_section(DataConfig, data_raw, "data.", errors)
+    train_raw = raw.get("train", {})
+    if isinstance(train_raw, dict):
+        errors += [f"train.{k}: {_NOT_PRETRAINING[k]}" for k in sorted(set(train_raw) & set(_NOT_PRETRAINING))]
+        train_raw = {**PRETRAIN_DEFAULTS, **{k: v for k, v in train_raw.items() if k not in _NOT_PRETRAINING}}
+    tcfg = build_section(TrainConfig, train_raw, "train.", errors)
+    errors += _model_errors(raw.get("model", {}))
+    errors += _tokenizer_errors(raw.get("tokenizer", {}), check_paths)
     if errors:
         raise ConfigError(f"{config_path} has {len(errors)} problem(s):\n  - " + "\n  - ".join(errors))
-    return PretrainConfig(raw["out"], data, tcfg, model, tok, int(raw.get("seed", 0)), curve)
+    tcfg = replace(tcfg, seed=seed, num_workers=data.num_workers)
+    return PretrainConfig(raw["out"], data, tcfg, raw.get("model", {}), raw["tokenizer"], seed, raw.get("curve"))
 
 
 def _curve_logger(model: ClipMoeModel, spec: dict, path: str, env: DistEnv):
@@ -173,12 +282,14 @@ def _curve_logger(model: ClipMoeModel, spec: dict, path: str, env: DistEnv):
     (and with ``spec['attributes']`` each attribute's zero-shot, linear probe and state on that world),
     measured on the main rank (its error raises on every rank)."""
     dataset = load_wds(spec["eval"])
-    done = set()
-    if os.path.exists(path):  # a resumed run: keep the points already measured
-        with open(path) as f:
-            done = {json.loads(line)["step"] for line in f if line.strip()}
+    done: set[int] | None = None
 
     def log(step: int, total: int) -> None:
+        nonlocal done
+        if done is None:  # the first step of this process: points past the checkpoint it resumed are stale
+            on_main(lambda: drop_records_after(path, step - 1), env)
+            with open(path) if os.path.exists(path) else open(os.devnull) as f:
+                done = {json.loads(line)["step"] for line in f if line.strip()}
         if (step % spec["every"] and step != total) or step in done:
             return
         on_main(lambda: measure(step), env)
@@ -210,12 +321,55 @@ def _curve_logger(model: ClipMoeModel, spec: dict, path: str, env: DistEnv):
     return log
 
 
+RUN_FILE = "run.json"  # in OUT.train: what the checkpoint was trained with besides the training settings
+
+
+def _check_resume(cfg: PretrainConfig) -> None:
+    """A checkpoint resumes only the run that wrote it: the loop compares the training settings, this the
+    seed, the data, the tokenizer and the model (another width would fail on load; other heads or another
+    activation would not, and the saved model would be half of each). A run starting afresh records them."""
+    folder = cfg.out + ".train"
+    run = {
+        "seed": cfg.seed,
+        "data": vars(cfg.data) | {"num_workers": None},
+        "tokenizer": cfg.tokenizer,
+        "model": cfg.model,
+    }
+    run = json.loads(json.dumps(run))
+    path = os.path.join(folder, RUN_FILE)
+    if os.path.exists(os.path.join(folder, CHECKPOINT)) and os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        changed = sorted(_flat(saved).items() ^ _flat(run).items())
+        if changed:
+            keys = ", ".join(dict.fromkeys(k for k, _ in changed))
+            raise ConfigError(
+                f"{os.path.join(folder, CHECKPOINT)} was trained with other settings ({keys}); delete {folder} to"
+                " start this run over"
+            )
+    elif int(os.environ.get("RANK", "0")) == 0:
+        write_json(path, run)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = json.dumps(value)
+    return out
+
+
 def pretrain(config_path: str, preload: bool = False) -> str:
     """Train the CLIP a pretraining config describes; ``preload`` reads every image into memory first."""
     cfg = read_pretrain_config(config_path)
-    if os.path.exists(cfg.out):
+    if os.path.exists(os.path.join(cfg.out, "config.json")):  # written last, by the atomic save
         print(f"{cfg.out} exists: pretraining already finished")
         return cfg.out
+    if os.path.exists(cfg.out):
+        raise ConfigError(f"out: {cfg.out} exists and holds no saved model; remove it or choose another `out`")
+    _check_resume(cfg)
     env = init_distributed()
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model.get("text", {}).get("context_length", 32))
@@ -240,7 +394,7 @@ def pretrain(config_path: str, preload: bool = False) -> str:
         model,
         dataset,
         collate,
-        replace(cfg.train, seed=cfg.seed),
+        cfg.train,
         cfg.out + ".train",
         env,
         desc="pretrain",

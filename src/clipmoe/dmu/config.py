@@ -226,7 +226,7 @@ def build_section(cls, raw: Any, where: str, errors: list[str], defaults: Any = 
     nested sections start from their field's ``default_factory`` (so a partial ``mcl`` keeps the paper's
     MCL recipe for what it does not name)."""
     if not isinstance(raw, dict):
-        errors.append(f"{where or 'top level'}: expected a mapping, got {raw!r}")
+        errors.append(f"{where.rstrip('.') or 'top level'}: expected a mapping, got {raw!r}")
         return None
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}

@@ -3,7 +3,8 @@ config sections are ``TrainConfig``s; ``clipmoe.dmu.config`` re-exports it with 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 
 # GlobalBatchSampler's policies for clusters smaller than a batch (train/samplers.py)
 SMALL_CLUSTER_POLICIES = ("shrink", "drop")
@@ -60,7 +61,6 @@ class TrainConfig:
     num_workers: int = 0
     seed: int = 0
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per block, for towers that do not fit one device)
-    extra: dict = field(default_factory=dict)  # free-form, recorded in metrics
     # Router losses on routing statistics summed over all ranks (= the single-process value on the global
     # batch); False computes them per rank (the official code does too, and also divides by the world size).
     global_balance: bool = True
@@ -95,6 +95,11 @@ class TrainConfig:
             "log_every": self.log_every > 0,
             "num_workers": self.num_workers >= 0,
         }
+        if isinstance(self.logit_scale, (int, float)):
+            checks["logit_scale"] = self.logit_scale > 0  # its log is taken
+        for key, value in vars(self).items():
+            if isinstance(value, float) and not math.isfinite(value):  # inf passes the comparisons above
+                checks[key] = False
         bad = [f"{k}={getattr(self, k)!r}" for k, ok in checks.items() if not ok]
         if (self.distill_weight > 0) != (self.distill_data is not None):
             bad.append(

@@ -132,8 +132,8 @@ def train(
 ) -> dict:
     """Train ``model`` in place with the contrastive loss; resumable from ``out_dir``. Returns run stats.
 
-    ``on_step(step, total_steps)`` runs after every optimizer step (for example a held-out evaluation curve);
-    it must leave the model in training mode. ``distill`` is required when ``cfg.distill_weight`` > 0."""
+    ``on_step(step, total_steps)`` runs after every optimizer step, before that step's checkpoint (for example
+    a held-out evaluation curve); it must leave the model in training mode. ``distill`` is required when ``cfg.distill_weight`` > 0."""
     env = env or DistEnv()
     if cfg.distill_weight and distill is None:
         raise ValueError(f"{desc}: distill_weight={cfg.distill_weight} but no distillation images were given")
@@ -180,7 +180,7 @@ def train(
         if hasattr(dataset, "skips"):
             dataset.skips.restore(json.loads(resumed.get("skips", "[]")))
     if env.is_main:
-        _drop_metrics_after(os.path.join(out_dir, METRICS), step)  # a resumed run logs those steps again
+        drop_records_after(os.path.join(out_dir, METRICS), step)  # a resumed run logs those steps again
     metrics = MetricsLog(out_dir) if env.is_main else None
 
     bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not env.is_main, unit="step", dynamic_ncols=True)
@@ -257,12 +257,12 @@ def train(
                 metrics.write(record)
             if (step % cfg.checkpoint_every == 0 and step < total_steps) or step == total_steps:
                 _check_finite(named, env, f"{desc}: non-finite weights after step {step} of {total_steps}")
+            if on_step is not None:  # before the checkpoint: a run stopped inside it does this step's work again
+                on_step(step, total_steps)
             if step % cfg.checkpoint_every == 0 and step < total_steps:
                 _save_checkpoint(
                     ckpt_path, model, optimizer, scheduler, step, cfg, env, extra=_skip_state(dataset, skipped, env)
                 )
-            if on_step is not None:
-                on_step(step, total_steps)
     finally:
         bar.close()
         if metrics:
@@ -561,7 +561,8 @@ def _load_checkpoint(
     # a setting added since the checkpoint was written counts at its default value
     saved_cfg = {**plain(TrainConfig()), **json.loads(state["config"])}
     now_cfg = plain(cfg)
-    changed = sorted(k for k in set(saved_cfg) | set(now_cfg) if saved_cfg.get(k) != now_cfg.get(k))
+    # a setting removed since is ignored, and so is num_workers: how the batches are decoded, not what they hold
+    changed = sorted(k for k in now_cfg if k != "num_workers" and saved_cfg.get(k) != now_cfg[k])
     if changed:
         raise ValueError(
             f"{path} was written with different training settings ({', '.join(changed)}); "
@@ -595,8 +596,9 @@ def _load_checkpoint(
     return int(state["step"])
 
 
-def _drop_metrics_after(path: str, step: int) -> None:
-    """Keep only the records of steps <= ``step`` (the checkpoint a run resumes from; 0 when it starts over)."""
+def drop_records_after(path: str, step: int) -> None:
+    """Keep only the records of steps <= ``step`` (the checkpoint a run resumes from; 0 when it starts over) of
+    a JSON-lines log whose records have a ``step``; a line cut short by a kill goes too."""
     if not os.path.exists(path):
         return
     with open(path) as f:
