@@ -175,6 +175,41 @@ def test_cli_bad_input_gives_one_clear_error(eval_dir, model_dirs, tmp_path, cap
     assert "--probe-world is for --task attributes" in _error(
         [*probe_elsewhere, "--probe-world", str(eval_dir)], capsys
     )
+    suite_as_one = ["eval", model, "--task", "classification", "--data", str(eval_dir)]  # not an ImageFolder
+    assert f"{eval_dir} holds evaluation sets (cls_color, retrieval_short): give one of them" in _error(
+        suite_as_one, capsys
+    )
+    (eval_dir.parent / "world.json").write_text("{}")  # a world's folder: train/ and eval/ are not two classes
+    try:
+        world_as_one = ["eval", model, "--task", "classification", "--data", str(eval_dir.parent)]
+        assert "is a generated world, not one evaluation set" in _error(world_as_one, capsys)
+    finally:
+        (eval_dir.parent / "world.json").unlink()
+
+
+def test_eval_refuses_an_out_it_cannot_write_and_options_a_task_ignores_before_loading_the_model(tmp_path, capsys):
+    """Nothing is computed for a result that cannot be written, and no option is taken and ignored; the model
+    path is never opened (the checks come first)."""
+    nowhere = str(tmp_path / "no-model")
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "a-folder").mkdir()
+    world = tmp_path / "world"
+    from clipmoe.data.world import WorldConfig, generate_world
+
+    generate_world(world, WorldConfig.preset("test", train_size=4, eval_size=8), verbose=False)
+    argv = ["eval", nowhere, "--task", "attributes", "--data", str(world)]
+    out_under_a_file = _error([*argv, "--out", str(tmp_path / "a-file" / "r.json")], capsys)
+    assert f"{tmp_path / 'a-file'} is a file, not a folder" in out_under_a_file
+    assert "is a folder; give a file path" in _error([*argv, "--out", str(tmp_path / "a-folder")], capsys)
+    assert "--split, --num-workers: not used by --task attributes" in _error(
+        [*argv, "--split", "train", "--num-workers", "2"], capsys
+    )
+    assert "--probe-train-size: need --probe-world" in _error([*argv, "--probe-train-size", "7"], capsys)
+    assert "--probe-test-size must be positive, got -3" in _error(
+        [*argv, "--probe-world", str(world), "--probe-test-size", "-3"], capsys
+    )
+    retrieval = ["eval", nowhere, "--task", "retrieval", "--data", str(world / "eval" / "retrieval_short")]
+    assert "--probe-test-size: for --task attributes" in _error([*retrieval, "--probe-test-size", "3"], capsys)
 
 
 def test_attributes_refuses_worlds_it_cannot_read_right_before_loading_the_model(tmp_path, capsys):

@@ -174,3 +174,20 @@ def test_results_models_and_worlds_get_the_umask_not_the_private_mode_of_their_t
     assert mode(tmp_path / "results.json") == 0o640
     assert mode(tmp_path / "model") == mode(tmp_path / "world") == mode(tmp_path / "index") == 0o750
     assert mode(tmp_path / "model" / "config.json") == mode(tmp_path / "world" / "world.json") == 0o640
+
+
+def test_a_result_that_cannot_be_placed_is_one_error_naming_it(tmp_path):
+    """A file where the result's folder should be, or a folder where the file should be: one WriteError
+    naming the result (not a FileExistsError traceback, not the temporary's name)."""
+    from clipmoe.utils.io import WriteError, atomic_folder, write_json
+
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "a-folder").mkdir()
+    under_a_file = f"{tmp_path / 'a-file'} is a file, not a folder"
+    for target, reason in ((tmp_path / "a-file" / "r.json", under_a_file), (tmp_path / "a-folder", "Is a directory")):
+        with pytest.raises(WriteError, match=f"could not write {target}: {reason}"):
+            write_json(target, {"a": 1})
+    model = tmp_path / "a-file" / "model"
+    with pytest.raises(WriteError, match=f"could not write {model}: {under_a_file}"), atomic_folder(model):
+        pass
+    assert sorted(os.listdir(tmp_path)) == ["a-file", "a-folder"] and not os.listdir(tmp_path / "a-folder")

@@ -337,6 +337,11 @@ def test_rerun_is_a_noop_and_a_different_config_is_an_error(world, tmp_path, cap
     assert os.stat(os.path.join(out, "world.json")).st_mtime_ns == before
     with pytest.raises(ValueError, match="train_size: 48 there vs 49 asked"):
         generate_world(out, WorldConfig.preset("test", train_size=49), verbose=False)
+    rates = WorldConfig.preset("test").web_rates()  # the defaults written out, in any order: the same world
+    written_out = (("count", rates["count"]), ("position", rates["position"]))
+    assert generate_world(out, WorldConfig.preset("test", web_mention_rate=written_out), verbose=False) == manifest
+    with pytest.raises(ValueError, match="web_mention_rate"):
+        generate_world(out, WorldConfig.preset("test", web_mention_rate=(("count", 0.9),)), verbose=False)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
@@ -366,6 +371,7 @@ def test_failure_leaves_nothing_behind(tmp_path, monkeypatch):
         ({"web_mention_rate": (("position", 1.5),)}, "web_mention_rate"),
         ({"web_mention_rate": (("location", 0.3),)}, "web_mention_rate"),
         ({"web_mention_rate": (("count", 0.2), ("count", 0.3))}, "web_mention_rate"),
+        ({"noise": float("inf")}, "noise=inf must be >= 0 and finite"),
     ],
 )
 def test_bad_config_is_rejected(overrides, message):

@@ -13,6 +13,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import shutil
 import sys
@@ -89,7 +90,7 @@ class WorldConfig:
             ("shard_size", self.shard_size >= 1, "must be >= 1"),
             # The two closest nominal colours differ by 40 in one channel: more jitter would let them overlap.
             ("color_jitter", 0 <= self.color_jitter <= 20, "must be in [0, 20] (colours would overlap)"),
-            ("noise", self.noise >= 0, "must be >= 0"),
+            ("noise", 0 <= self.noise < math.inf, "must be >= 0 and finite"),
             (
                 "dot_radius",
                 self.dot_radius * self.image_size >= 1 and self.dot_radius <= MAX_DOT_RADIUS,
@@ -428,6 +429,13 @@ def manifest_config(manifest: dict) -> dict:
     return {**{k: v for k, v in defaults.items() if k not in manifest["config"]}, **manifest["config"]}
 
 
+def _comparable(config: dict) -> dict:
+    """A config as its world is drawn: the web captions' rates in full, so that ``count=0.3,position=0.3``,
+    ``position=0.3,count=0.3`` and a default written out all name the world they make."""
+    rates = {name: float(rate) for name, rate in config.get("web_mention_rate", ())}
+    return {**config, "web_mention_rate": {**WEB_MENTION_RATE, **rates}}
+
+
 def _existing_world(out: str, config: WorldConfig) -> dict | None:
     """The manifest of a complete world at ``out`` made with ``config``; None if ``out`` is absent or empty.
     Anything else at ``out`` is an error: the generator never overwrites data it did not make this way."""
@@ -443,7 +451,7 @@ def _existing_world(out: str, config: WorldConfig) -> dict | None:
             )
         return None
     manifest = read_manifest(out)
-    old, new = manifest_config(manifest), json.loads(json.dumps(asdict(config)))
+    old, new = (_comparable(c) for c in (manifest_config(manifest), json.loads(json.dumps(asdict(config)))))
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{out} holds world format {manifest.get('format_version')}, this is format {FORMAT_VERSION}")
     if old != new:

@@ -20,7 +20,7 @@ import torch
 
 from ..formats.load import load
 from ..utils.dtypes import DTYPE_CHOICES, torch_dtype
-from ..utils.io import write_json
+from ..utils.io import check_writable_file, write_json
 from .attributes import check_worlds, format_attributes, read_attributes
 from .classification import class_prompts, evaluate_classification
 from .datasets import ClassificationDataset, RetrievalDataset, open_eval_set, wds_splits
@@ -54,8 +54,15 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         " images, for the embedding's linear and MLP probes and the patch tokens' MLP probe (the states then come"
         " from the MLP probe) and the caption contrast",
     )
-    parser.add_argument("--probe-train-size", type=int, default=5000, help="attributes: probe training images")
-    parser.add_argument("--probe-test-size", type=int, default=1000, help="attributes: probe test images")
+    parser.add_argument(
+        "--probe-train-size",
+        type=int,
+        default=None,
+        help="attributes, with --probe-world: probe training images (5000)",
+    )
+    parser.add_argument(
+        "--probe-test-size", type=int, default=None, help="attributes, with --probe-world: probe test images (1000)"
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=0, help="image decoding worker processes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -69,22 +76,49 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError("--plot is for --task routing or suite")
     if args.probe_world and args.task != "attributes":
         raise ValueError("--probe-world is for --task attributes")
+    _check_attribute_options(args)
     for path in (args.data, args.probe_world):
         if path and not os.path.exists(path):
             raise FileNotFoundError(f"no data at {path}")
+    if args.out:
+        check_writable_file(args.out, "--out")
     if args.task == "attributes":  # before the model loads
         check_worlds(args.data, args.probe_world, args.probe_train_size, args.probe_test_size)
     dtype = torch_dtype(args.dtype)
     model = load(args.model, device=args.device, dtype=None if dtype == torch.float32 else dtype)
     kw = {"batch_size": args.batch_size, "device": args.device}
     results = _run_task(model, args, kw)
+    print(
+        format_attributes(results) if args.task == "attributes" else format_table(results)
+    )  # shown even if a write fails
     if args.out:
         write_json(args.out, results, indent=2)
     routing = results.get("routing") if args.task == "suite" else results if args.task == "routing" else None
     if args.plot and routing:
         print("routing plots: " + ", ".join(plot_routing(routing, args.plot)))
-    print(format_attributes(results) if args.task == "attributes" else format_table(results))
     return 0
+
+
+def _check_attribute_options(args: argparse.Namespace) -> None:
+    """``--task attributes`` reads a generated world's own sets: options it would ignore are refused; the
+    probe sizes default where a probe world is given and belong to it."""
+    given = [f"--{name.replace('_', '-')}" for name in ("split", "images") if getattr(args, name) is not None]
+    sizes = [f"--{name.replace('_', '-')}" for name in ("probe_train_size", "probe_test_size") if getattr(args, name) is not None]
+    if args.task != "attributes":
+        if sizes:
+            raise ValueError(f"{', '.join(sizes)}: for --task attributes with --probe-world")
+        return
+    if given or args.num_workers:
+        raise ValueError(
+            f"{', '.join(given + ['--num-workers'] * bool(args.num_workers))}: not used by --task attributes"
+        )
+    if sizes and not args.probe_world:
+        raise ValueError(f"{', '.join(sizes)}: need --probe-world (the probes they size read that world)")
+    for name, default in (("probe_train_size", 5000), ("probe_test_size", 1000)):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        setattr(args, name, default if value is None else value)
 
 
 def _run_task(model, args: argparse.Namespace, kw: dict) -> dict:

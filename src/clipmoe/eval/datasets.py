@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from ..data.webdataset import index_tar, read_member
+from ..data.world import is_world
 from ..utils.images import IMAGE_EXTENSIONS, is_image_file
 
 # torchvision's ImageFolder extensions (compared lower-case).
@@ -341,8 +342,20 @@ def open_eval_set(
         return load_coco_captions(path, root) if path.endswith(".json") else load_flickr_captions(path, root)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no dataset at {path}")
+    if is_world(path):  # not an ImageFolder whose classes are train/ and eval/
+        raise ValueError(
+            f"{path} is a generated world, not one evaluation set: give one of its sets ({path}/eval/retrieval_short,"
+            f" {path}/eval/cls_color, ...), all of them with --task suite --data {path}/eval, or read its attributes"
+            " with --task attributes"
+        )
     if wds_splits(path):
         return load_wds(path, split)
+    sets = sorted(n for n in os.listdir(path) if wds_splits(os.path.join(path, n)))
+    if sets:  # an eval/ folder: its sets are not the classes of an ImageFolder
+        raise ValueError(
+            f"{path} holds evaluation sets ({', '.join(sets[:3])}{', ...' if len(sets) > 3 else ''}): give one of"
+            " them, or evaluate all with --task suite"
+        )
     split = split or "test"
     coco = os.path.join(path, f"coco_{split}_karpathy.json")
     if os.path.exists(coco):

@@ -75,8 +75,15 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iter
     A failed write (disk full, I/O error) is one ``WriteError`` naming ``path``."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    if os.path.isdir(path):
+        raise write_error(path, "Is a directory")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{os.path.basename(path)}.tmp-", suffix=os.path.splitext(path)[1], dir=folder
+        )
+    except OSError as e:  # a file where a folder should be, no permission: named by the target, not the temporary
+        raise _cannot_place(path, e) from e
     try:
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
@@ -89,6 +96,33 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iter
         if reason is not None:
             raise write_error(path, reason, tmp) from e
         raise
+
+
+def _nearest_existing(path: str) -> str:
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _cannot_place(target: str, e: OSError) -> WriteError:
+    """Why no temporary could be made beside ``target``: a file on its path, or the OS's reason."""
+    folder = _nearest_existing(os.path.dirname(os.path.abspath(target)))
+    if not os.path.isdir(folder):
+        return write_error(target, f"{folder} is a file, not a folder")
+    return write_error(target, e.strerror or str(e))
+
+
+def check_writable_file(path: str | os.PathLike, option: str) -> None:
+    """Refuse, before the work whose result it is to hold, a ``path`` no file can be written at: a folder, or
+    under a file or a folder this process may not write into. ``option`` names it in the error."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path} is a folder; give a file path")
+    ancestor = _nearest_existing(os.path.dirname(path))
+    if not os.path.isdir(ancestor):
+        raise ValueError(f"{option} {path}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: no permission to write into {ancestor}")
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int = 1) -> None:
@@ -110,8 +144,11 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[str]:
     passed on as it is)."""
     target = os.path.abspath(os.fspath(target))
     parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    except OSError as e:
+        raise _cannot_place(target, e) from e
     try:
         yield tmp
         make_shared(tmp, 0o777)
