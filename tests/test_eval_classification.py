@@ -160,6 +160,7 @@ def test_per_class_recall_names_the_class_a_model_misses(tmp_path):
 
 def test_linear_probe_reads_a_linear_attribute_and_not_noise():
     from clipmoe.eval.linear_probe import linear_probe_accuracy
+    from clipmoe.eval.mlp_probe import mlp_probe_accuracy
 
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 3, (600,), generator=g)
@@ -170,6 +171,10 @@ def test_linear_probe_reads_a_linear_attribute_and_not_noise():
     noise = torch.randn(600, 16, generator=g)
     chance = linear_probe_accuracy(noise[:400], labels[:400], noise[400:], labels[400:], 3)
     assert chance < 50  # chance is 33%: nothing to read
+    state = torch.get_rng_state()  # a probe measured during training (a curve) must not move training's RNG
+    linear_probe_accuracy(features[:400], labels[:400], features[400:], labels[400:], 3)
+    mlp_probe_accuracy(features[:400], labels[:400], features[400:], labels[400:], 3)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_mlp_probe_reads_what_a_linear_probe_cannot_and_not_noise():

@@ -103,7 +103,11 @@ def _check_attribute_options(args: argparse.Namespace) -> None:
     """``--task attributes`` reads a generated world's own sets: options it would ignore are refused; the
     probe sizes default where a probe world is given and belong to it."""
     given = [f"--{name.replace('_', '-')}" for name in ("split", "images") if getattr(args, name) is not None]
-    sizes = [f"--{name.replace('_', '-')}" for name in ("probe_train_size", "probe_test_size") if getattr(args, name) is not None]
+    sizes = [
+        f"--{name.replace('_', '-')}"
+        for name in ("probe_train_size", "probe_test_size")
+        if getattr(args, name) is not None
+    ]
     if args.task != "attributes":
         if sizes:
             raise ValueError(f"{', '.join(sizes)}: for --task attributes with --probe-world")

@@ -19,7 +19,9 @@ def fit_linear_probe(
     x = features.double()
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     x = (x - mean) / std
-    head = nn.Linear(x.shape[1], num_classes).double()
+    # allocated without its random init (it starts at zero): fitting a probe leaves the global RNG as it was,
+    # so a curve measured during training cannot change the training run
+    head = nn.utils.skip_init(nn.Linear, x.shape[1], num_classes, dtype=torch.float64)
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")

@@ -9,6 +9,8 @@ suppressed. Numbers are percentages.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -29,8 +31,9 @@ def mlp_probe_accuracy(
     x = train_features.float()
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     generator = torch.Generator().manual_seed(seed)
-    net = nn.Sequential(nn.Linear(x.shape[1], hidden), nn.GELU(), nn.Linear(hidden, num_classes))
-    with torch.no_grad():  # seeded init, independent of the global random state
+    linear = functools.partial(nn.utils.skip_init, nn.Linear)  # no draw from the global RNG: it is not used
+    net = nn.Sequential(linear(x.shape[1], hidden), nn.GELU(), linear(hidden, num_classes))
+    with torch.no_grad():  # seeded init, independent of the global random state, which it leaves as it was
         for layer in (net[0], net[2]):
             bound = layer.in_features**-0.5
             layer.weight.uniform_(-bound, bound, generator=generator)
