@@ -70,7 +70,7 @@ def test_pretrain_config_refuses_what_it_would_ignore_or_fail_on_later(tmp_path,
     p.write_text(
         "out: o\nseed: 1.9\ndata: {train: x, eval: y, num_workers: 2}\ntokenizer: {vocabulary: world, folder: t}\n"
         "model: {image_size: 30, patch_size: 8, vision: {width: 96, layer: 1, heads: 5}, text: 32, hidden_act: gelux}\n"
-        "train: {seed: 5, distill_weight: 0.5, num_workers: 2}\n"
+        "train: {seed: 5, distill_weight: 0.5, num_workers: 2, steps: 10, epochs: 2}\n"
         f"curve: {{eval: {world}/eval/cls_color, every: 2}}\n"
     )
     with pytest.raises(ConfigError) as e:
@@ -87,6 +87,7 @@ def test_pretrain_config_refuses_what_it_would_ignore_or_fail_on_later(tmp_path,
         "train.seed: set the run's seed with the top-level `seed`",
         "train.num_workers: set it as `data.num_workers`",
         "train.distill_weight: a setting of the MoE phases",
+        "train.steps, train.epochs: give one",
         "cls_color is a classification set; the curve measures retrieval",
     ):
         assert needle in str(e.value)

@@ -267,6 +267,8 @@ def read_pretrain_config(config_path: str, check_paths: bool = True) -> Pretrain
     train_raw = raw.get("train", {})
     if isinstance(train_raw, dict):
         errors += [f"train.{k}: {_NOT_PRETRAINING[k]}" for k in sorted(set(train_raw) & set(_NOT_PRETRAINING))]
+        if train_raw.get("steps") and "epochs" in train_raw:
+            errors.append("train.steps, train.epochs: give one (a step count would override the epochs)")
         train_raw = {**PRETRAIN_DEFAULTS, **{k: v for k, v in train_raw.items() if k not in _NOT_PRETRAINING}}
     tcfg = build_section(TrainConfig, train_raw, "train.", errors)
     errors += _model_errors(raw.get("model", {}))
