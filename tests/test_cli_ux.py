@@ -58,11 +58,12 @@ def test_thread_choice_refuses_zero_threads():
 
 def test_apply_threads_sets_the_environment_and_torch():
     before = torch.get_num_threads()
-    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    env = {"OMP_WAIT_POLICY": "ACTIVE", "MKL_NUM_THREADS": "2"}
     try:
         apply_threads(ThreadChoice(1, True, "test"), env)
         assert torch.get_num_threads() == 1
         assert env["OMP_NUM_THREADS"] == "1" and env["OMP_WAIT_POLICY"] == "ACTIVE"  # the user's policy stays
+        assert env["MKL_NUM_THREADS"] == "1"  # else torch would run with 2 where the CLI says 1
         env = {}
         apply_threads(ThreadChoice(2, True, "test"), env)
         assert env == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}

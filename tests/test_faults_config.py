@@ -54,6 +54,18 @@ def _problems(raw, check_paths=False) -> str:
         ({"moe": {"layers": [-1]}}, None, "moe.layers: block indices [-1] out of range"),
         ({"moe": {"layers": "some"}}, None, "moe.layers: expected 'all', an int or a list"),
         ({"baselines": {"upcycle_trainable": "ffn"}}, None, "baselines.upcycle_trainable: must be one of"),
+        ({"precision": "fp16"}, None, "precision: must be fp32 or bf16, got 'fp16'"),  # not a bare phase error
+        ({"data": {"train": "y", "num_workers": -1}}, None, "data.num_workers: must be >= 0, got -1"),
+        ({"baselines": {"budgets": [["epoch"]]}}, None, "baselines.budgets: unknown rule(s) [['epoch']]"),
+        ({"moe": {"capacity_factor": float("inf")}}, None, "moe.capacity_factor: must be a finite number, got inf"),
+        (
+            {"baselines": {"clip_up": {"router_lr": float("inf")}}},
+            None,
+            "baselines.clip_up.router_lr: must be a finite",
+        ),
+        ({"seed": 2**31}, None, "seed: must be in [0, 2^31)"),
+        ({"moe": {"layers": 0}}, None, "moe.layers: 0 selects no block in either tower"),
+        ({"moe": {"layers": {"vision": []}}}, None, "selects no block in either tower"),
     ],
 )
 def test_each_bad_value_is_named(section, value, message):
@@ -68,6 +80,8 @@ def test_layers_are_checked_against_the_base_models_depth(tiny_clip_dir):
     assert "moe.layers.text: cannot make the last 3 blocks MoE (the base model's text tower has 2 blocks)" in text
     ok = config_from_dict(_raw(tiny_clip_dir, train=tiny_clip_dir, moe={"layers": [0, 1]}))
     assert ok.moe.layers == [0, 1]
+    late = _raw(tiny_clip_dir, train=tiny_clip_dir, moe={"layers": [0]}, route={"last_n_blocks": 1})
+    assert "route.last_n_blocks: 1: no MoE block (moe.layers [0]) is among the last 1" in _problems(late, True)
     shipped = _problems(_raw("builtin:tiny-clip", train=tiny_clip_dir, moe={"layers": [50]}), check_paths=True)
     assert "moe.layers: block indices [50] out of range (the base model's vision tower has" in shipped
 
@@ -136,6 +150,9 @@ def _write(tmp_path, world, base, **over):
         ({"cluster": {"image_clusters": 500}}, "cannot make 500 k-means clusters from 24 training samples"),
         ({"moe": {"layers": [7]}}, "moe.layers: block indices [7] out of range"),
         ({"eval": {"batch_size": 0}}, "eval.batch_size: must be > 0"),
+        ({"baselines": {"enabled": ["dense", "upcyle"]}}, "baselines.enabled: unknown baseline(s) ['upcyle']"),
+        ({"baselines": {"enabled": ["dense", "dense"]}}, "baselines.enabled: ['dense'] listed more than once"),
+        ({"baselines": {"enabled": ["dense"], "budgets": []}}, "baselines.budgets: empty, so ['dense'] would not run"),
     ],
 )
 def test_failed_validation_writes_nothing_and_dry_run_refuses_the_same(
@@ -166,3 +183,14 @@ def test_unavailable_cuda_device_is_refused_before_any_write(tmp_path, world, ti
     assert "device: 'cuda:0', but no CUDA device is available" in capsys.readouterr().err
     assert main(["run", cfg, "--run-dir", str(tmp_path / "run")]) == 2
     assert not (tmp_path / "run").exists()
+
+
+def test_a_stage_the_config_does_not_have_is_refused_naming_the_ones_it_has(tmp_path, world, tiny_clip_dir, capsys):
+    """`clipmoe mcl --stage 7` on a 3-expert run would embed the last stage's model and train a stage outside
+    the run; `--stage 0` would look for a stage -1."""
+    cfg = _write(tmp_path, world, tiny_clip_dir, moe={"experts": 3})
+    run = tmp_path / "run"
+    for stage in ("7", "0"):
+        assert main(["mcl", cfg, "--run-dir", str(run), "--stage", stage]) == 2
+        assert f"--stage {stage}: this run's mcl has 1, 2" in capsys.readouterr().err
+    assert not (run / "stage1").exists() and not (run / "embed0").exists()

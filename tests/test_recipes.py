@@ -342,3 +342,20 @@ def test_both_recipes_end_to_end_under_both_budget_rules(tmp_path, world, base_d
     phases = {"MCL stage": {"trainable": 10}, "router training": {"trainable": 30}}
     assert fm.trainable(phases, cfg) == 2 * 10 + 30 and fm.extraction["parts"]
     assert os.path.exists(pipe.path("eval", "cluster_partition_fusion__1_epoch.json"))
+
+
+def test_the_ablation_and_the_uniform_control_build_under_an_always_on_base(tmp_path, world, base_dir):
+    """`moe.always_on_base` is a DMU option the config accepts: "w/o MCL" (2 experts, the base always on) routes
+    its one other expert, and the uniform mixture, where every expert is on anyway, ignores it; both used to
+    refuse only after the MCL stages had trained."""
+    from test_pipeline import write_config
+
+    over = {"moe": {"experts": 3, "top_k": 2, "always_on_base": True}, "baselines": {"budgets": ["epoch"]}}
+    cfg, run_dir = open_run(write_config(tmp_path, world, base_dir, **over), str(tmp_path / "run"))
+    pipe = Pipeline(cfg, run_dir)
+    for run in ("wo_mcl-epoch", "uniform"):
+        pipe.baseline(run)
+    ablation = clipmoe.load(pipe.path("baselines/wo_mcl-epoch/model"))
+    assert ablation.config.moe["always_on_base"] and ablation.moe_layers()[0].active_experts == 2
+    uniform = clipmoe.load(pipe.path("baselines/uniform/model"))
+    assert uniform.config.moe["uniform"] and not uniform.config.moe["always_on_base"]

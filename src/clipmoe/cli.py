@@ -61,7 +61,11 @@ def run_stage(args: argparse.Namespace) -> None:
     stage = STAGE_BY_NAME[args.command]
     pipe = _open_pipeline(args)
     selected = getattr(args, stage.argument, None) if stage.argument else None
-    for instance in [selected] if selected is not None else list(stage.instances(pipe)):
+    instances = list(stage.instances(pipe))
+    if selected is not None and selected not in instances:
+        _close(pipe)
+        raise ValueError(f"--{stage.argument} {selected}: this run's {stage.name} has {', '.join(map(str, instances))}")
+    for instance in [selected] if selected is not None else instances:
         pipe.log(pipe.run_stage(stage, instance))
     _close(pipe)
 

@@ -157,7 +157,8 @@ def _wo_mcl(pipe, rule: str | None, folder: str) -> ClipMoeModel:
         pipe.save(tuned, ffn_model)
     base = pipe.load(pipe.stage_model(0))
     torch.manual_seed(cfg.seed)  # router init, as DMU's assembly
-    moe = assemble_moe(base, [base, pipe.load(ffn_model)], cfg.moe, top_k=min(cfg.moe.top_k, 2))
+    routed = 2 - int(cfg.moe.always_on_base)  # with the base always on, the tuned FFN is the one routed expert
+    moe = assemble_moe(base, [base, pipe.load(ffn_model)], cfg.moe, top_k=min(cfg.moe.top_k, routed))
     pipe.train(moe, cfg.route, os.path.join(folder, "train"), "w/o MCL: routing")
     set_expert_dropout(moe, 0.0)
     return moe
@@ -206,7 +207,12 @@ def _uniform(pipe, rule: str | None, folder: str) -> ClipMoeModel:
     base = pipe.load(paths[0])
     torch.manual_seed(pipe.cfg.seed)  # the (unused) routers' init: a deterministic saved model
     return assemble_moe(
-        base, [base] + [pipe.load(p) for p in paths[1:]], pipe.cfg.moe, uniform=True, expert_dropout=0.0
+        base,
+        [base] + [pipe.load(p) for p in paths[1:]],
+        pipe.cfg.moe,
+        uniform=True,
+        expert_dropout=0.0,
+        always_on_base=False,  # every expert is on: the base among them
     )
 
 
@@ -384,15 +390,34 @@ BASELINES: tuple[Baseline, ...] = (
 )
 
 
-def baseline_runs(cfg: PipelineConfig) -> list[BaselineRun]:
-    """The enabled baselines, each under every configured budget rule (or once, if it does not train)."""
-    enabled = cfg.baselines.enabled
+def check_baselines(cfg: PipelineConfig) -> None:
+    """The ``baselines`` section against the registry, before a run writes anything: known keys, each once, and
+    budget rules for the baselines that train (each rule once)."""
+    enabled, errors = cfg.baselines.enabled, []
     if enabled != "all":
         unknown = sorted(set(enabled) - {b.key for b in BASELINES})
         if unknown:
-            raise ConfigError(
+            errors.append(
                 f"baselines.enabled: unknown baseline(s) {unknown}; known: {', '.join(b.key for b in BASELINES)}"
             )
+        twice = sorted({k for k in enabled if enabled.count(k) > 1})
+        if twice:
+            errors.append(f"baselines.enabled: {twice} listed more than once")
+    budgets = cfg.baselines.budgets
+    training = [b.key for b in BASELINES if b.trains and (enabled == "all" or b.key in enabled)]
+    if training and not budgets:
+        errors.append(f"baselines.budgets: empty, so {training} would not run; name at least one rule")
+    twice = sorted({r for r in budgets if isinstance(r, str) and budgets.count(r) > 1})
+    if twice:
+        errors.append(f"baselines.budgets: {twice} listed more than once")
+    if errors:
+        raise ConfigError("; ".join(errors))
+
+
+def baseline_runs(cfg: PipelineConfig) -> list[BaselineRun]:
+    """The enabled baselines, each under every configured budget rule (or once, if it does not train)."""
+    check_baselines(cfg)
+    enabled = cfg.baselines.enabled
     runs = []
     for b in BASELINES:
         if enabled == "all" or b.key in enabled:

@@ -6,8 +6,10 @@ Unknown keys, wrong types, missing paths and impossible values are collected and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import types
@@ -210,7 +212,9 @@ def config_from_dict(
     cfg = build_section(PipelineConfig, raw, "", errors)
     if cfg is not None:
         errors += _shared_setting_errors(cfg, raw)
-        cfg = _with_shared_settings(cfg)
+        with contextlib.suppress(ValueError):  # a run-wide setting out of range: _semantic_errors names its key
+            cfg = _with_shared_settings(cfg)
+
         if base_dir is not None:
             cfg = _resolve_paths(cfg, base_dir)
         errors += _semantic_errors(cfg, check_paths)
@@ -369,7 +373,7 @@ def _semantic_errors(cfg: PipelineConfig, check_paths: bool) -> list[str]:
     if cfg.precision not in ("fp32", "bf16"):
         errors.append(f"precision: must be fp32 or bf16, got {cfg.precision!r}")
     need(bool(DEVICE.match(cfg.device)), "device", "must be auto, cpu, cuda or cuda:N")
-    need(cfg.seed >= 0, "seed", "must be >= 0")
+    need(0 <= cfg.seed < 2**31, "seed", "must be in [0, 2^31) (k-means and the samplers take 32-bit seeds)")
     need(0 <= cfg.moe.expert_dropout < 1, "moe.expert_dropout", "must be in [0, 1)")
     need(cfg.moe.dispatch in ("auto", "loop", "grouped_mm"), "moe.dispatch", "must be auto, loop or grouped_mm")
     need(cfg.embed.batch_size > 0, "embed.batch_size", "must be > 0")
@@ -396,7 +400,7 @@ def _semantic_errors(cfg: PipelineConfig, check_paths: bool) -> list[str]:
     enabled = cfg.baselines.enabled
     if enabled != "all" and not (isinstance(enabled, list) and all(isinstance(k, str) for k in enabled)):
         errors.append(f"baselines.enabled: expected 'all' or a list of baseline keys, got {enabled!r}")
-    unknown = [b for b in cfg.baselines.budgets if b not in BUDGETS]
+    unknown = [b for b in cfg.baselines.budgets if not isinstance(b, str) or b not in BUDGETS]
     if unknown:
         errors.append(f"baselines.budgets: unknown rule(s) {unknown}; known: {', '.join(BUDGETS)}")
     if cfg.mcl.trainable != "ffn":
@@ -409,6 +413,9 @@ def _semantic_errors(cfg: PipelineConfig, check_paths: bool) -> list[str]:
         depth, base_errors = _base_depth(cfg.base_model)
         errors += base_errors
     errors += _layer_errors(cfg.moe.layers, depth)
+    if not any(e.startswith("moe.layers") for e in errors):
+        errors += _routed_block_errors(cfg, depth)
+    errors += _nonfinite_errors(cfg)
     if check_paths:
         for key in ("train", "root", "eval"):
             p = getattr(cfg.data, key)
@@ -416,6 +423,19 @@ def _semantic_errors(cfg: PipelineConfig, check_paths: bool) -> list[str]:
                 errors.append(f"data.{key}: no such file or folder: {p}")
         if cfg.route.distill_data is not None and not _path_exists(cfg.route.distill_data):
             errors.append(f"route.distill_data: no such file or folder: {cfg.route.distill_data}")
+    return errors
+
+
+def _nonfinite_errors(section: Any, where: str = "") -> list[str]:
+    """An infinite or NaN number anywhere in the config (the training phases refuse theirs themselves): it
+    would pass every range check above and fail, or train on non-finite weights, after the work began."""
+    errors = []
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, TrainConfig):
+            errors += _nonfinite_errors(value, f"{where}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            errors.append(f"{where}{f.name}: must be a finite number, got {value!r}")
     return errors
 
 
@@ -504,6 +524,32 @@ def _layer_errors(layers: Any, depth: dict[str, int] | None) -> list[str]:
             if bad:
                 errors.append(f"{key}: block indices {bad} out of range{of or ' (indices start at 0)'}")
     return list(dict.fromkeys(errors))
+
+
+def _routed_block_errors(cfg: PipelineConfig, depth: dict[str, int] | None) -> list[str]:
+    """A CLIP-MoE with no router, or a routing phase that trains none (``route.last_n_blocks`` past every MoE
+    block), would fail only after the MCL stages; refused here (the second needs the base model's depth)."""
+    layers = cfg.moe.layers
+    chosen = (
+        {t: layers.get(t, 0) for t in ("vision", "text")}
+        if isinstance(layers, dict)
+        else dict.fromkeys(("vision", "text"), layers)
+    )
+    if all(sel in (0, []) for sel in chosen.values()):
+        return [f"moe.layers: {layers!r} selects no block in either tower: the CLIP-MoE would have no router"]
+    n_last = cfg.route.last_n_blocks
+    if depth is None or n_last is None:
+        return []
+    routed_in_last = False
+    for tower, sel in chosen.items():
+        n = depth[tower]
+        blocks = range(n) if sel == "all" else range(n - sel, n) if isinstance(sel, int) else sel
+        routed_in_last |= any(b >= n - n_last for b in blocks)
+    if routed_in_last:
+        return []
+    return [
+        f"route.last_n_blocks: {n_last}: no MoE block (moe.layers {layers!r}) is among the last {n_last}, so router training would train nothing"
+    ]
 
 
 def _path_exists(p: str) -> bool:

@@ -50,7 +50,7 @@ from ..train.loop import CHECKPOINT, Distillation, train
 from ..utils import interrupt
 from ..utils.io import atomic_file, write_json
 from ..utils.lock import lock_folder
-from .baselines import BaselineRun, Row, baseline_runs, rows, set_expert_dropout
+from .baselines import BaselineRun, Row, baseline_runs, check_baselines, rows, set_expert_dropout
 from .budgets import BUDGETS
 from .centroids import router_centroids
 from .cluster import cluster_features, write_cluster_outputs
@@ -576,6 +576,7 @@ def validate_run(
     elif os.path.exists(os.path.join(run_dir, "config.yaml")):
         _refuse_changed_config(run_dir, cfg)
     check_device(cfg.device)
+    check_baselines(cfg)
     unavailable = None if dry_run else base_model_unavailable(cfg)
     if unavailable:
         raise ConfigError(f"base_model: {unavailable}")

@@ -96,10 +96,10 @@ def load_average() -> float | None:
 
 def thread_variables(choice: ThreadChoice, env: Mapping[str, str]) -> dict[str, str]:
     """The environment variables that carry ``choice`` to OpenMP and MKL (read once, when a process starts);
-    a ``MKL_NUM_THREADS`` or ``OMP_WAIT_POLICY`` the user set in ``env`` is kept."""
-    variables = {"OMP_NUM_THREADS": str(choice.threads)}
-    if "MKL_NUM_THREADS" not in env:
-        variables["MKL_NUM_THREADS"] = str(choice.threads)
+    an ``OMP_WAIT_POLICY`` the user set in ``env`` is kept. ``MKL_NUM_THREADS`` always follows the choice:
+    torch takes its thread count from it when it is set, so a different value would run another count than
+    the one the CLI prints."""
+    variables = {"OMP_NUM_THREADS": str(choice.threads), "MKL_NUM_THREADS": str(choice.threads)}
     if choice.passive and "OMP_WAIT_POLICY" not in env:
         variables["OMP_WAIT_POLICY"] = "PASSIVE"
     return variables
