@@ -81,7 +81,7 @@ def main() -> None:
             a.report_only,
             tuple(a.budgets),
             baselines,
-            a.jobs or default_jobs(a.device),
+            default_jobs(a.device) if a.jobs is None else a.jobs,
         )
     except (ValueError, FileNotFoundError) as e:  # a bad request or config: one clear line, as the CLI's
         print(f"quality: error: {e}", file=sys.stderr)

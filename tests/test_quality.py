@@ -21,6 +21,7 @@ from clipmoe.apps.quality import (
     SIZES,
     _claim_line,
     decide,
+    keeps_classification,
     pipeline_config,
     routing_mutual_information,
     run_budgets,
@@ -41,17 +42,26 @@ def test_verdict_rule_needs_the_same_sign_in_every_seed():
     assert decide([0.5, 2.0, 0.1]) == "holds"
     assert decide([-0.5, -2.0, -0.1]) == "does not hold"
     assert decide([0.5, -2.0, 3.0]) == "within noise"
+    assert decide([0.0, 1.0]) == "within noise"  # a tie does not beat
     assert decide([]) == "within noise"
-    assert decide([-0.5, -0.9], margin=-1.0) == "holds"  # within 1 point of the base in every seed
-    assert decide([-0.5, -1.5], margin=-1.0) == "within noise"
+    assert keeps_classification([-0.5, -0.9]) == "holds"  # within 1 point of the base in every seed
+    assert keeps_classification([-1.0, -0.5]) == "holds"  # a loss of exactly 1 point is within 1 point
+    assert keeps_classification([-0.5, -1.5]) == "within noise"
     # one seed: the rule says a sign, and the report says so; a difference rounding to zero shows its size
     assert (
-        _claim_line("c", [0.03], decide([0.03]), "mnats")
+        _claim_line("c", [0.03], decide([0.03]), 1, "mnats")
         == "| c | +0.03 (+0.03 to +0.03) mnats | **holds, one seed** |"
     )
     assert (
-        _claim_line("c", [0.5, -1.25], decide([0.5, -1.25])) == "| c | -0.4 (-1.2 to +0.5) points | **within noise** |"
+        _claim_line("c", [0.04, 0.06, 0.03], decide([0.04, 0.06, 0.03]), 3)
+        == "| c | +0.04 (+0.03 to +0.06) points | **holds** |"
     )
+    assert (
+        _claim_line("c", [0.5, -1.25], decide([0.5, -1.25]), 2)
+        == "| c | -0.4 (-1.2 to +0.5) points | **within noise** |"
+    )
+    # a row two of three seeds have: the verdict says it rests on two
+    assert _claim_line("c", [5.0, 10.0], "holds", 3) == "| c | +7.5 (+5.0 to +10.0) points | **holds, 2 of 3 seeds** |"
 
 
 def test_routing_mutual_information_is_zero_for_uniform_and_positive_for_specialised_routing():
@@ -123,7 +133,50 @@ def test_report_only_names_the_run_that_was_never_run(tmp_path):
     out = str(tmp_path / "q")
     with pytest.raises(ValueError, match=r"runs/tuned-seed0 does not exist; run it first"):
         run_quality(out, size="tiny", seeds=(0,), recipes=("tuned",), device="cpu", report_only=True)
-    assert not os.path.exists(os.path.join(out, "runs"))  # nothing half-made
+    assert os.listdir(out) == []  # nothing half-made, and no world generated only to refuse
+
+
+def test_a_request_the_runs_cannot_honour_is_refused_before_anything_is_written(tmp_path):
+    """A baseline the registry does not have (it used to be refused inside the first run, its config already
+    written, so that the corrected command met a "changed config"), a seed twice (two processes on one run),
+    an --out that is a file; and bench_quality's --jobs 0 is refused, not replaced by the default."""
+    out = tmp_path / "q"
+    tiny = {"size": "tiny", "recipes": ("tuned",), "device": "cpu"}
+    with pytest.raises(ValueError, match=r"unknown baseline\(s\) \['upcyle'\]; choose from .*dense"):
+        run_quality(str(out), seeds=(0,), baselines=("dense", "upcyle"), **tiny)
+    with pytest.raises(ValueError, match=r"baseline\(s\) \['dense'\] given more than once"):
+        run_quality(str(out), seeds=(0,), baselines=("dense", "dense"), **tiny)
+    with pytest.raises(ValueError, match=r"seed\(s\) \[0\] given more than once"):
+        run_quality(str(out), seeds=(0, 0), **tiny)
+    assert not out.exists()
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match="a-file is a file; --out names the folder"):
+        run_quality(str(tmp_path / "a-file"), seeds=(0,), **tiny)
+    done = subprocess.run([*BENCH_QUALITY, "--jobs", "0", "--out", str(out)], capture_output=True, text=True, env=ENV)
+    assert done.stderr.strip().splitlines() == ["quality: error: jobs must be at least 1, got 0"] and not out.exists()
+
+
+def test_a_report_marks_rows_some_seeds_lack_and_tables_rows_no_rule_trains():
+    """Seeds run with other --baselines make one report: a row two of three seeds have is averaged and decided
+    over those two, and says so; a run whose baselines do not train (soup, controls) still gets its table."""
+    from clipmoe.apps.quality import quality_report
+
+    class Metrics(dict):  # the table's other measures (R@5, R@10, MMVP, ...) read 0
+        def __missing__(self, key):
+            return 0.0
+
+    def run(seed, rows):
+        results = {r: {"metrics": Metrics(_metrics(*m))} for r, m in rows.items()}
+        return {"recipe": "tuned", "seed": seed, "results": results}
+
+    full = {"base": (40, 90, 50), "expert soup": (45, 90, 50), "DMU CLIP-MoE": (50, 90, 50)}
+    runs = {
+        f"tuned-seed{s}": run(s, full if s < 2 else {k: full[k] for k in ("base", "DMU CLIP-MoE")}) for s in range(3)
+    }
+    text = quality_report(runs, "tiny", 0.0)
+    assert "## Recipe `tuned` (no baseline trains, so no budget rule applies)" in text
+    assert "| expert soup | 45.0 (45.0-45.0) [2 of 3 seeds] |" in text
+    assert "| DMU CLIP-MoE | 50.0 (50.0-50.0) |" in text  # every seed: no mark
 
 
 @pytest.mark.slow

@@ -42,6 +42,7 @@ from ..dmu.report import mcl_wall_times
 from ..eval.attributes import HIDDEN_ATTRIBUTES, KNOWN_ATTRIBUTES
 from ..eval.suite import evaluate_suite
 from ..train.distributed import init_distributed
+from ..utils.io import atomic_file, write_json, write_text
 from ..utils.threads import ThreadChoice, available_cores, choose_threads, load_average, thread_variables
 
 WORLD_SEED_OFFSET = 100  # fine-tuning worlds never share a seed with the base's pretraining corpus (seed 1)
@@ -234,8 +235,23 @@ def run_quality(
     run_budgets(budgets)  # refuses a request no run can hold before anything is written
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        raise ValueError(f"seed(s) {twice} given more than once")
     if isinstance(baselines, str) and baselines != "all":
         baselines = (baselines,)
+    if baselines != "all":
+        known = [b.key for b in BASELINES]
+        unknown = sorted(set(baselines) - set(known))
+        if unknown:
+            raise ValueError(f"unknown baseline(s) {unknown}; choose from {', '.join(known)} or all")
+        repeated = sorted({b for b in baselines if list(baselines).count(b) > 1})
+        if repeated:
+            raise ValueError(f"baseline(s) {repeated} given more than once")
+    # the runs' configs name the worlds by absolute path: they resolve against their own folder (out/configs)
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"{out} is a file; --out names the folder of the worlds, runs and report")
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
     settings = (size, base_model, device, budgets, baselines)
@@ -245,8 +261,7 @@ def run_quality(
     runs = _runs(out, seeds, recipes, settings, report_only)
     elapsed = time.perf_counter() - t0
     path = os.path.join(out, "quality.md")
-    with open(path, "w") as f:
-        f.write(quality_report(runs, size, elapsed))
+    write_text(path, quality_report(runs, size, elapsed))
     print(f"quality: report {path}")
     return path
 
@@ -258,7 +273,7 @@ def _runs(out: str, seeds: tuple[int, ...], recipes: tuple[str, ...], settings: 
     s = SIZES[size]
     runs: dict = {}
     for seed in seeds:
-        world, broad = _worlds(out, s, seed, recipes)
+        world, broad = _worlds(out, s, seed, recipes, generate=not report_only)
         for recipe in recipes:
             name = f"{recipe}-seed{seed}"
             print(f"quality: {name} ({len(runs) + 1} of {len(seeds) * len(recipes)})", flush=True)
@@ -297,14 +312,17 @@ def _runs(out: str, seeds: tuple[int, ...], recipes: tuple[str, ...], settings: 
     return runs
 
 
-def _worlds(out: str, s: Size, seed: int, recipes: tuple[str, ...]) -> tuple[str, str | None]:
-    """The seed's fine-tuning world, and its broad world when a recipe distils; generated unless complete."""
+def _worlds(out: str, s: Size, seed: int, recipes: tuple[str, ...], generate: bool = True) -> tuple[str, str | None]:
+    """The seed's fine-tuning world, and its broad world when a recipe distils; ``generate``: made unless
+    complete (a report from finished runs makes none: their own configs name the worlds they used)."""
     world = os.path.join(out, "worlds", f"seed{seed}")
-    generate_world(world, world_config(s, seed), verbose=False)
+    if generate:
+        generate_world(world, world_config(s, seed), verbose=False)
     broad = None
     if any(RECIPES[r].get("distill") for r in recipes):
         broad = os.path.join(out, "worlds", f"seed{seed}-broad")
-        generate_world(broad, broad_world_config(s, seed), verbose=False)
+        if generate:
+            generate_world(broad, broad_world_config(s, seed), verbose=False)
     return world, broad
 
 
@@ -461,7 +479,7 @@ def _run(out: str, name: str, config: dict, report_only: bool, fork_of: str | No
     else:
         cfg_path = os.path.join(out, "configs", f"{name}.yaml")
         os.makedirs(os.path.dirname(cfg_path), exist_ok=True)
-        with open(cfg_path, "w") as f:
+        with atomic_file(cfg_path) as f:
             yaml.safe_dump(config, f, sort_keys=False)
         if fork_of and not os.path.exists(run_dir):
             cfg, run_dir = open_run(cfg_path, fork_of, fork=run_dir)
@@ -483,8 +501,7 @@ def _init_routing(pipe) -> dict:
     if not os.path.exists(path):
         model = pipe.load(pipe.assemble())
         routing = evaluate_suite(model, pipe.cfg.data.eval, batch_size=pipe.cfg.eval.batch_size)["routing"]
-        with open(path, "w") as f:
-            json.dump(routing, f)
+        write_json(path, routing)  # atomic: a file cut short by a kill would be read as this run's routing
     with open(path) as f:
         return json.load(f)
 
@@ -597,22 +614,32 @@ def _seed_values(runs: dict, recipe: str, row: str, measure) -> list[float]:
     return out
 
 
-def _cell(values: list[float]) -> str:
+def _seed_count(runs: dict, recipe: str) -> int:
+    return sum(r["recipe"] == recipe for r in runs.values())
+
+
+def _cell(values: list[float], of: int) -> str:
+    """Mean (min-max) over the seeds that have the row, marked when that is fewer than the recipe's ``of``."""
     if not values:
         return "-"
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{np.mean(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+    cell = f"{values[0]:.1f}" if len(values) == 1 else f"{np.mean(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+    return cell + (f" [{len(values)} of {of} seeds]" if len(values) < of else "")
 
 
-def decide(differences: list[float], margin: float = 0.0) -> str:
+def decide(differences: list[float], margin: float = 0.0, inclusive: bool = False) -> str:
     """The testbed's pre-registered rule: the claimed sign in every seed holds, the opposite sign in every
-    seed does not hold, anything else is within noise."""
-    if differences and all(d > margin for d in differences):
+    seed does not hold, anything else is within noise. ``inclusive``: a difference of exactly ``margin``
+    counts for the claim ("within 1 point": a loss of 1.0 is within it; "beats": a tie does not beat)."""
+    if differences and all(d >= margin if inclusive else d > margin for d in differences):
         return "holds"
     if differences and all(d < margin for d in differences):
         return "does not hold"
     return "within noise"
+
+
+def keeps_classification(differences: list[float]) -> str:
+    """The claim "within 1 point of the base": every seed's loss at most 1 point."""
+    return decide(differences, -1.0, inclusive=True)
 
 
 def _paired(runs: dict, recipe: str, row_a: str, row_b: str, measure) -> list[float]:
@@ -624,17 +651,26 @@ def _paired(runs: dict, recipe: str, row_a: str, row_b: str, measure) -> list[fl
     return out
 
 
-def _claim_line(claim: str, diffs: list[float], verdict: str, unit: str = "points") -> str:
+def _places(diffs: list[float]) -> int:
+    """Two decimals when a nonzero difference (or their mean) would round to zero at one: "+0.0 ... holds"
+    would read as a contradiction."""
+    small = [abs(d) for d in (*diffs, float(np.mean(diffs))) if d]
+    return 2 if small and min(small) < 0.05 else 1
+
+
+def _claim_line(claim: str, diffs: list[float], verdict: str, of: int, unit: str = "points") -> str:
     if not diffs:
         return f"| {claim} | - | not measured |"
-    # A difference that rounds to zero shows its sign's size: "+0.0 ... holds" would read as a contradiction.
-    places = 2 if max(abs(d) for d in diffs) < 0.05 else 1
+    places = _places(diffs)
     cell = f"{np.mean(diffs):+.{places}f} ({min(diffs):+.{places}f} to {max(diffs):+.{places}f}) {unit}"
-    return f"| {claim} | {cell} | **{_seeds_said(verdict, diffs)}** |"
+    return f"| {claim} | {cell} | **{_seeds_said(verdict, diffs, of)}** |"
 
 
-def _seeds_said(verdict: str, diffs: list[float]) -> str:
-    """The verdict, marked when it rests on one seed: the rule (the same sign in every seed) then says a sign."""
+def _seeds_said(verdict: str, diffs: list[float], of: int) -> str:
+    """The verdict, marked when it rests on one seed (the rule, the same sign in every seed, then says only a
+    sign) or on fewer seeds than the recipe ran (a row missing from some runs)."""
+    if len(diffs) < of:
+        return f"{verdict}, {len(diffs)} of {of} seeds"
     return f"{verdict}, one seed" if len(diffs) == 1 else verdict
 
 
@@ -642,16 +678,17 @@ def verdicts(runs: dict, recipe: str, rule: str) -> list[str]:
     rows = _rows(runs, recipe)
     dense = next((r for r in rows if r.startswith("dense fine-tune") and row_rule(r) == rule), None)
     upcycle = next((r for r in rows if r.startswith("sparse upcycling") and row_rule(r) == rule), None)
-    dmu, base = "DMU CLIP-MoE", "base"
+    dmu, base, of = "DMU CLIP-MoE", "base", _seed_count(runs, recipe)
     lines = ["| claim | DMU minus the other (mean, range over seeds) | verdict |", "|---|---|---|"]
     for claim, other in (
         ("DMU beats direct fine-tuning on retrieval", dense),
         ("DMU beats sparse upcycling on retrieval", upcycle),
     ):
         diffs = _paired(runs, recipe, dmu, other, retrieval_r1) if other else []
-        lines.append(_claim_line(claim, diffs, decide(diffs)))
+        lines.append(_claim_line(claim, diffs, decide(diffs), of))
     diffs = _paired(runs, recipe, dmu, base, known_zero_shot)
-    lines.append(_claim_line("DMU keeps classification within 1 point of the base", diffs, decide(diffs, -1.0)))
+    claim = "DMU keeps classification within 1 point of the base"
+    lines.append(_claim_line(claim, diffs, keeps_classification(diffs), of))
     for claim, prefix in (
         ("DMU beats CLIP-UP upcycling on retrieval", "CLIP-UP upcycling"),
         ("DMU beats cluster-partition fusion on retrieval", "cluster-partition fusion"),
@@ -659,17 +696,17 @@ def verdicts(runs: dict, recipe: str, rule: str) -> list[str]:
         other = next((r for r in rows if r.startswith(prefix) and row_rule(r) == rule), None)
         if other:
             diffs = _paired(runs, recipe, dmu, other, retrieval_r1)
-            lines.append(_claim_line(claim, diffs, decide(diffs)))
+            lines.append(_claim_line(claim, diffs, decide(diffs), of))
     wo_mcl = next((r for r in rows if r.startswith("w/o MCL") and row_rule(r) == rule), None)
     diffs = _paired(runs, recipe, dmu, wo_mcl, retrieval_r1) if wo_mcl else []
-    lines.append(_claim_line("DMU beats w/o MCL on retrieval (MCL matters)", diffs, decide(diffs)))
+    lines.append(_claim_line("DMU beats w/o MCL on retrieval (MCL matters)", diffs, decide(diffs), of))
     for claim, control in (
         ("DMU beats random routers on retrieval (learned routing matters)", "random routers"),
         ("DMU beats the uniform mixture on retrieval (routing matters)", "uniform mixture"),
     ):
         if control in rows:  # runs made before the controls existed have no such row
             diffs = _paired(runs, recipe, dmu, control, retrieval_r1)
-            lines.append(_claim_line(claim, diffs, decide(diffs)))
+            lines.append(_claim_line(claim, diffs, decide(diffs), of))
     mi = []
     for r in runs.values():
         if r["recipe"] == recipe and dmu in r["results"]:
@@ -679,7 +716,7 @@ def verdicts(runs: dict, recipe: str, rule: str) -> list[str]:
                 mi.append(1000 * (trained - init))
     lines.append(
         _claim_line(
-            "Experts specialise (routing-attribute MI, trained minus untrained routers)", mi, decide(mi), "mnats"
+            "Experts specialise (routing-attribute MI, trained minus untrained routers)", mi, decide(mi), of, "mnats"
         )
     )
     return lines
@@ -716,23 +753,25 @@ def recipe_claims(runs: dict, recipe: str, rule: str) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
 
-    def claim(diffs: list[float], margin: float = 0.0) -> str:
+    of = _seed_count(runs, recipe)
+
+    def claim(diffs: list[float], verdict) -> str:
         if not diffs:
             return "-"
-        return f"{np.mean(diffs):+.1f}: {_seeds_said(decide(diffs, margin), diffs)}"
+        return f"{np.mean(diffs):+.{_places(diffs)}f}: {_seeds_said(verdict(diffs), diffs, of)}"
 
     for row in _candidates(runs, recipe, rule):
         vs_dense = _paired(runs, recipe, row, dense, retrieval_r1) if dense and row != dense else []
         forget = _paired(runs, recipe, row, dense, unseen_recall) if dense and row != dense else []
         keep = _paired(runs, recipe, row, "base", known_zero_shot)
         cells = [
-            _cell(_seed_values(runs, recipe, row, retrieval_r1)),
-            claim(vs_dense),
-            _cell(_seed_values(runs, recipe, row, known_zero_shot)),
-            claim(keep, -1.0),
-            _cell(_seed_values(runs, recipe, row, unseen_recall)),
-            claim(forget),
-            claim(_routing_gain(runs, recipe, row)),
+            _cell(_seed_values(runs, recipe, row, retrieval_r1), of),
+            claim(vs_dense, decide),
+            _cell(_seed_values(runs, recipe, row, known_zero_shot), of),
+            claim(keep, keeps_classification),
+            _cell(_seed_values(runs, recipe, row, unseen_recall), of),
+            claim(forget, decide),
+            claim(_routing_gain(runs, recipe, row), decide),
         ]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return lines
@@ -743,7 +782,7 @@ def recommend(runs: dict, recipe: str, rule: str = "epoch") -> str:
     within 1 point of the base in every seed, the highest mean retrieval R@1; if none does, the highest mean of
     retrieval R@1 and known zero-shot."""
     rows = _candidates(runs, recipe, rule)
-    keep = [r for r in rows if decide(_paired(runs, recipe, r, "base", known_zero_shot), -1.0) == "holds"]
+    keep = [r for r in rows if keeps_classification(_paired(runs, recipe, r, "base", known_zero_shot)) == "holds"]
 
     def mean(row: str, measure) -> float:
         return float(np.mean(_seed_values(runs, recipe, row, measure)))
@@ -789,13 +828,18 @@ def quality_report(runs: dict, size: str, elapsed: float) -> str:
     ]
     for recipe in recipes:
         rows = _rows(runs, recipe)
-        for rule in [b for b in BUDGETS if any(row_rule(row) == b for row in rows)]:
-            text = RULE_HEADINGS.get(rule, BUDGETS[rule].rule)
+        of = _seed_count(runs, recipe)
+        # no baseline that trains (only the soup and the controls): one table, under no budget rule
+        for rule in [b for b in BUDGETS if any(row_rule(row) == b for row in rows)] or [None]:
             shown = [r for r in rows if row_rule(r) in (None, rule)]
-            lines += [f"## Recipe `{recipe}`, budget rule `{rule}` ({text})", ""]
+            if rule is None:
+                lines += [f"## Recipe `{recipe}` (no baseline trains, so no budget rule applies)", ""]
+            else:
+                text = RULE_HEADINGS.get(rule, BUDGETS[rule].rule)
+                lines += [f"## Recipe `{recipe}`, budget rule `{rule}` ({text})", ""]
             lines += ["| model | " + " | ".join(MEASURES) + " |", "|---" * (len(MEASURES) + 1) + "|"]
             for row in shown:
-                cells = [_cell(_seed_values(runs, recipe, row, m)) for m in MEASURES.values()]
+                cells = [_cell(_seed_values(runs, recipe, row, m), of) for m in MEASURES.values()]
                 lines.append(f"| {row} | " + " | ".join(cells) + " |")
             lines += ["", *verdicts(runs, recipe, rule), ""]
             if any(r.startswith(f"{DMU_ROW}, ") or r.startswith("CLIP-UP") for r in rows):
