@@ -65,6 +65,8 @@ def _problems(raw, check_paths=False) -> str:
         ),
         ({"seed": 2**31}, None, "seed: must be in [0, 2^31)"),
         ({"moe": {"layers": 0}}, None, "moe.layers: 0 selects no block in either tower"),
+        ({"mcl": {"balance_weight": 0.01}}, None, "mcl.balance_weight: MCL stages train dense FFNs: no router"),
+        ({"mcl": {"router_lr": 1e-3}}, None, "mcl.router_lr: MCL stages train dense FFNs: no router"),
         ({"moe": {"layers": {"vision": []}}}, None, "selects no block in either tower"),
     ],
 )

@@ -408,6 +408,8 @@ def _semantic_errors(cfg: PipelineConfig, check_paths: bool) -> list[str]:
     need(cfg.moe.router_init in ROUTER_INITS, "moe.router_init", f"must be one of {', '.join(ROUTER_INITS)}")
     need(cfg.moe.router_init_samples >= 1, "moe.router_init_samples", "must be >= 1")
     need(cfg.mcl.distill_weight == 0, "mcl.distill_weight", "the distillation term is a routing option (route.)")
+    for key, none in (("router_lr", None), ("balance_weight", 0.0), ("z_loss_weight", 0.0)):
+        need(getattr(cfg.mcl, key) == none, f"mcl.{key}", "MCL stages train dense FFNs: no router for it to act on")
     depth = None
     if check_paths:
         depth, base_errors = _base_depth(cfg.base_model)
