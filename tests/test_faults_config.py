@@ -91,6 +91,11 @@ def test_layers_are_checked_against_the_base_models_depth(tiny_clip_dir):
 def test_all_problems_of_one_file_at_once():
     text = _problems(_raw("x", eval={"batch_size": 0}, embed={"chunk_size": 0}, device="tpu"))
     assert "has 3 problem(s)" in text
+    # a typo inside a section no longer hides the range checks of the others
+    text = _problems(_raw("x", mcl={"lrr": 1.0}, moe={"top_k": 9, "experts": "three"}, seed=-1))
+    assert "has 4 problem(s)" in text
+    for needle in ("mcl.lrr: unknown key", "moe.experts: expected int", "moe.top_k: 9 is impossible", "seed: must be"):
+        assert needle in text
 
 
 def test_yaml_duplicate_keys_are_an_error_and_exponents_are_floats(tmp_path):

@@ -224,11 +224,13 @@ def config_from_dict(
 
 
 def build_section(cls, raw: Any, where: str, errors: list[str], defaults: Any = None):
-    """A ``cls`` dataclass from a plain mapping, appending every problem to ``errors`` (None if any).
+    """A ``cls`` dataclass from a plain mapping, appending every problem to ``errors``.
 
     Keys absent from ``raw`` keep the value of ``defaults`` (an instance of ``cls``) or the field's default;
     nested sections start from their field's ``default_factory`` (so a partial ``mcl`` keeps the paper's
-    MCL recipe for what it does not name)."""
+    MCL recipe for what it does not name). A value with a problem is left at its default, so that the
+    section is still built and the checks after this one report the config's other problems in the same
+    error; None when it cannot be built (not a mapping, a required key missing or unusable, its own checks)."""
     if not isinstance(raw, dict):
         errors.append(f"{where.rstrip('.') or 'top level'}: expected a mapping, got {raw!r}")
         return None
@@ -238,27 +240,33 @@ def build_section(cls, raw: Any, where: str, errors: list[str], defaults: Any = 
         if key not in fields:
             errors.append(f"{where}{key}: unknown key (known: {', '.join(sorted(fields))})")
     values = {name: getattr(defaults, name) for name in fields} if defaults is not None else {}
+    unusable = False  # a required key missing, or given but unusable: no instance can be made
     for name, f in fields.items():
         key = f"{where}{name}"
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and defaults is None
         if name not in raw:
-            no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            if no_default and defaults is None:
+            if required:
                 errors.append(f"{key}: required")
+                unusable = True
             continue
         value = raw[name]
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             factory = f.default_factory if f.default_factory is not dataclasses.MISSING else None
             value = build_section(hint, value, key + ".", errors, factory() if factory else None)
+            if value is None:
+                unusable |= required
+                continue
         elif not _type_ok(value, hint):
             errors.append(f"{key}: expected {_type_name(hint)}, got {value!r}")
+            unusable |= required
             continue
         elif hint in (float, float | None) and isinstance(value, int):
             value = float(value)
         elif typing.get_origin(hint) is tuple:
             value = tuple(value)
         values[name] = value
-    if any(e.startswith(where) for e in errors):
+    if unusable:
         return None
     try:
         return cls(**values)
