@@ -201,3 +201,20 @@ def test_a_stage_the_config_does_not_have_is_refused_naming_the_ones_it_has(tmp_
         assert main(["mcl", cfg, "--run-dir", str(run), "--stage", stage]) == 2
         assert f"--stage {stage}: this run's mcl has 1, 2" in capsys.readouterr().err
     assert not (run / "stage1").exists() and not (run / "embed0").exists()
+
+
+def test_a_csv_with_other_columns_or_commas_can_be_named_in_the_config(tmp_path):
+    """The reader's error says to set separator / image_key / caption_key: the config has them, and the run
+    reads its training set with them."""
+    from test_faults_data import png
+
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(png(12, 12))
+    (tmp_path / "train.csv").write_text("path,text\n" + "".join(f"{i}.png,cube {i}\n" for i in range(3)))
+    raw = _raw("x", train=str(tmp_path / "train.csv"))
+    raw["data"].update(separator=",", image_key="path", caption_key="text")
+    cfg = config_from_dict(raw, check_paths=False)
+    from clipmoe.data import open_dataset
+
+    ds = open_dataset(cfg.data.train, **cfg.data.reader_options())
+    assert [s.caption for s in ds] == ["cube 0", "cube 1", "cube 2"]

@@ -224,3 +224,67 @@ def test_eval_names_an_image_the_transform_refuses(tmp_path, tiny_clip):
     paths = [str(tmp_path / "ok.png"), str(tmp_path / "strip.png")]
     with pytest.raises(processing.ImageRejected, match=rf"{tmp_path}/strip\.png: extreme aspect ratio: 1x4000"):
         encode_images(tiny_clip, paths)
+
+
+@pytest.mark.parametrize("damage", ["cut at a header", "cut inside a header", "a header byte flipped", "zeroed tail"])
+def test_a_cut_or_damaged_shard_is_an_error_not_a_shorter_dataset(tmp_path, damage):
+    """tarfile reads a damaged header or a zeroed tail as the end of the archive: without the end check every
+    sample after it was lost with no skip counted."""
+    write_tar(tmp_path / "whole.tar", [m for i in range(10) for m in numbered(i)])
+    raw = (tmp_path / "whole.tar").read_bytes()
+    with tarfile.open(tmp_path / "whole.tar") as tar:
+        cut = tar.getmembers()[10].offset  # sample 5's first header
+    damaged = {
+        "cut at a header": raw[:cut],
+        "cut inside a header": raw[: cut + 100],
+        "a header byte flipped": raw[: cut + 5] + bytes([raw[cut + 5] ^ 0xFF]) + raw[cut + 6 :],
+        "zeroed tail": raw[:cut] + bytes(len(raw) - cut),
+    }[damage]
+    (tmp_path / "a.tar").write_bytes(damaged)
+    with pytest.raises(DataError, match=rf"a\.tar: after byte {cut} "):
+        open_dataset(tmp_path / "a.tar", max_skipped_fraction=0.0)
+    assert len(open_dataset(tmp_path / "whole.tar")) == 10  # the end marker and its padding read as the end
+
+
+def test_csv_rows_a_separator_or_a_quote_would_silently_change_are_skipped_and_named(tmp_path):
+    """A caption cut at an unquoted separator lost its tail; an unmatched quote merged the rows after it into
+    one caption; a byte-order mark renamed the first column: each now a named skip or read right."""
+    for i in range(5):
+        (tmp_path / f"{i}.png").write_bytes(png(10 + i, 12))
+    rows = ["0.png,a dog", "1.png,a dog, running on grass", '2.png,"cat on a mat', "3.png,red square", "4.png,blue"]
+    (tmp_path / "a.csv").write_text("\ufefffilepath,title\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    ds = open_dataset(tmp_path / "a.csv", separator=",", max_skipped_fraction=0.9)
+    assert [s.caption for s in ds] == ["a dog"]
+    reasons = sorted(e.reason for e in ds.skips.entries)
+    assert reasons == [
+        "bad row: 3 cells where the header has 2",
+        "bad row: a cell runs over several lines (a caption with an unmatched quote?)",
+    ]
+
+
+def test_files_folders_read_linked_shards_and_only_stats_json_is_metadata(tmp_path):
+    import os
+
+    real, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    for folder, names in ((real / "00000", ("0", "player_stats")), (elsewhere, ("1",))):
+        folder.mkdir(parents=True)
+        for name in names:
+            (folder / f"{name}.png").write_bytes(png(12, 12))
+            (folder / f"{name}.txt").write_bytes(f"\ufeffcube {name}".encode())
+    (real / "00000" / "00000_stats.json").write_text("{}")
+    os.symlink(elsewhere, real / "00001")
+    ds = open_dataset(real, max_skipped_fraction=0.0)
+    assert sorted((s.key, s.caption) for s in ds) == [
+        ("00000/0", "cube 0"),
+        ("00000/player_stats", "cube player_stats"),
+        ("00001/1", "cube 1"),
+    ]
+
+
+def test_a_shard_source_part_that_names_no_shard_is_an_error(tmp_path):
+    write_tar(tmp_path / "a.tar", numbered(1))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="webdataset folder .*empty holds no .tar shard"):
+        open_dataset(f"{tmp_path / 'a.tar'}::{tmp_path / 'empty'}")
+    with pytest.raises(FileNotFoundError, match="names no shard"):
+        open_dataset(f"{tmp_path / 'a.tar'}::{tmp_path}/{{02..00}}.tar")

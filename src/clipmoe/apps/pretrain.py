@@ -383,9 +383,7 @@ def pretrain(config_path: str, preload: bool = False) -> str:
             model.logit_scale.fill_(math.log(cfg.train.logit_scale))
 
     d = cfg.data
-    dataset = open_dataset(
-        d.train, d.format, caption=d.caption, root=d.root, max_skipped_fraction=d.max_skipped_fraction
-    )
+    dataset = open_dataset(d.train, **d.reader_options())
     if preload:
         dataset.preload()
     collate = ClipCollator(model.tokenizer, model.image_processor)

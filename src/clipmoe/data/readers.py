@@ -366,7 +366,7 @@ def _caption_from(members: dict[str, bytes | None], caption: str, key: str) -> t
         if raw is None:
             return None, f"missing caption: no {key}.txt"
         try:
-            text = raw.decode("utf-8")
+            text = raw.decode("utf-8-sig")  # a byte-order mark is not part of the caption
         except UnicodeDecodeError as e:
             return None, f"unreadable caption: {key}.txt is not UTF-8 ({e})"
     else:
@@ -397,14 +397,14 @@ def _index_files(folder: str, caption: str, skips: SkipLog) -> list[Record]:
         raise FileNotFoundError(f"data folder {folder} does not exist")
     caption_ext = "txt" if caption == "txt" else "json"
     records: list[Record] = []
-    dirs = sorted(d for d, _, _ in os.walk(folder))
+    dirs = sorted(d for d, _, _ in os.walk(folder, followlinks=True))  # a linked shard folder is data too
     for d in tqdm(dirs, desc=f"indexing {folder}", unit="dir", disable=None, leave=False):
         groups: dict[str, dict[str, str]] = {}
         for entry in os.scandir(d):
             stem, ext = os.path.splitext(entry.name)
             ext = ext[1:].lower()
             # *_stats.json and *.parquet sit beside img2dataset shards and describe them, not a sample.
-            if entry.is_file() and ext in _SAMPLE_FILES and not stem.endswith("_stats"):
+            if entry.is_file() and ext in _SAMPLE_FILES and not (ext == "json" and stem.endswith("_stats")):
                 group = groups.setdefault(stem, {})
                 if ext in group:  # a.jpg and a.JPG: which one is the sample's?
                     raise DataError(f"{d} holds two .{ext} files for key {stem!r}: {group[ext]} and {entry.path}")
@@ -449,9 +449,15 @@ def _tar_paths(source: str) -> list[str]:
     paths: list[str] = []
     for part in source.split("::"):
         if os.path.isdir(part):
-            paths += sorted(os.path.join(part, n) for n in os.listdir(part) if n.lower().endswith(".tar"))
+            shards = sorted(os.path.join(part, n) for n in os.listdir(part) if n.lower().endswith(".tar"))
+            if not shards:  # with other parts beside it, it would add nothing without a word
+                raise FileNotFoundError(f"webdataset folder {part} holds no .tar shard")
+            paths += shards
             continue
-        for expanded in _expand_braces(part):
+        expansions = _expand_braces(part)
+        if not expansions:
+            raise FileNotFoundError(f"webdataset pattern {part} names no shard (a range that counts down?)")
+        for expanded in expansions:
             matches = sorted(glob.glob(expanded)) if any(c in expanded for c in "*?[") else [expanded]
             missing = [p for p in matches if not os.path.isfile(p)]
             if missing or not matches:
@@ -554,30 +560,43 @@ def _not_utf8(text: str) -> str | None:
 
 
 def _csv_rows(path: Path, image_key: str, caption_key: str, separator: str) -> Iterator[Row]:
-    # surrogateescape: a bad byte spoils its row only, which is then skipped and named.
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+    # surrogateescape: a bad byte spoils its row only, which is then skipped and named. utf-8-sig: a byte-order
+    # mark would otherwise be part of the first column's name.
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.DictReader(f, delimiter=separator)
-        columns = reader.fieldnames or []
-        missing = [c for c in (image_key, caption_key) if c not in columns]
-        if missing:
-            raise DataError(
-                f"{path} has no column {missing[0]!r} (columns: {columns}); set image_key/caption_key, "
-                f"or separator (now {separator!r})"
-            )
-        for row in reader:
-            key = f"{path.name}:{reader.line_num}"
-            bad = next(
-                (f"column {c!r}: {w}" for c, v in row.items() if isinstance(v, str) and (w := _not_utf8(v))), None
-            )
-            if bad:
-                yield key, None, None, f"unreadable row: not UTF-8 ({bad})"
-                continue
-            # DictReader fills absent trailing cells with None; a short row simply lacks that field.
-            yield key, row[image_key], row[caption_key], None
+        try:
+            yield from _csv_records(path, reader, image_key, caption_key, separator)
+        except csv.Error as e:  # e.g. an unmatched quote running past the field size limit
+            raise DataError(f"{path}: unreadable at line {reader.line_num}: {e}") from None
+
+
+def _csv_records(path: Path, reader: csv.DictReader, image_key: str, caption_key: str, separator: str) -> Iterator[Row]:
+    columns = reader.fieldnames or []
+    missing = [c for c in (image_key, caption_key) if c not in columns]
+    if missing:
+        raise DataError(
+            f"{path} has no column {missing[0]!r} (columns: {columns}); set image_key/caption_key, "
+            f"or separator (now {separator!r})"
+        )
+    for row in reader:
+        key = f"{path.name}:{reader.line_num}"
+        extra = row.pop(None, None)
+        if extra:  # DictReader puts the cells past the header's under None: a caption cut at a separator
+            yield key, None, None, f"bad row: {len(columns) + len(extra)} cells where the header has {len(columns)}"
+            continue
+        if any("\n" in v or "\r" in v for v in row.values() if isinstance(v, str)):  # only a quote spans lines
+            yield key, None, None, "bad row: a cell runs over several lines (a caption with an unmatched quote?)"
+            continue
+        bad = next((f"column {c!r}: {w}" for c, v in row.items() if isinstance(v, str) and (w := _not_utf8(v))), None)
+        if bad:
+            yield key, None, None, f"unreadable row: not UTF-8 ({bad})"
+            continue
+        # DictReader fills absent trailing cells with None; a short row simply lacks that field.
+        yield key, row[image_key], row[caption_key], None
 
 
 def _jsonl_rows(path: Path, image_key: str, caption_key: str) -> Iterator[Row]:
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         for line_num, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -600,7 +619,7 @@ def _jsonl_rows(path: Path, image_key: str, caption_key: str) -> Iterator[Row]:
 
 def _sharegpt_rows(path: Path, image_key: str) -> Iterator[Row]:
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise DataError(f"{path} is not valid JSON: {e}") from e

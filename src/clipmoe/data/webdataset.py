@@ -58,14 +58,38 @@ def index_tar(path: str | os.PathLike) -> dict[str, dict[str, Member]]:
                     duplicates.append(f"{sample[ext].name} and {member.name}")
                     continue
                 sample[ext] = Member(member.offset_data, member.size, member.name)
+            end = tar.offset  # where tarfile stopped: the end-of-archive marker, or a header it could not read
     except tarfile.TarError as e:
         raise TarError(f"{path} is not a readable uncompressed tar: {e}") from None
+    _check_archive_end(path, end)
     if duplicates:
         raise TarError(
             f"{path} holds the same sample file twice ({first_few(duplicates, 5)}); a key must name one sample: "
             "remove the duplicates or rename them"
         )
     return samples
+
+
+# After its last member a tar holds its end-of-archive marker (two zero blocks), then zeros up to a whole
+# record (Python's tarfile and GNU tar: 20 blocks).
+_END_BLOCK, _MOST_ZEROS = 512, 2 * 512 + 20 * 512
+
+
+def _check_archive_end(path: str, end: int) -> None:
+    """tarfile reads a cut or damaged header, or a zeroed tail, as the end of the archive and says nothing:
+    every sample after it would be lost silently. What follows the last member must be the end marker."""
+    with open(path, "rb") as f:
+        f.seek(end)
+        rest = f.read(_MOST_ZEROS + 1)
+    where = f"{path}: after byte {end}"
+    if len(rest) < _END_BLOCK or rest[:_END_BLOCK].count(0) != _END_BLOCK:
+        what = "the file ends there" if not rest else "what follows is not a tar header it can read"
+        raise TarError(f"{where} the tar has no end-of-archive marker ({what}): a cut or damaged copy?")
+    if rest.count(0) != len(rest) or len(rest) > _MOST_ZEROS:
+        raise TarError(
+            f"{where} comes more than the end-of-archive marker and its padding: damaged or zeroed data (a copy"
+            " that did not finish?); its samples would be lost"
+        )
 
 
 def read_member(f: BinaryIO, member: Member) -> bytes:

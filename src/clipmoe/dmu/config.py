@@ -41,6 +41,23 @@ class DataConfig:
     eval: str | None = None  # a folder of evaluation sets (the generated world's eval/ layout)
     max_skipped_fraction: float = 0.01
     num_workers: int = 0
+    # CSV/TSV/JSONL column or field names (default: CSV filepath/title, JSONL image/caption) and the CSV
+    # separator (tab, as open_clip's --csv-separator)
+    image_key: str | None = None
+    caption_key: str | None = None
+    separator: str = "\t"
+
+    def reader_options(self) -> dict:
+        """``open_dataset``'s keyword arguments for the training set."""
+        return {
+            "format": self.format,
+            "caption": self.caption,
+            "root": self.root,
+            "image_key": self.image_key,
+            "caption_key": self.caption_key,
+            "separator": self.separator,
+            "max_skipped_fraction": self.max_skipped_fraction,
+        }
 
 
 @dataclass

@@ -97,9 +97,7 @@ class Pipeline:
         """The training set, refused (``DataChanged``) if it differs from what any stage of this run read."""
         if self._dataset is None:
             d = self.cfg.data
-            dataset = open_dataset(
-                d.train, d.format, caption=d.caption, root=d.root, max_skipped_fraction=d.max_skipped_fraction
-            )
+            dataset = open_dataset(d.train, **d.reader_options())
             identity = dataset_identity(dataset)
             if os.path.isdir(self.run_dir):
                 check_identity(self.run_dir, identity)
