@@ -463,5 +463,9 @@ def test_cli_convert_errors(tmp_path, capsys, convert_cli):
     assert convert_cli(["convert", str(bad), str(tmp_path / "out")]) == 2
     assert "bad.pt is a text file" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    assert convert_cli(["convert", src, str(tmp_path / "out"), "--top-k", "1"]) == 2  # taken and ignored before
+    assert "--top-k is for MoE checkpoints; " in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert convert_cli(["convert", src, ""]) == 2  # "" was the working directory, replaced
+    assert "no output folder given" in capsys.readouterr().err
     assert convert_cli(["convert", src, str(existing), "--overwrite"]) == 0
     assert not (existing / "keep.txt").exists() and (existing / "config.json").exists()

@@ -202,6 +202,72 @@ def test_half_precision_tower_keeps_fp32_routers(tmp_path):
     saved = load_file(tmp_path / "tower" / "model.safetensors")
     assert saved["encoder.layers.0.mlp.router.weight"].dtype == torch.float32
     assert saved["encoder.layers.0.mlp.w1"].dtype == torch.bfloat16
+    # fp32 values, not fp32 copies of bf16-rounded ones
+    assert all(torch.equal(a.router.weight, b.router.weight) for a, b in zip(half.moe_layers(), moe.moe_layers()))
+
+
+def test_export_keeps_a_half_precision_folder_half_and_refuses_non_finite_weights(tmp_path, capsys):
+    """Without --dtype an export keeps the dtype the folder was stored in (load opens everything in fp32); an
+    fp16 cast that overflows, or a NaN anywhere, is not saved (nothing is written)."""
+    moe = _moe()
+    moe.save_pretrained(tmp_path / "full")
+    assert cli.main(["export", str(tmp_path / "full"), str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
+    assert cli.main(["export", str(tmp_path / "bf16"), str(tmp_path / "copy")]) == 0
+    saved = load_file(tmp_path / "copy" / "model.safetensors")
+    assert saved["vision_model.encoder.layers.0.mlp.w1"].dtype == torch.bfloat16
+    assert json.loads((tmp_path / "copy" / "config.json").read_text())["dtype"] == "bfloat16"
+    with torch.no_grad():
+        moe.text_projection.weight[0, 0] = 1e6  # beyond fp16's range
+    moe.save_pretrained(tmp_path / "big")
+    capsys.readouterr()
+    assert cli.main(["export", str(tmp_path / "big"), str(tmp_path / "big16"), "--dtype", "fp16"]) == 2
+    assert "text_projection.weight holds 0 NaN and 1 inf value(s)" in capsys.readouterr().err
+    assert not (tmp_path / "big16").exists()
+
+
+def test_saving_never_replaces_what_is_not_a_saved_model(tmp_path, capsys, monkeypatch):
+    """Saving replaces the target folder whole: a folder of other files, a file, the working directory or an
+    empty name used to be deleted (the current directory with `clipmoe export MODEL .`)."""
+    moe = _moe()
+    moe.save_pretrained(tmp_path / "full")
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "thesis.tex").write_text("x")
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.chdir(tmp_path / "precious")
+    for target, message in (
+        (str(tmp_path / "precious"), "holds the working directory"),
+        (".", "holds the working directory"),
+        (str(tmp_path / "a-file"), "is a file; a model is saved as a folder"),
+        (str(tmp_path / "a-file" / "sub"), "a-file/sub: File exists"),
+        ("", "no folder given"),
+    ):
+        assert cli.main(["export", str(tmp_path / "full"), target]) == 2
+        assert message in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["export", str(tmp_path / "full"), str(tmp_path / "precious")]) == 2
+    assert "holds files that are not a saved model" in capsys.readouterr().err
+    assert os.listdir(tmp_path / "precious") == ["thesis.tex"] and (tmp_path / "a-file").read_text() == "x"
+    assert cli.main(["export", str(tmp_path / "full"), str(tmp_path / "full")]) == 0  # a saved model: replaced
+
+
+def test_a_sharded_folder_and_a_broken_config_load_or_fail_naming_the_file(tmp_path):
+    moe = _moe()
+    moe.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert not (tmp_path / "sharded" / "model.safetensors").exists()
+    again = clipmoe.load(tmp_path / "sharded")
+    assert all(torch.equal(a, b) for a, b in zip(moe.state_dict().values(), again.state_dict().values()))
+    from clipmoe.formats.state_dict import CheckpointError
+
+    moe.save_pretrained(tmp_path / "m")
+    config = tmp_path / "m" / "config.json"
+    text = config.read_text()
+    for broken, message in (
+        (text[: len(text) // 2], "config.json is not valid JSON"),
+        ("[1, 2]", "config.json holds list, not a model config"),
+    ):
+        config.write_text(broken)
+        with pytest.raises(CheckpointError, match=message):
+            clipmoe.load(tmp_path / "m")
 
 
 def test_export_command(tmp_path, capsys, monkeypatch):

@@ -174,6 +174,7 @@ def test_results_models_and_worlds_get_the_umask_not_the_private_mode_of_their_t
     assert mode(tmp_path / "results.json") == 0o640
     assert mode(tmp_path / "model") == mode(tmp_path / "world") == mode(tmp_path / "index") == 0o750
     assert mode(tmp_path / "model" / "config.json") == mode(tmp_path / "world" / "world.json") == 0o640
+    assert mode(tmp_path / "model" / "model.safetensors") == 0o640  # safetensors writes it private
 
 
 def test_a_result_that_cannot_be_placed_is_one_error_naming_it(tmp_path):

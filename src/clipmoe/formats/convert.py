@@ -591,7 +591,7 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--file", metavar="NAME", help="the checkpoint file inside the repo SRC names")
     parser.add_argument("dst", help="output folder (HF layout, opened by clipmoe.load)")
-    parser.add_argument("--top-k", type=int, default=2, help="experts per token for MoE checkpoints (default 2)")
+    parser.add_argument("--top-k", type=int, default=None, help="experts per token for MoE checkpoints (default 2)")
     parser.add_argument(
         "--hidden-act",
         choices=("quick_gelu", "gelu"),
@@ -617,6 +617,9 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    top_k_given, args.top_k = args.top_k is not None, 2 if args.top_k is None else args.top_k
+    if not args.dst:
+        raise ValueError("no output folder given")
     if args.file:
         if os.path.exists(args.src) or parse_repo_id(args.src) is None:
             raise ValueError(f"--file names a file inside a Hugging Face repo; {args.src} is not a repo id")
@@ -629,16 +632,20 @@ def run_convert(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.dst} already exists; pass --overwrite to replace it")
     if args.image_size is not None and args.image_size < 1:
         raise ValueError(f"--image-size must be positive, got {args.image_size}")
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     state = read_checkpoint(args.src)
     fmt = detect_format(state, args.src)
     model = from_state_dict(state, args.src, top_k=args.top_k, hidden_act=args.hidden_act)
+    if top_k_given and not model.moe_layers():
+        raise ValueError(f"--top-k is for MoE checkpoints; {args.src} is a dense CLIP")
     crop = model.config.vision_config.image_size
     model.image_processor = ImageTransform(
         size=args.image_size or crop, crop_size=crop, mean=tuple(args.image_mean), std=tuple(args.image_std)
     )
     if args.tokenizer:
         attach_tokenizer(model, resolve_model(args.tokenizer, weights=False))
-    model.save_pretrained(args.dst)
+    model.save_pretrained(args.dst, overwrite=args.overwrite)
 
     vc, tc, spec = model.config.vision_config, model.config.text_config, model.moe_spec
     print(

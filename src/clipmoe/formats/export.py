@@ -11,10 +11,14 @@ any model clipmoe can open (a folder, or a checkpoint file) into such a folder.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+
+import torch
 
 from ..model.modeling import ClipMoeModel, ClipMoeVisionModel
 from ..utils.dtypes import DTYPE_CHOICES, torch_dtype
+from .hub import resolve_model
 from .load import load
 
 
@@ -57,6 +61,19 @@ def export_vision_tower(model: ClipMoeModel, directory: str | os.PathLike) -> Cl
     return tower
 
 
+def stored_dtype(model: str) -> torch.dtype | None:
+    """The half dtype a model folder's config.json says its weights are stored in, else None (``load`` opens
+    every model in fp32: an export without ``--dtype`` keeps what the folder had)."""
+    path = resolve_model(model)
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+        name = config.get("dtype") or config.get("torch_dtype")
+    except (OSError, ValueError, AttributeError):
+        return None  # a checkpoint file, or a config load() will name the problem of
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(name)
+
+
 def add_export_arguments(parser) -> None:
     parser.add_argument("model", help="model folder or checkpoint file (anything clipmoe.load opens)")
     parser.add_argument("out", help="folder to write (replaced atomically if it exists)")
@@ -75,7 +92,7 @@ def add_export_arguments(parser) -> None:
 
 
 def run_export(args) -> int:
-    model = load(args.model, dtype=torch_dtype(args.dtype) if args.dtype else None)
+    model = load(args.model, dtype=torch_dtype(args.dtype) if args.dtype else stored_dtype(args.model))
     if args.vision_tower:
         export_vision_tower(model, args.out)
         what = "vision tower"

@@ -48,9 +48,12 @@ def load(
         raise FileNotFoundError(f"no model at {path}")
     model.to(device=device)
     if dtype is not None:
+        routers = [
+            (m.router, {k: v.float().clone() for k, v in m.router.state_dict().items()}) for m in model.moe_layers()
+        ]
         model.to(dtype=dtype)
-        for m in model.moe_layers():
-            m.router.float()
+        for router, weights in routers:  # fp32 values, not fp32 copies of the half-precision ones
+            router.float().load_state_dict(weights)
     return model.eval()
 
 
@@ -61,11 +64,51 @@ def _load_folder(folder: str) -> ClipMoeModel:
     model_class, config = read_config(folder)
     weights = next((os.path.join(folder, w) for w in WEIGHT_FILES if os.path.exists(os.path.join(folder, w))), None)
     if weights is None:
-        raise CheckpointError(f"{folder} has no weights ({' or '.join(WEIGHT_FILES)})")
-    model = model_class(config)
+        index = next(
+            (
+                os.path.join(folder, f"{w}.index.json")
+                for w in WEIGHT_FILES
+                if os.path.exists(os.path.join(folder, f"{w}.index.json"))
+            ),
+            None,
+        )
+        if index is None:
+            raise CheckpointError(f"{folder} has no weights ({' or '.join(WEIGHT_FILES)}, or a sharded index of them)")
+        model = _build(model_class, config, config_path)
+        load_state_dict_strict(model, _read_shards(index), index)
+        attach_processing(model, folder)
+        return model
+    model = _build(model_class, config, config_path)
     load_state_dict_strict(model, read_state_dict(weights), weights)
     attach_processing(model, folder)
     return model
+
+
+def _build(model_class, config, config_path: str):
+    try:
+        return model_class(config)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:  # e.g. an MoE config missing its FFN sizes
+        raise CheckpointError(f"{config_path} cannot build a model: {type(e).__name__}: {e}") from None
+
+
+def _read_shards(index: str) -> dict:
+    """The tensors of a sharded folder (``save_pretrained(max_shard_size=...)``, large hub repos): each shard
+    its index names, read once; a tensor the index places in another shard than the one holding it, or a
+    shard missing, is an error naming it."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index} is not a readable shard index: {e}") from None
+    state: dict = {}
+    folder = os.path.dirname(index)
+    for shard in dict.fromkeys(weight_map.values()):
+        tensors = read_state_dict(os.path.join(folder, shard))
+        misplaced = sorted(k for k in tensors if weight_map.get(k) != shard)
+        if misplaced:
+            raise CheckpointError(f"{index}: {shard} holds {misplaced[:3]}, which the index places elsewhere or omits")
+        state.update(tensors)
+    return state
 
 
 def model_class_for(model_type: str | None, folder: str = "the folder"):
@@ -86,8 +129,14 @@ def read_config(folder: str):
     """``(model class, config)`` of a model folder: the MoE config class for an MoE model_type, the dense HF
     one for a plain type. An MoE saved under the plain type (by an older clipmoe) opens as before, with
     one warning: such a folder is opened silently, with random FFNs, by transformers' dense classes."""
-    with open(os.path.join(folder, "config.json")) as f:
-        raw = json.load(f)
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON (truncated?): {e}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} holds {type(raw).__name__}, not a model config")
     model_type = raw.get("model_type")
     model_class = model_class_for(model_type, folder)
     moe_config = model_class.config_class
@@ -99,7 +148,10 @@ def read_config(folder: str):
             f"clipmoe export {folder} NEW_FOLDER (or model.save_pretrained(NEW_FOLDER))",
             stacklevel=2,
         )
-    return model_class, config_class.from_pretrained(folder, local_files_only=True)
+    try:
+        return model_class, config_class.from_pretrained(folder, local_files_only=True)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:  # transformers' validation of its fields
+        raise CheckpointError(f"{path} cannot configure a {model_type!r} model: {type(e).__name__}: {e}") from None
 
 
 def attach_processing(model: ClipMoeModel, folder: str) -> None:

@@ -266,18 +266,27 @@ class _MoEHooks:
         cls = next(c for c in type(self).__mro__ if c.__module__.rpartition(".")[2] == self.remote_module)
         return f"{self.remote_module}.{cls.__name__}"
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False, **kwargs) -> None:
         """Write the HF folder (config with its ``moe`` section, safetensors, tokenizer, preprocessor) into a
         temporary sibling folder, then rename it into place: nothing is left half-written.
 
         The folder also carries this file and ``moe.py`` plus an ``auto_map`` in config.json, so every saved
         CLIP-MoE is HF-native: ``AutoModel.from_pretrained(folder, trust_remote_code=True)`` rebuilds it
         with transformers alone, without clipmoe installed. A model with MoE layers is saved under its own
-        model_type with its MoE towers guarded against dense classes (``write_remote_code``)."""
-        target = os.path.abspath(os.fspath(save_directory))
+        model_type with its MoE towers guarded against dense classes (``write_remote_code``).
+
+        The folder is replaced whole: a folder holding anything but an earlier saved model is refused unless
+        ``overwrite`` (a file, the working directory and an empty name always are)."""
+        target = _replaceable_target(save_directory, overwrite)
+        bad = _non_finite(self.state_dict())
+        if bad:  # a model no later phase can use: nothing is written, not even over an earlier good copy
+            raise ValueError(f"not saved to {target}: {bad}")
         parent = os.path.dirname(target)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+        try:
+            os.makedirs(parent, exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+        except OSError as e:  # a file on the path, no permission: one error naming the target
+            raise ModelWriteError(f"could not write {target}: {e.strerror or e}") from e
         try:
             try:
                 super().save_pretrained(tmp, safe_serialization=True, **kwargs)
@@ -302,6 +311,36 @@ class _MoEHooks:
         finally:
             if os.path.exists(tmp):
                 shutil.rmtree(tmp)
+
+
+def _replaceable_target(save_directory: str | os.PathLike, overwrite: bool = False) -> str:
+    """The folder a save may replace: a new path, an empty folder or an earlier saved model. Replacing is a
+    rename of the whole folder, so anything else there (a file, someone's folder, the working directory)
+    would be deleted: refused, with nothing written."""
+    if not os.fspath(save_directory):
+        raise ValueError("save_pretrained: no folder given")
+    target = os.path.abspath(os.fspath(save_directory))
+    here = os.path.abspath(os.getcwd())
+    if os.path.isfile(target):
+        raise ValueError(f"{target} is a file; a model is saved as a folder (nothing was written)")
+    if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
+        raise ValueError(f"{target} holds the working directory; save the model to a folder of its own")
+    saved = os.path.exists(os.path.join(target, "config.json"))
+    if os.path.isdir(target) and os.listdir(target) and not saved and not overwrite:
+        raise ValueError(
+            f"{target} holds files that are not a saved model; saving replaces the whole folder: choose a new or"
+            " empty folder (nothing was written)"
+        )
+    return target
+
+
+def _non_finite(state: dict) -> str | None:
+    """Which tensor holds NaN or inf values (a fp16 cast can overflow), or None."""
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            nan = int(torch.isnan(t).sum())
+            return f"tensor {name} holds {nan} NaN and {int(t.numel() - nan - torch.isfinite(t).sum())} inf value(s)"
+    return None
 
 
 class ModelWriteError(OSError, ValueError):
@@ -338,6 +377,9 @@ def _make_shared(folder: str) -> None:
         os.umask(umask)
     with contextlib.suppress(OSError):
         os.chmod(folder, 0o777 & ~umask)
+        for name in os.listdir(folder):  # safetensors writes its file private too
+            path = os.path.join(folder, name)
+            os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
 
 
 def write_remote_code(folder: str, model: _MoEHooks) -> None:
