@@ -289,3 +289,28 @@ def test_vision_tower_needs_preprocessing_config(tiny_clip, tmp_path):
     with pytest.raises(ValueError, match="no image_processor"):
         export_vision_tower(tiny_clip, tmp_path / "tower")
     assert not (tmp_path / "tower").exists()
+
+
+def test_transformers_keeps_the_routers_of_a_half_precision_folder_in_fp32(tmp_path):
+    """As clipmoe.load: AutoModel on a bf16 export gives bf16 experts and the stored fp32 routers (it cast
+    them to bf16 before, so its routing differed from clipmoe's)."""
+    _moe().save_pretrained(tmp_path / "full")
+    assert cli.main(["export", str(tmp_path / "full"), str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
+    code = textwrap.dedent(
+        """
+        import sys, torch
+        from safetensors.torch import load_file
+        from transformers import AutoModel
+        m = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True)
+        stored = load_file(sys.argv[1] + "/model.safetensors")
+        routers = {n: p for n, p in m.named_parameters() if "router" in n}
+        assert routers and all(p.dtype == torch.float32 and torch.equal(p, stored[n]) for n, p in routers.items())
+        assert {p.dtype for n, p in m.named_parameters() if n not in routers} == {torch.bfloat16}
+        """
+    )
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "bf16")], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]

@@ -184,6 +184,10 @@ class ClipMoeVisionConfig(MoEConfigMixin, CLIPVisionConfig):
 class _MoEHooks:
     """Hooks shared by the full model and the vision tower (open_clip-style uniform hooks)."""
 
+    # transformers loading a half-precision folder keeps the routers in fp32, as clipmoe.load does: top-k
+    # selection on rounded logits would route tokens differently
+    _keep_in_fp32_modules_strict = ("router",)
+
     @property
     def moe_spec(self) -> MoESpec | None:
         moe = getattr(self.config, "moe", None)
