@@ -68,6 +68,23 @@ def main() -> None:
         "default: a free core each on a CPU, 1 on a GPU",
     )
     a = p.parse_args()
+    if a.report_only:  # each finished run's own config says what it was trained with
+        ignored = [
+            option
+            for option, given in (
+                ("--base-model", a.base_model != p.get_default("base_model")),
+                ("--baselines", a.baselines != p.get_default("baselines")),
+                ("--device", a.device != p.get_default("device")),
+                ("--jobs", a.jobs is not None),
+            )
+            if given
+        ]
+        if ignored:
+            print(
+                f"quality: error: {', '.join(ignored)}: not used by --report-only, which reads each run's own config",
+                file=sys.stderr,
+            )
+            sys.exit(2)
     baselines = "all" if a.baselines == ["all"] else a.baselines
     interrupt.install()  # a Ctrl-C stops the run at its next step even when a finalizer swallows it
     try:

@@ -154,6 +154,12 @@ def test_a_request_the_runs_cannot_honour_is_refused_before_anything_is_written(
         run_quality(str(tmp_path / "a-file"), seeds=(0,), **tiny)
     done = subprocess.run([*BENCH_QUALITY, "--jobs", "0", "--out", str(out)], capture_output=True, text=True, env=ENV)
     assert done.stderr.strip().splitlines() == ["quality: error: jobs must be at least 1, got 0"] and not out.exists()
+    report = [*BENCH_QUALITY, "--report-only", "--baselines", "dense", "--jobs", "2", "--out", str(out)]
+    done = subprocess.run(report, capture_output=True, text=True, env=ENV)
+    assert done.returncode == 2 and not out.exists()
+    assert done.stderr.strip().splitlines() == [
+        "quality: error: --baselines, --jobs: not used by --report-only, which reads each run's own config"
+    ]
 
 
 def test_a_report_marks_rows_some_seeds_lack_and_tables_rows_no_rule_trains():
