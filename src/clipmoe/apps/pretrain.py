@@ -45,7 +45,7 @@ from ..data.collate import ClipCollator
 from ..data.processing import ImageTransform, TextTokenizer, build_word_tokenizer
 from ..data.readers import open_dataset
 from ..data.world import is_world, world_vocabulary
-from ..dmu.config import ConfigError, DataConfig, TrainConfig, build_section, read_yaml
+from ..dmu.config import ConfigError, DataConfig, TrainConfig, build_section, diff_configs, read_yaml
 from ..eval.attributes import attribute_probes, attribute_state
 from ..eval.datasets import RetrievalDataset, load_wds
 from ..eval.retrieval import evaluate_retrieval
@@ -290,8 +290,10 @@ def _curve_logger(model: ClipMoeModel, spec: dict, path: str, env: DistEnv):
         nonlocal done
         if done is None:  # the first step of this process: points past the checkpoint it resumed are stale
             on_main(lambda: drop_records_after(path, step - 1), env)
-            with open(path) if os.path.exists(path) else open(os.devnull) as f:
-                done = {json.loads(line)["step"] for line in f if line.strip()}
+            done = set()
+            if os.path.exists(path):
+                with open(path) as f:
+                    done = {json.loads(line)["step"] for line in f if line.strip()}
         if (step % spec["every"] and step != total) or step in done:
             return
         on_main(lambda: measure(step), env)
@@ -326,41 +328,24 @@ def _curve_logger(model: ClipMoeModel, spec: dict, path: str, env: DistEnv):
 RUN_FILE = "run.json"  # in OUT.train: what the checkpoint was trained with besides the training settings
 
 
-def _check_resume(cfg: PretrainConfig) -> None:
+def _check_resume(cfg: PretrainConfig, env: DistEnv) -> None:
     """A checkpoint resumes only the run that wrote it: the loop compares the training settings, this the
     seed, the data, the tokenizer and the model (another width would fail on load; other heads or another
     activation would not, and the saved model would be half of each). A run starting afresh records them."""
     folder = cfg.out + ".train"
-    run = {
-        "seed": cfg.seed,
-        "data": vars(cfg.data) | {"num_workers": None},
-        "tokenizer": cfg.tokenizer,
-        "model": cfg.model,
-    }
-    run = json.loads(json.dumps(run))
+    run = {"seed": cfg.seed, "data": vars(cfg.data) | {"num_workers": None}, "tokenizer": cfg.tokenizer}
+    run = json.loads(json.dumps({**run, "model": cfg.model}))
     path = os.path.join(folder, RUN_FILE)
     if os.path.exists(os.path.join(folder, CHECKPOINT)) and os.path.exists(path):
         with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-        changed = sorted(_flat(saved).items() ^ _flat(run).items())
+            changed = diff_configs(json.load(f), run)
         if changed:
-            keys = ", ".join(dict.fromkeys(k for k, _ in changed))
             raise ConfigError(
-                f"{os.path.join(folder, CHECKPOINT)} was trained with other settings ({keys}); delete {folder} to"
-                " start this run over"
+                f"{os.path.join(folder, CHECKPOINT)} was trained with other settings ({', '.join(changed)}); delete"
+                f" {folder} to start this run over"
             )
-    elif int(os.environ.get("RANK", "0")) == 0:
-        write_json(path, run)
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = json.dumps(value)
-    return out
+    else:
+        on_main(lambda: write_json(path, run), env)
 
 
 def pretrain(config_path: str, preload: bool = False) -> str:
@@ -371,8 +356,8 @@ def pretrain(config_path: str, preload: bool = False) -> str:
         return cfg.out
     if os.path.exists(cfg.out):
         raise ConfigError(f"out: {cfg.out} exists and holds no saved model; remove it or choose another `out`")
-    _check_resume(cfg)
     env = init_distributed()
+    _check_resume(cfg, env)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model.get("text", {}).get("context_length", 32))
     model = build_clip(cfg.model, tokenizer)

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from ..model.options import MoEOptions
+from ..model.options import MoEOptions, resolve_layers
 from ..train.config import TrainConfig
 from .budgets import BUDGETS
 
@@ -557,25 +557,18 @@ def _routed_block_errors(cfg: PipelineConfig, depth: dict[str, int] | None) -> l
     """A CLIP-MoE with no router, or a routing phase that trains none (``route.last_n_blocks`` past every MoE
     block), would fail only after the MCL stages; refused here (the second needs the base model's depth)."""
     layers = cfg.moe.layers
-    chosen = (
-        {t: layers.get(t, 0) for t in ("vision", "text")}
-        if isinstance(layers, dict)
-        else dict.fromkeys(("vision", "text"), layers)
-    )
-    if all(sel in (0, []) for sel in chosen.values()):
+    chosen = layers.values() if isinstance(layers, dict) else [layers]
+    if all(sel in (0, []) for sel in chosen):
         return [f"moe.layers: {layers!r} selects no block in either tower: the CLIP-MoE would have no router"]
     n_last = cfg.route.last_n_blocks
     if depth is None or n_last is None:
         return []
-    routed_in_last = False
-    for tower, sel in chosen.items():
-        n = depth[tower]
-        blocks = range(n) if sel == "all" else range(n - sel, n) if isinstance(sel, int) else sel
-        routed_in_last |= any(b >= n - n_last for b in blocks)
-    if routed_in_last:
+    blocks = resolve_layers(layers, depth)
+    if any(b >= depth[tower] - n_last for tower, bs in blocks.items() for b in bs):
         return []
     return [
-        f"route.last_n_blocks: {n_last}: no MoE block (moe.layers {layers!r}) is among the last {n_last}, so router training would train nothing"
+        f"route.last_n_blocks: {n_last}: no MoE block (moe.layers {layers!r}) is among the last {n_last}, so"
+        " router training would train nothing"
     ]
 
 

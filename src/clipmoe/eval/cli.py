@@ -88,9 +88,8 @@ def run_eval(args: argparse.Namespace) -> int:
     model = load(args.model, device=args.device, dtype=None if dtype == torch.float32 else dtype)
     kw = {"batch_size": args.batch_size, "device": args.device}
     results = _run_task(model, args, kw)
-    print(
-        format_attributes(results) if args.task == "attributes" else format_table(results)
-    )  # shown even if a write fails
+    # the table first: it is shown even if the write below fails
+    print(format_attributes(results) if args.task == "attributes" else format_table(results))
     if args.out:
         write_json(args.out, results, indent=2)
     routing = results.get("routing") if args.task == "suite" else results if args.task == "routing" else None

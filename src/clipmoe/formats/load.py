@@ -62,33 +62,19 @@ def _load_folder(folder: str) -> ClipMoeModel:
     if not os.path.exists(config_path):
         raise CheckpointError(f"{folder} has no config.json; is it an HF CLIP folder?")
     model_class, config = read_config(folder)
-    weights = next((os.path.join(folder, w) for w in WEIGHT_FILES if os.path.exists(os.path.join(folder, w))), None)
+    # one weights file, else the index of a sharded folder (save_pretrained(max_shard_size=...), large hub repos)
+    names = [*WEIGHT_FILES, *(f"{w}.index.json" for w in WEIGHT_FILES)]
+    weights = next((os.path.join(folder, n) for n in names if os.path.exists(os.path.join(folder, n))), None)
     if weights is None:
-        index = next(
-            (
-                os.path.join(folder, f"{w}.index.json")
-                for w in WEIGHT_FILES
-                if os.path.exists(os.path.join(folder, f"{w}.index.json"))
-            ),
-            None,
-        )
-        if index is None:
-            raise CheckpointError(f"{folder} has no weights ({' or '.join(WEIGHT_FILES)}, or a sharded index of them)")
-        model = _build(model_class, config, config_path)
-        load_state_dict_strict(model, _read_shards(index), index)
-        attach_processing(model, folder)
-        return model
-    model = _build(model_class, config, config_path)
-    load_state_dict_strict(model, read_state_dict(weights), weights)
-    attach_processing(model, folder)
-    return model
-
-
-def _build(model_class, config, config_path: str):
+        raise CheckpointError(f"{folder} has no weights ({' or '.join(WEIGHT_FILES)}, or a sharded index of them)")
     try:
-        return model_class(config)
+        model = model_class(config)
     except (TypeError, ValueError, KeyError, AttributeError) as e:  # e.g. an MoE config missing its FFN sizes
         raise CheckpointError(f"{config_path} cannot build a model: {type(e).__name__}: {e}") from None
+    state = _read_shards(weights) if weights.endswith(".index.json") else read_state_dict(weights)
+    load_state_dict_strict(model, state, weights)
+    attach_processing(model, folder)
+    return model
 
 
 def _read_shards(index: str) -> dict:

@@ -18,9 +18,7 @@ from torch import nn
 from ..utils.keys import key_mismatch
 from .modeling import TOWERS, ClipMoeModel, MoESpec, tower_config, tower_layers
 from .moe import MoEFeedForward
-from .options import MoEOptions
-
-LayerSelection = str | int | Sequence[int] | Mapping[str, "str | int | Sequence[int]"]
+from .options import MoEOptions, resolve_layers
 
 # (pattern on the module path, tower). Order matters: the first match wins.
 _FFN_PATTERNS = [
@@ -64,36 +62,6 @@ def find_ffns(model: nn.Module) -> dict[str, list[FFN]]:
     for ffns in found.values():
         ffns.sort(key=lambda f: f.block)
     return found
-
-
-def resolve_layers(layers: LayerSelection, num_blocks: Mapping[str, int]) -> dict[str, list[int]]:
-    """Turn a layer selection into block indices per tower.
-
-    ``"all"``; an int N (the last N blocks of each tower); a list of block indices (every tower); or a
-    mapping ``{"vision": ..., "text": ...}`` of any of those per tower (a missing tower gets none).
-    """
-    if isinstance(layers, Mapping):
-        unknown = set(layers) - set(TOWERS)
-        if unknown:
-            raise ValueError(f"unknown tower(s) in layers: {sorted(unknown)}; expected {TOWERS}")
-        return {t: _resolve_one(layers[t], t, num_blocks[t]) if t in layers else [] for t in num_blocks}
-    return {t: _resolve_one(layers, t, n) for t, n in num_blocks.items()}
-
-
-def _resolve_one(sel, tower: str, n: int) -> list[int]:
-    if sel == "all":
-        return list(range(n))
-    if isinstance(sel, bool) or not isinstance(sel, (int, Sequence)) or isinstance(sel, str):
-        raise ValueError(f"layers for the {tower} tower must be 'all', an int or a list of ints, got {sel!r}")
-    if isinstance(sel, int):
-        if not 0 <= sel <= n:
-            raise ValueError(f"cannot make the last {sel} blocks MoE: the {tower} tower has {n} blocks")
-        return list(range(n - sel, n))
-    out = sorted({int(i) for i in sel})
-    bad = [i for i in out if not 0 <= i < n]
-    if bad:
-        raise ValueError(f"layers {bad} out of range for the {tower} tower (blocks 0..{n - 1})")
-    return out
 
 
 def _ffn_weights(ffn: FFN) -> tuple[torch.Tensor, ...]:
