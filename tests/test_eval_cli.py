@@ -221,5 +221,10 @@ def test_attributes_refuses_worlds_it_cannot_read_right_before_loading_the_model
     nowhere = str(tmp_path / "no-model")  # never opened: the worlds are checked first
     argv = ["eval", nowhere, "--task", "attributes", "--data", str(small), "--probe-world"]
     assert "draw their images differently (dot_radius 0.045 vs 0.09)" in _error([*argv, str(larger_dots)], capsys)
+    object_dots = tmp_path / "object-dots"
+    generate_world(
+        object_dots, WorldConfig.preset("test", train_size=4, eval_size=8, dot_color="object"), verbose=False
+    )
+    assert "draw their images differently (dot_color contrast vs object)" in _error([*argv, str(object_dots)], capsys)
     too_few = _error([*argv, str(small)], capsys)
     assert f"{small}: 8 evaluation images, the probes need 5000 + 1000 (--probe-train-size" in too_few

@@ -551,6 +551,57 @@ def test_dot_radius_sets_the_dots_area_and_nothing_else(radius):
     assert (pixels[half:, half:] == plain[half:, half:]).all()
 
 
+def test_object_coloured_dots_change_only_the_dots_colour():
+    """``dot_color="object"`` draws the same dots, in the same places, in the object's colour (with its tint);
+    the object's quadrant is untouched."""
+    layout = _plain_layout(jitter=(0.0, 0.0))
+    attributes = {
+        "color": "blue",
+        "background": "white",
+        "shape": "square",
+        "size": "small",
+        "position": "upper left",
+        "texture": "solid",
+        "count": "two",
+    }
+    size, half = CONFIG.image_size, CONFIG.image_size // 2
+    contrast = np.asarray(render(attributes, layout, size, dot_radius=0.09))
+    coloured = np.asarray(render(attributes, layout, size, dot_radius=0.09, dot_color="object"))
+    black = near(contrast, dot_rgb("white"), 120)
+    blue = near(coloured, OBJECT_RGB["blue"], 120)
+    blue[:half, :half] = False  # the object's own quadrant
+    assert black.sum() > 0 and (black == blue).all()  # the same dot pixels, now blue
+    assert (contrast[:half, :half] == coloured[:half, :half]).all()
+    assert not near(coloured, dot_rgb("white"), 120).any()  # no black dot left
+    with pytest.raises(ValueError, match=r"dot_color 'red' must be one of \('contrast', 'object'\)"):
+        render(attributes, layout, size, dot_color="red")
+
+
+def test_dot_color_is_a_world_option_recorded_in_the_manifest_and_checked(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_world_arguments(parser)
+    out = str(tmp_path / "object-dots")
+    assert (
+        run_world(
+            parser.parse_args([out, "--preset", "test", "--train-size", "20", "--dot-color", "object", "--quiet"])
+        )
+        == 0
+    )
+    with open(os.path.join(out, "world.json")) as f:
+        assert json.load(f)["config"]["dot_color"] == "object"
+    default = str(tmp_path / "default")
+    generate_world(default, WorldConfig.preset("test", train_size=20), verbose=False)
+    first = sorted(glob.glob(os.path.join(out, "train", "*", "*.png")))[0]
+    assert (np.asarray(Image.open(first)) != np.asarray(Image.open(first.replace(out, default)))).any()
+    with open(first.replace(".png", ".json")) as a, open(first.replace(out, default).replace(".png", ".json")) as b:
+        assert a.read() == b.read()  # same scene, same captions
+    with pytest.raises(ValueError, match=r"WorldConfig.dot_color='grey' must be one of \('contrast', 'object'\)"):
+        WorldConfig(dot_color="grey")
+    with pytest.raises(SystemExit):
+        parser.parse_args([out, "--dot-color", "grey"])
+    assert "invalid choice: 'grey'" in capsys.readouterr().err
+
+
 def test_dot_radius_out_of_range_is_refused_naming_the_field():
     with pytest.raises(ValueError, match=r"WorldConfig.dot_radius=0.3 must be at most 0.2"):
         WorldConfig(dot_radius=0.3)

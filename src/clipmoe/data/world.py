@@ -43,7 +43,7 @@ from .world_language import (
     vocabulary,
     web_caption,
 )
-from .world_render import DOT_RADIUS, MAX_DOT_RADIUS, Layout, render
+from .world_render import DOT_COLORS, DOT_RADIUS, MAX_DOT_RADIUS, Layout, render
 
 FORMAT_VERSION = 2  # 2: web alt-text captions, train/val colour and background subsets
 MANIFEST = "world.json"
@@ -70,6 +70,7 @@ class WorldConfig:
     color_jitter: int = 12  # per-channel random offset of object and background colours
     noise: float = 0.0  # std of Gaussian pixel noise (0-255 scale): a difficulty knob
     dot_radius: float = DOT_RADIUS  # of the image side: how salient the dots (the count attribute) are
+    dot_color: str = "contrast"  # black/white against the backdrop, or "object": the object's colour (DOT_COLORS)
     # A narrower train/val image distribution (the fine-tuning data of the quality testbed): object colours and
     # backgrounds drawn from these values only; empty = all. Evaluation sets always cover every value.
     train_colors: tuple[str, ...] = ()
@@ -97,6 +98,7 @@ class WorldConfig:
                 f"must be at most {MAX_DOT_RADIUS} (a dot fits its quadrant) and 2 px across or more at "
                 f"image_size {self.image_size} (smaller dots blur away)",
             ),
+            ("dot_color", self.dot_color in DOT_COLORS, f"must be one of {DOT_COLORS}"),
         ]
         for name, attribute in (("train_colors", "color"), ("train_backgrounds", "background")):
             values, known = getattr(self, name), ATTRIBUTE_BY_NAME[attribute].values
@@ -261,7 +263,7 @@ def _other_value(rng: np.random.Generator, attribute: str, value: str) -> str:
 
 
 def _image(config: WorldConfig, attributes: dict[str, str], layout: Layout) -> Image.Image:
-    return render(attributes, layout, config.image_size, config.noise, config.dot_radius)
+    return render(attributes, layout, config.image_size, config.noise, config.dot_radius, config.dot_color)
 
 
 def _write_captioned_split(
@@ -553,6 +555,11 @@ def add_world_arguments(parser: argparse.ArgumentParser) -> None:
         ),
     ]:
         parser.add_argument(f"--{name}", type=kind, help=f"{text} (overrides the preset)")
+    parser.add_argument(
+        "--dot-color",
+        choices=DOT_COLORS,
+        help="dots black/white against the backdrop (contrast, the default) or in the object's colour (object)",
+    )
     parser.add_argument("--workers", type=int, default=1, help="processes writing the train/val splits (default 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 

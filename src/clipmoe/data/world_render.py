@@ -48,6 +48,10 @@ QUADRANTS = ("upper left", "upper right", "lower left", "lower right")  # index 
 COUNTS = {"one": 1, "two": 2, "three": 3}
 DOT_RADIUS = 0.045  # of the image side: about 4 px across at 48 px (the default; WorldConfig.dot_radius)
 MAX_DOT_RADIUS = 0.2  # a dot (at most 0.4 of the side across) must fit its quadrant (half the side) with room
+# How the dots are coloured: ``contrast`` (the default) black or white against the backdrop, never a colour, so
+# the count is a property of marks apart from the object; ``object`` in the object's own colour (and tint), so
+# the count is one of marks that look like the object, which the image embedding weighs with it.
+DOT_COLORS = ("contrast", "object")
 MARGIN = 1.0  # pixels kept free between anything drawn and its quadrant's border
 
 
@@ -206,16 +210,25 @@ def dot_rgb(background: str) -> tuple[int, int, int]:
 
 
 def render(
-    attributes: Mapping[str, str], layout: Layout, size: int, noise: float = 0.0, dot_radius: float = DOT_RADIUS
+    attributes: Mapping[str, str],
+    layout: Layout,
+    size: int,
+    noise: float = 0.0,
+    dot_radius: float = DOT_RADIUS,
+    dot_color: str = "contrast",
 ) -> Image.Image:
-    """The RGB image of a scene: ``size`` x ``size`` pixels; ``dot_radius`` is a fraction of the side."""
+    """The RGB image of a scene: ``size`` x ``size`` pixels; ``dot_radius`` is a fraction of the side,
+    ``dot_color`` one of ``DOT_COLORS``."""
+    if dot_color not in DOT_COLORS:
+        raise ValueError(f"dot_color {dot_color!r} must be one of {DOT_COLORS}")
     background = np.add(BACKGROUND_RGB[attributes["background"]], layout.background_tint, dtype=np.float32)
     colour = np.add(OBJECT_RGB[attributes["color"]], layout.object_tint, dtype=np.float32)
     image = np.broadcast_to(background, (size, size, 3)).copy()
     alpha = _coverage(_object_mask(attributes, layout, size), size)
     image += alpha * (colour - image)
     alpha = _coverage(_dot_mask(attributes, layout, size, dot_radius), size)
-    image += alpha * (np.asarray(dot_rgb(attributes["background"]), np.float32) - image)
+    dots = colour if dot_color == "object" else np.asarray(dot_rgb(attributes["background"]), np.float32)
+    image += alpha * (dots - image)
     if noise > 0:
         image += np.random.default_rng(layout.noise_seed).normal(0.0, noise, image.shape).astype(np.float32)
     return Image.fromarray(np.clip(np.rint(image), 0, 255).astype(np.uint8), "RGB")
