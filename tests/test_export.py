@@ -270,6 +270,30 @@ def test_a_sharded_folder_and_a_broken_config_load_or_fail_naming_the_file(tmp_p
             clipmoe.load(tmp_path / "m")
 
 
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"do_normalize": False}, "do_normalize false"),
+        ({"do_rescale": False}, "do_rescale false"),
+        ({"rescale_factor": 1.0}, "rescale_factor 1.0"),
+        ({"do_center_crop": False}, "do_center_crop false with a shortest-edge resize"),
+    ],
+)
+def test_a_preprocessing_clipmoe_would_not_reproduce_fails_the_load_naming_the_setting(tmp_path, setting, message):
+    """The image transform always resizes, crops, rescales and normalises; a folder whose processor turns one of
+    these off would be fed other pixels than it was trained on, so it is refused instead of read approximately."""
+    from clipmoe.formats.state_dict import CheckpointError
+
+    _moe().save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "preprocessor_config.json"
+    processor = json.loads(path.read_text())
+    path.write_text(json.dumps({**processor, **setting}))
+    with pytest.raises(CheckpointError, match=f"preprocessor_config.json: {message}"):
+        clipmoe.load(tmp_path / "m")
+    path.write_text(json.dumps({**processor, "do_normalize": True, "rescale_factor": 0.00392156862745098}))
+    assert clipmoe.load(tmp_path / "m").image_processor.crop_size == processor["crop_size"]["height"]
+
+
 def test_export_command(tmp_path, capsys, monkeypatch):
     moe = _moe()
     moe.save_pretrained(tmp_path / "full")

@@ -74,6 +74,41 @@ def test_each_bad_value_is_named(section, value, message):
     assert message in _problems(_raw("x", **section))
 
 
+def test_settings_the_recipe_never_reads_are_refused_but_a_runs_own_snapshot_loads():
+    """A setting moved from its default for a baseline that is not run, or a stretch setting without the
+    stretch, would change nothing: refused, naming the key and the fix. A run's snapshot holds every key at its
+    default and loads."""
+    dense = {"enabled": ["dense"]}
+    text = _problems(
+        _raw(
+            "x",
+            baselines={**dense, "clip_up": {"noise": 0.02}, "fmoe": {"partitions": "largest"}, "upcycle_noise": 0.05},
+            prepare={"stretch_factor": 2},
+        )
+    )
+    assert "has 4 problem(s)" in text
+    for needle in (
+        "baselines.clip_up.noise: 0.02 has no effect: the clip_up baseline is not in baselines.enabled ['dense']; "
+        "remove the setting or enable clip_up",
+        "baselines.fmoe.partitions: 'largest' has no effect: the fmoe baseline is not in",
+        "baselines.upcycle_noise: 0.05 has no effect: the upcycle baseline is not in",
+        "prepare.stretch_factor: 2 has no effect: prepare.stretch_text_positions is false",
+    ):
+        assert needle in text
+    used = config_from_dict(
+        _raw(
+            "x",
+            baselines={"enabled": ["clip_up", "upcycle"], "clip_up": {"noise": 0.02}, "upcycle_noise": 0.05},
+            prepare={"stretch_text_positions": True, "stretch_factor": 2},
+        ),
+        check_paths=False,
+    )
+    assert (used.baselines.clip_up.noise, used.prepare.stretch_factor) == (0.02, 2)
+    snapshot = config_from_dict(_raw("x", baselines=dense), check_paths=False).to_dict()
+    assert snapshot["baselines"]["clip_up"] and snapshot["prepare"]["stretch_factor"] == 4  # every key written
+    assert config_from_dict(snapshot, check_paths=False).to_dict() == snapshot
+
+
 def test_layers_are_checked_against_the_base_models_depth(tiny_clip_dir):
     # tiny_clip_dir: 2 blocks per tower, read from its config.json
     text = _problems(_raw(tiny_clip_dir, train=tiny_clip_dir, moe={"layers": [99]}), check_paths=True)
@@ -109,6 +144,21 @@ def test_yaml_duplicate_keys_are_an_error_and_exponents_are_floats(tmp_path):
     p.write_text("base_model: x\ndata: {train: y}\nmcl: {lr: 1e-5, weight_decay: 2E-2}\nroute: {lr: 5e-6}\n")
     cfg = load_config(p, check_paths=False)
     assert (cfg.mcl.lr, cfg.mcl.weight_decay, cfg.route.lr) == (1e-5, 2e-2, 5e-6)
+
+
+def test_yaml_keys_written_beside_a_merge_override_it(tmp_path):
+    """``<<: *anchor`` then a key of its own is YAML's override, not a duplicate; a key written twice still is."""
+    p = tmp_path / "c.yaml"
+    p.write_text(
+        "base_model: x\ndata: {train: y}\nmcl: &phase {lr: 1e-5, weight_decay: 0.2}\nroute:\n  <<: *phase\n  lr: 1e-6\n"
+    )
+    cfg = load_config(p, check_paths=False)
+    assert (cfg.mcl.lr, cfg.route.lr, cfg.route.weight_decay) == (1e-5, 1e-6, 0.2)
+    p.write_text(
+        "base_model: x\ndata: {train: y}\nmcl: &phase {lr: 1e-5}\nroute:\n  <<: *phase\n  lr: 1e-6\n  lr: 2e-6\n"
+    )
+    with pytest.raises(ConfigError, match=r"duplicate key 'lr' \(first given on line 6\)"):
+        load_config(p, check_paths=False)
 
 
 def test_cluster_niter_reaches_kmeans(monkeypatch):

@@ -269,6 +269,23 @@ def test_sharegpt4v_caption_from_conversation_and_root(tmp_path):
         open_dataset(tmp_path / "bad.json")
 
 
+def test_sharegpt4v_records_of_one_image_are_one_sample_each(tmp_path):
+    """ShareGPT4V's ``id`` names the image; two captions of one image are two samples, not duplicate keys."""
+    write_images(tmp_path / "data", range(2))
+    records = [
+        {"id": f"id{i}", "image": f"img{i}.jpg", "conversations": [{"value": "<image>"}, {"value": caption}]}
+        for i, caption in ((0, "first caption"), (1, "other image"), (0, "second caption"), (0, "third caption"))
+    ]
+    (tmp_path / "captions.json").write_text(json.dumps(records))
+    ds = open_dataset(tmp_path / "captions.json", root=tmp_path / "data")
+    assert [(s.key, s.caption) for s in ds] == [
+        ("id0", "first caption"),
+        ("id1", "other image"),
+        ("id0#2", "second caption"),
+        ("id0#3", "third caption"),
+    ]
+
+
 def test_skipped_fraction_threshold(tmp_path):
     root = tmp_path / "data"
     for i in range(100):

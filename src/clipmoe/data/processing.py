@@ -84,9 +84,20 @@ class ImageTransform:
             raise FileNotFoundError(f"{folder} has no preprocessor_config.json; cannot know the image preprocessing")
         with open(path) as f:
             cfg = json.load(f)
+        skipped = _steps_clipmoe_cannot_skip(cfg)
+        if skipped:
+            raise ValueError(
+                f"{path}: {', '.join(skipped)}: clipmoe always resizes, rescales by 1/255, normalises and converts to "
+                "RGB, so these images would not be the ones the model was trained on"
+            )
         siglip = _siglip_transform(cls, cfg, **limits)
         if siglip is not None:
             return siglip
+        if cfg.get("do_center_crop", True) is False:
+            raise ValueError(
+                f"{path}: do_center_crop false with a shortest-edge resize: clipmoe always crops the centre of a "
+                "CLIP-style input, so these images would not be the ones the model was trained on"
+            )
         size = cfg.get("size", 224)
         size = size.get("shortest_edge", size.get("height")) if isinstance(size, dict) else size
         crop = cfg.get("crop_size", size)
@@ -164,6 +175,17 @@ class ImageTransform:
 
 
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+def _steps_clipmoe_cannot_skip(cfg: dict) -> list[str]:
+    """The settings of a ``preprocessor_config.json`` that turn off a step ``ImageTransform`` always takes."""
+    off = [
+        f"{key} false" for key in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb") if cfg.get(key) is False
+    ]
+    factor = cfg.get("rescale_factor", 1 / 255)
+    if cfg.get("do_rescale") is not False and not math.isclose(float(factor), 1 / 255, rel_tol=1e-6):
+        off.append(f"rescale_factor {factor}")
+    return off
 
 
 def _siglip_transform(cls, cfg: dict, **limits) -> ImageTransform | None:

@@ -14,6 +14,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,19 +183,22 @@ def load_config(path: str | os.PathLike, check_paths: bool = True) -> PipelineCo
 class _StrictLoader(yaml.SafeLoader):
     """PyYAML's safe loader, with two fixes for config files: a key given twice in one mapping is an error
     (PyYAML keeps the last silently), and ``1e-5`` is a float (YAML 1.1 wants ``1.0e-5``; PyYAML reads
-    ``1e-5`` as a string)."""
+    ``1e-5`` as a string). A key written beside a merge (``<<: *base``) overrides the merged one, as YAML
+    means it: only keys written twice are errors."""
 
 
 def _strict_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict:
-    loader.flatten_mapping(node)
     seen: dict = {}
-    for key_node, _ in node.value:
+    for key_node, _ in node.value:  # the keys as written, before the merges are flattened into them
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
         key = loader.construct_object(key_node, deep=True)
         if isinstance(key, (str, int, float, bool)) and key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r} (first given on line {seen[key]})", key_node.start_mark
             )
         seen[key] = key_node.start_mark.line + 1
+    loader.flatten_mapping(node)  # merged keys first, so the ones written here win
     return loader.construct_mapping(node, deep=True)
 
 
@@ -422,6 +426,7 @@ def _semantic_errors(cfg: PipelineConfig, check_paths: bool) -> list[str]:
         f"must be one of {', '.join(UPCYCLE_TRAINABLE)}",
     )
     errors += _recipe_errors(cfg)
+    errors += _ineffective_errors(cfg)
     enabled = cfg.baselines.enabled
     if enabled != "all" and not (isinstance(enabled, list) and all(isinstance(k, str) for k in enabled)):
         errors.append(f"baselines.enabled: expected 'all' or a list of baseline keys, got {enabled!r}")
@@ -498,6 +503,35 @@ def _recipe_errors(cfg: PipelineConfig) -> list[str]:
                 f"but cluster makes {joint} (image_clusters x text_clusters)"
             )
     return errors
+
+
+def _ineffective_errors(cfg: PipelineConfig) -> list[str]:
+    """Settings moved from their defaults that this config's recipe never reads: a run would silently ignore
+    them. (Keys at their defaults pass, so a run's own ``config.yaml`` snapshot, which holds every key, loads.)"""
+    enabled, b, p = cfg.baselines.enabled, cfg.baselines, cfg.prepare
+    if enabled != "all" and not isinstance(enabled, list):
+        return []  # named by the enabled check itself
+
+    def moved(section: Any, where: str, names: Iterable[str] | None = None) -> list[tuple[str, Any]]:
+        default = type(section)()
+        names = [f.name for f in dataclasses.fields(section)] if names is None else names
+        return [(f"{where}.{n}", getattr(section, n)) for n in names if getattr(section, n) != getattr(default, n)]
+
+    unread = []
+    for key, settings in (
+        ("upcycle", moved(b, "baselines", ("upcycle_trainable", "upcycle_noise"))),
+        ("clip_up", moved(b.clip_up, "baselines.clip_up")),
+        ("fmoe", moved(b.fmoe, "baselines.fmoe")),
+    ):
+        if enabled != "all" and key not in enabled:
+            why = f"the {key} baseline is not in baselines.enabled {enabled}; remove the setting or enable {key}"
+            unread += [(setting, value, why) for setting, value in settings]
+    if not p.stretch_text_positions:
+        why = "prepare.stretch_text_positions is false; remove the setting or set it true"
+        unread += [
+            (setting, value, why) for setting, value in moved(p, "prepare", ("keep_positions", "stretch_factor"))
+        ]
+    return [f"{setting}: {value!r} has no effect: {why}" for setting, value, why in unread]
 
 
 def _base_depth(base_model: str) -> tuple[dict[str, int] | None, list[str]]:

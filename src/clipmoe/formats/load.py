@@ -143,7 +143,10 @@ def read_config(folder: str):
 def attach_processing(model: ClipMoeModel, folder: str) -> None:
     """Give the model the tokenizer and image transform its folder describes, where present."""
     if os.path.exists(os.path.join(folder, "preprocessor_config.json")):
-        model.image_processor = ImageTransform.from_folder(folder)
+        try:
+            model.image_processor = ImageTransform.from_folder(folder)
+        except ValueError as e:  # a preprocessing clipmoe would not reproduce: never embed other pixels silently
+            raise CheckpointError(str(e)) from None
     if any(os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
         model.tokenizer = TextTokenizer.from_folder(
             folder, model.config.text_config.max_position_embeddings, getattr(model, "text_padding", "longest")
