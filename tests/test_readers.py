@@ -379,6 +379,23 @@ def test_image_transform_matches_hf_clip_image_processor(size, crop, wh, mode):
     assert torch.allclose(got, expected, atol=1e-5), f"max difference {(got - expected).abs().max():.3g}"
 
 
+def test_a_16_bit_greyscale_png_is_scaled_not_clipped_to_white(tmp_path):
+    """PIL's RGB conversion (and so HF's processor) clips 16-bit pixels at 255; the transform scales them: a
+    16-bit PNG gives the pixels of the same picture saved at 8 bits. 32-bit pixels are refused, not guessed."""
+    from clipmoe.data.processing import ImageRejected
+
+    levels = np.linspace(0, 1, 32 * 32, dtype=np.float64).reshape(32, 32)
+    Image.fromarray(np.rint(levels * 65535).astype(np.uint16)).save(tmp_path / "deep.png")
+    Image.fromarray(np.rint(levels * 255).astype(np.uint8)).save(tmp_path / "plain.png")
+    deep, plain = Image.open(tmp_path / "deep.png"), Image.open(tmp_path / "plain.png")
+    assert deep.mode.startswith("I") and plain.mode == "L"
+    transform = ImageTransform(size=32, crop_size=32)
+    assert torch.allclose(transform(deep), transform(plain), atol=1e-6)
+    assert (np.asarray(deep.convert("RGB")) == 255).mean() > 0.9  # what a plain conversion would have fed
+    with pytest.raises(ImageRejected, match="'F' pixels"):
+        transform(Image.fromarray(levels.astype(np.float32)))
+
+
 def test_preloaded_dataset_returns_the_same_samples_without_touching_files(tmp_path):
     from clipmoe.data.readers import open_dataset
 

@@ -141,6 +141,7 @@ class ImageTransform:
         reason = self.check(image)
         if reason is not None:
             raise ImageRejected(reason)
+        image = _eight_bit(image)
         if "A" in image.getbands() or image.info.get("transparency") is not None:
             # HF composites transparency onto white before dropping alpha; do the same.
             rgba = image.convert("RGBA")
@@ -175,6 +176,18 @@ class ImageTransform:
 
 
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit greyscale (a 16-bit PNG opens as ``I;16``, or ``I`` in older Pillows) scaled to 8 bits. PIL's ``convert("RGB")``, and so HF's
+    processor, clips such pixels at 255: the image turns almost white, silently. 32-bit integer or float
+    pixels have no range to scale from and are refused (``ImageRejected``: the sample is skipped and named)."""
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):  # older Pillows: "I"
+        pixels = np.asarray(image, dtype=np.float32) * (255 / 65535)
+        return Image.fromarray(np.rint(pixels).astype(np.uint8), "L")
+    if image.mode in ("I", "F"):
+        raise ImageRejected(f"{image.mode!r} pixels (32-bit integer or float): no 8-bit range to map them to")
+    return image
 
 
 def _steps_clipmoe_cannot_skip(cfg: dict) -> list[str]:
