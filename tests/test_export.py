@@ -277,6 +277,9 @@ def test_a_sharded_folder_and_a_broken_config_load_or_fail_naming_the_file(tmp_p
         ({"do_rescale": False}, "do_rescale false"),
         ({"rescale_factor": 1.0}, "rescale_factor 1.0"),
         ({"do_center_crop": False}, "do_center_crop false with a shortest-edge resize"),
+        ({"do_rescale": None}, "do_rescale null"),  # HF skips a step set to null
+        ({"do_center_crop": None}, "do_center_crop null"),
+        ({"rescale_factor": None}, "rescale_factor null"),
     ],
 )
 def test_a_preprocessing_clipmoe_would_not_reproduce_fails_the_load_naming_the_setting(tmp_path, setting, message):

@@ -159,6 +159,13 @@ def test_yaml_keys_written_beside_a_merge_override_it(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"duplicate key 'lr' \(first given on line 6\)"):
         load_config(p, check_paths=False)
+    for text, message in (
+        ("mcl: &a {lr: 1e-5}\nroute: &c {lr: 1e-6}\neval: {<<: *a, <<: *c}\n", "duplicate key '<<'"),
+        ("mcl: {<<: {lr: 1e-5, lr: 2e-5}, weight_decay: 0.1}\n", "duplicate key 'lr'"),
+    ):
+        p.write_text("base_model: x\ndata: {train: y}\n" + text)
+        with pytest.raises(ConfigError, match=message):
+            load_config(p, check_paths=False)
 
 
 def test_cluster_niter_reaches_kmeans(monkeypatch):

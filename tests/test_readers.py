@@ -275,7 +275,7 @@ def test_sharegpt4v_records_of_one_image_are_one_sample_each(tmp_path):
     records = [
         {"id": f"id{i}", "image": f"img{i}.jpg", "conversations": [{"value": "<image>"}, {"value": caption}]}
         for i, caption in ((0, "first caption"), (1, "other image"), (0, "second caption"), (0, "third caption"))
-    ]
+    ] + [{"id": "id0#2", "image": "img1.jpg", "conversations": [{"value": "<image>"}, {"value": "an id like a key"}]}]
     (tmp_path / "captions.json").write_text(json.dumps(records))
     ds = open_dataset(tmp_path / "captions.json", root=tmp_path / "data")
     assert [(s.key, s.caption) for s in ds] == [
@@ -283,6 +283,7 @@ def test_sharegpt4v_records_of_one_image_are_one_sample_each(tmp_path):
         ("id1", "other image"),
         ("id0#2", "second caption"),
         ("id0#3", "third caption"),
+        ("id0#2#2", "an id like a key"),  # never two samples with one key
     ]
 
 
@@ -392,8 +393,21 @@ def test_a_16_bit_greyscale_png_is_scaled_not_clipped_to_white(tmp_path):
     transform = ImageTransform(size=32, crop_size=32)
     assert torch.allclose(transform(deep), transform(plain), atol=1e-6)
     assert (np.asarray(deep.convert("RGB")) == 255).mean() > 0.9  # what a plain conversion would have fed
-    with pytest.raises(ImageRejected, match="'F' pixels"):
+    with pytest.raises(ImageRejected, match="unsupported pixels: mode 'F'"):
         transform(Image.fromarray(levels.astype(np.float32)))
+    # a 16-bit PGM opens as mode "I": the same picture again
+    values = np.rint(levels * 65535).astype(">u2")
+    (tmp_path / "deep.pgm").write_bytes(b"P5\n32 32\n65535\n" + values.tobytes())
+    assert torch.allclose(transform(Image.open(tmp_path / "deep.pgm")), transform(plain), atol=1e-6)
+    # a transparent 16-bit value still composites onto white, as an 8-bit one does
+    Image.fromarray(np.rint(levels * 65535).astype(np.uint16)).save(tmp_path / "clear.png", transparency=0)
+    clear = Image.open(tmp_path / "clear.png")
+    assert clear.info.get("transparency") == 0
+    alpha = Image.fromarray(((levels > 0) * 255).astype(np.uint8))  # only the one pixel of value 0 is clear
+    expected = transform(Image.merge("LA", (plain.convert("L"), alpha)))
+    got = transform(clear)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert not torch.allclose(got[:, 0, 0], transform(plain)[:, 0, 0])  # white there, not black
 
 
 def test_preloaded_dataset_returns_the_same_samples_without_touching_files(tmp_path):

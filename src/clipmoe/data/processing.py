@@ -93,9 +93,9 @@ class ImageTransform:
         siglip = _siglip_transform(cls, cfg, **limits)
         if siglip is not None:
             return siglip
-        if cfg.get("do_center_crop", True) is False:
+        if "do_center_crop" in cfg and not cfg["do_center_crop"]:
             raise ValueError(
-                f"{path}: do_center_crop false with a shortest-edge resize: clipmoe always crops the centre of a "
+                f"{path}: do_center_crop {json.dumps(cfg['do_center_crop'])} with a shortest-edge resize: clipmoe always crops the centre of a "
                 "CLIP-style input, so these images would not be the ones the model was trained on"
             )
         size = cfg.get("size", 224)
@@ -179,25 +179,36 @@ SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 
 
 def _eight_bit(image: Image.Image) -> Image.Image:
-    """16-bit greyscale (a 16-bit PNG opens as ``I;16``, or ``I`` in older Pillows) scaled to 8 bits. PIL's ``convert("RGB")``, and so HF's
-    processor, clips such pixels at 255: the image turns almost white, silently. 32-bit integer or float
-    pixels have no range to scale from and are refused (``ImageRejected``: the sample is skipped and named)."""
-    if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):  # older Pillows: "I"
-        pixels = np.asarray(image, dtype=np.float32) * (255 / 65535)
-        return Image.fromarray(np.rint(pixels).astype(np.uint8), "L")
-    if image.mode in ("I", "F"):
-        raise ImageRejected(f"{image.mode!r} pixels (32-bit integer or float): no 8-bit range to map them to")
-    return image
+    """16-bit greyscale scaled to 8 bits (a 16-bit PNG opens as ``I;16``, or ``I`` in older Pillows; a 16-bit PGM
+    as ``I``), its transparent value kept as an alpha channel. PIL's ``convert("RGB")``, and so HF's processor,
+    clips such pixels at 255: the image turns almost white, silently. Other 32-bit integer or float pixels have
+    no range to scale from and are refused (``ImageRejected``: the sample is skipped and named)."""
+    sixteen = image.mode.startswith("I;16") or (image.mode == "I" and image.format in ("PNG", "PPM"))
+    if not sixteen:
+        if image.mode in ("I", "F"):
+            raise ImageRejected(f"unsupported pixels: mode {image.mode!r} (32-bit integer or float), no 8-bit range")
+        return image
+    raw = np.asarray(image, dtype=np.float32)
+    grey = Image.fromarray(np.rint(raw * (255 / 65535)).astype(np.uint8), "L")
+    transparent = image.info.get("transparency")
+    if transparent is None:
+        return grey
+    alpha = Image.fromarray(((raw != transparent) * 255).astype(np.uint8), "L")
+    return Image.merge("LA", (grey, alpha))
 
 
 def _steps_clipmoe_cannot_skip(cfg: dict) -> list[str]:
-    """The settings of a ``preprocessor_config.json`` that turn off a step ``ImageTransform`` always takes."""
-    off = [
-        f"{key} false" for key in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb") if cfg.get(key) is False
-    ]
+    """The settings of a ``preprocessor_config.json`` that turn off a step ``ImageTransform`` always takes. HF
+    skips a step set to ``null`` as one set to ``false`` (an absent key is its default, on); ``do_convert_rgb:
+    null`` is what SigLIP processors write, and their images are converted all the same."""
+    steps = ("do_resize", "do_rescale", "do_normalize")
+    off = [f"{key} {json.dumps(cfg[key])}" for key in steps if key in cfg and not cfg[key]]
+    if cfg.get("do_convert_rgb") is False:
+        off.append("do_convert_rgb false")
     factor = cfg.get("rescale_factor", 1 / 255)
-    if cfg.get("do_rescale") is not False and not math.isclose(float(factor), 1 / 255, rel_tol=1e-6):
-        off.append(f"rescale_factor {factor}")
+    number = isinstance(factor, (int, float)) and not isinstance(factor, bool)
+    if cfg.get("do_rescale", True) and not (number and math.isclose(factor, 1 / 255, rel_tol=1e-6)):
+        off.append(f"rescale_factor {json.dumps(factor)}")
     return off
 
 

@@ -625,14 +625,17 @@ def _sharegpt_rows(path: Path, image_key: str) -> Iterator[Row]:
         raise DataError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(data, list):
         raise DataError(f"{path} must hold a JSON array of ShareGPT4V records, found {type(data).__name__}")
-    seen: dict[str, int] = {}
+    used: set[str] = set()
     for i, rec in enumerate(data):
         key = str(rec.get("id", i)) if isinstance(rec, dict) else str(i)
         # The id names the image: two captions of one image are two samples, the later keyed id#2, id#3, ...
-        # (a key of its first record stays the id, so runs indexed before keep their keys).
-        seen[key] = seen.get(key, 0) + 1
-        if seen[key] > 1:
-            key = f"{key}#{seen[key]}"
+        # (the first record of an image keeps the id as its key, so runs indexed before keep their keys).
+        if key in used:
+            n = 2
+            while f"{key}#{n}" in used:
+                n += 1
+            key = f"{key}#{n}"
+        used.add(key)
         try:
             text = rec["conversations"][1]["value"]
         except (KeyError, IndexError, TypeError):

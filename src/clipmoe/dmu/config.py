@@ -189,10 +189,13 @@ class _StrictLoader(yaml.SafeLoader):
 
 def _strict_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict:
     seen: dict = {}
-    for key_node, _ in node.value:  # the keys as written, before the merges are flattened into them
+    for key_node, value_node in node.value:  # the keys as written, before the merges are flattened into them
         if key_node.tag == "tag:yaml.org,2002:merge":
-            continue
-        key = loader.construct_object(key_node, deep=True)
+            # the merged mappings get these checks too (an inline one is built nowhere else before flattening)
+            loader.construct_object(value_node, deep=True)
+            key = "<<"  # two merges in one mapping: YAML allows one (a list merges several, the first wins)
+        else:
+            key = loader.construct_object(key_node, deep=True)
         if isinstance(key, (str, int, float, bool)) and key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r} (first given on line {seen[key]})", key_node.start_mark
