@@ -17,7 +17,7 @@ import torch
 import clipmoe
 from clipmoe.assets import TINY_CLIP
 from clipmoe.cli import main as clipmoe_main
-from clipmoe.eval import open_eval_set
+from clipmoe.eval import load_wds, open_eval_set
 from clipmoe.eval.clip_benchmark import MODEL_TYPE, eval_loader, load_clipmoe, main, register
 
 HAS_OPEN_CLIP = importlib.util.find_spec("open_clip") is not None
@@ -65,7 +65,7 @@ def test_clip_benchmark_metrics_equal_clipmoe_eval_on_the_world(world, model_dir
     ours = json.loads(out.read_text())
     assert "routing" in ours  # it was evaluated as a CLIP-MoE
     loaded = load_clipmoe(MODEL_TYPE, model_dirs["moe"], None, "cpu")
-    compared = []
+    compared, exact = [], 0
     for name in sorted(os.listdir(world / "eval")):
         if name.startswith("cls_"):
             theirs = _clip_benchmark(loaded, world / "eval" / name)
@@ -79,11 +79,24 @@ def test_clip_benchmark_metrics_equal_clipmoe_eval_on_the_world(world, model_dir
             compared.append(ours[f"{name}/top1"])
         elif name.startswith("retrieval_"):
             theirs = _clip_benchmark(loaded, world / "eval" / name)
+            texts = [c for caps in load_wds(world / "eval" / name).captions for c in caps]
+            # Captions repeated verbatim tie exactly: clipmoe counts such a text for each of its images, where
+            # CLIP_benchmark's count depends on the tie order; so equal where every caption is its own text, and
+            # never below it (a hit there is a hit here).
+            unique = len(set(texts)) == len(texts)
             for k in (1, 5, 10):
                 i2t, t2i = ours[f"{name}/image_to_text_R@{k}"], ours[f"{name}/text_to_image_R@{k}"]
-                assert i2t == pytest.approx(100 * theirs[f"text_retrieval_recall@{k}"], abs=1e-4), (name, k)
-                assert t2i == pytest.approx(100 * theirs[f"image_retrieval_recall@{k}"], abs=1e-4), (name, k)
+                for value, reference in (
+                    (i2t, theirs[f"text_retrieval_recall@{k}"]),
+                    (t2i, theirs[f"image_retrieval_recall@{k}"]),
+                ):
+                    if unique:
+                        assert value == pytest.approx(100 * reference, abs=1e-4), (name, k)
+                    else:
+                        assert value >= 100 * reference - 1e-4, (name, k)
             compared.append(ours[f"{name}/text_to_image_R@1"])
+            exact += unique
+    assert exact >= 1  # the detailed captions are all distinct: compared for equality
     assert len(compared) == 9  # 7 attributes (3 of them with fewer than 5 classes), short and detailed retrieval
     assert sum(0 < v < 100 for v in compared) >= 5 and len(set(compared)) > 3  # informative, not all 0 / 100
 

@@ -102,6 +102,36 @@ def test_retrieval_metrics_by_hand():
         retrieval_metrics(images, texts, [0, 1])
 
 
+def test_captions_read_as_one_text_are_one_candidate_for_each_of_their_images(tmp_path):
+    """Images that share a caption string (the world's ordinary captions name three attributes) tie exactly on
+    it; which caption ``topk`` ranks first is then arbitrary and changes with the ks asked. One candidate per
+    text, a hit for every image it captions: a model that reads what the captions say scores 100, whatever
+    the ks, and the numbers no longer depend on the tie order."""
+    groups = 12  # 48 images, 4 per group; every image of a group has the group's two captions
+    n = 4 * groups
+    captions = [[f"caption {i // 4} a", f"caption {i // 4} b"] for i in range(n)]
+    g = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(groups, 32, generator=g), dim=-1)
+    images = F.normalize(centres.repeat_interleave(4, 0) + 0.05 * torch.randn(n, 32, generator=g), dim=-1)
+    texts = {c: centres[i // 4] for i, caps in enumerate(captions) for c in caps}
+    data = load_wds(write_wds_retrieval(tmp_path / "ret", [id_image(i) for i in range(n)], captions, shards=2))
+    reads_the_captions = LookupClip(images, texts)
+    for ks in ((1,), (1, 5, 10), (5, 10, 50)):
+        m = evaluate_retrieval(reads_the_captions, data, ks=ks, batch_size=16)
+        assert all(m[f"{d}_R@{k}"] == 100.0 for d in ("image_to_text", "text_to_image") for k in ks), (ks, m)
+
+    # the same features with every caption taken as its own text: what the tie order left (at most 1 in 4)
+    flat = [c for caps in captions for c in caps]
+    index = [i for i, caps in enumerate(captions) for _ in caps]
+    features = F.normalize(torch.stack([texts[c] for c in flat]), dim=-1)
+    by_instance = retrieval_metrics(images, features, index, ks=(1,))
+    assert by_instance["text_to_image_R@1"] <= 25.0 + 1e-6
+    by_text = retrieval_metrics(images, features, index, ks=(1,), same_text=[flat.index(c) for c in flat])
+    assert by_text == {"image_to_text_R@1": 100.0, "text_to_image_R@1": 100.0}
+    with pytest.raises(ValueError, match="same_text ids"):
+        retrieval_metrics(images, features, index, same_text=[0, 1])
+
+
 def test_chunked_topk_equals_full_topk():
     g = torch.Generator().manual_seed(0)
     queries, keys = torch.randn(37, 8, generator=g), torch.randn(101, 8, generator=g)
