@@ -132,6 +132,23 @@ def test_captions_read_as_one_text_are_one_candidate_for_each_of_their_images(tm
         retrieval_metrics(images, features, index, same_text=[0, 1])
 
 
+def test_evaluation_runs_in_eval_mode_and_gives_the_callers_mode_back(tmp_path):
+    """A MoE left in training mode (expert dropout on) would give other features at each call."""
+    from clipmoe import sparse_upcycle
+    from clipmoe.eval.features import encode_texts
+
+    moe = sparse_upcycle(make_tiny_clip(), 4, top_k=2, noise=0.01, expert_dropout=0.5).train()
+    n = 12
+    captions = _captions(n)
+    data = load_wds(write_wds_retrieval(tmp_path / "ret", [noise_image(i) for i in range(n)], captions, shards=1))
+    first, second = evaluate_retrieval(moe, data, batch_size=5), evaluate_retrieval(moe, data, batch_size=5)
+    assert first == second and moe.training
+    texts = [c for caps in captions for c in caps]
+    in_training = encode_texts(moe, texts, batch_size=4)
+    assert moe.training
+    assert torch.equal(in_training, encode_texts(moe.eval(), texts, batch_size=4))
+
+
 def test_chunked_topk_equals_full_topk():
     g = torch.Generator().manual_seed(0)
     queries, keys = torch.randn(37, 8, generator=g), torch.randn(101, 8, generator=g)

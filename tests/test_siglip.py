@@ -588,3 +588,35 @@ def test_two_processes_equal_one_for_the_sigmoid_loss(sigmoid_runs, scenario):
         assert "balance" in r0["loss"] or scenario == "sigmoid_fsdp"
         for name in ("logit_scale", "logit_bias"):  # learned, identically on both ranks
             assert (r0["weights"][name] - r0["initial"][name]).abs().item() > 5e-5
+
+
+class _Picture:
+    """What ``attributes.image_features`` reads: an object whose ``open()`` gives the image."""
+
+    def __init__(self, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        self.image = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+
+    def open(self) -> Image.Image:
+        return self.image
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_attribute_features_of_a_siglip_tower_read_every_patch(version):
+    """SigLIP's tower has no class token (a CLIP's first token is one), so the mean patch token is the mean of
+    all of them; SigLIP 2's tower reads patches with their mask and grid."""
+    from clipmoe.eval.attributes import image_features
+
+    model = make_tiny_siglip(version)
+    pictures = [_Picture(i) for i in range(3)]
+    pixels = torch.stack([model.image_processor(p.open()) for p in pictures])
+    with torch.no_grad():
+        if version == 2:
+            keys = ("pixel_values", "pixel_attention_mask", "spatial_shapes")
+            tower = model.vision_model(**dict(zip(keys, patchify(pixels, model.config.vision_config.patch_size))))
+        else:
+            tower = model.vision_model(pixel_values=pixels)
+    assert tower.last_hidden_state.shape[1] == 16  # 4 x 4 patches, nothing else
+    got = image_features(model, pictures, "patch_mean", batch_size=2)
+    assert torch.allclose(got, tower.last_hidden_state.mean(1), atol=1e-5)
+    assert torch.allclose(image_features(model, pictures, "pooled"), tower.pooler_output, atol=1e-5)

@@ -14,6 +14,7 @@ import torch
 
 from ..data.world import is_world, manifest_config, read_manifest
 from ..data.world_language import ATTRIBUTE_BY_NAME, SLOT_RE, CaptionPlan
+from ..model.modeling_siglip import Siglip2MoeModel, patchify
 from .classification import classification_metrics, zero_shot_classifier
 from .datasets import load_wds
 from .features import encode_images, encode_texts
@@ -100,17 +101,28 @@ IMAGE_FEATURES = ("embedding", "pooled", "patch_mean")
 def image_features(model, images, kind: str = "embedding", batch_size: int = 256) -> torch.Tensor:
     """A CLIP's features of ``images`` (ImageRefs, as ``load_wds`` gives) of one ``kind``: ``embedding``, what
     zero-shot and retrieval compare (projected, L2-normalised); ``pooled``, the image tower's pooled output
-    before the projection; ``patch_mean``, its last layer's patch tokens averaged (the tokens a LLaVA-style
-    model reads, pooled)."""
+    before the projection; ``patch_mean``, its last layer's patch tokens averaged (a LLaVA-style model reads the
+    patch tokens of the layer before it)."""
     if kind not in IMAGE_FEATURES:
         raise ValueError(f"image features {kind!r}: choose one of {list(IMAGE_FEATURES)}")
     if kind == "embedding":
         return encode_images(model, images, batch_size=batch_size)
     param, out = next(model.parameters()), []
-    for start in range(0, len(images), batch_size):
-        pixels = torch.stack([model.image_processor(ref.open()) for ref in images[start : start + batch_size]])
-        tower = model.vision_model(pixel_values=pixels.to(param.device, param.dtype))
-        out.append(tower.pooler_output if kind == "pooled" else tower.last_hidden_state[:, 1:].mean(1))
+    # CLIP's tower puts a class token before the patches; SigLIP's has none (its pooling head attends to them)
+    skip = 1 if getattr(model.vision_model.embeddings, "class_embedding", None) is not None else 0
+    training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(images), batch_size):
+            pixels = torch.stack([model.image_processor(ref.open()) for ref in images[start : start + batch_size]])
+            inputs = {"pixel_values": pixels.to(param.device, param.dtype)}
+            if isinstance(model, Siglip2MoeModel):  # SigLIP 2 reads patches with their mask and grid
+                keys = ("pixel_values", "pixel_attention_mask", "spatial_shapes")
+                inputs = dict(zip(keys, patchify(inputs["pixel_values"], model.config.vision_config.patch_size)))
+            tower = model.vision_model(**inputs)
+            out.append(tower.pooler_output if kind == "pooled" else tower.last_hidden_state[:, skip:].mean(1))
+    finally:
+        model.train(training)
     return torch.cat(out).float().cpu()
 
 

@@ -43,9 +43,11 @@ def _param_dtype(model: nn.Module) -> torch.dtype:
 class _Runner:
     """Where and in which precision the model runs: the model is moved to ``device`` (default: where it
     is); ``dtype`` None computes in the weights' own dtype (fp32 for a model loaded without one), a lower
-    precision than the weights runs under autocast."""
+    precision than the weights runs under autocast. Every batch runs in eval mode: a model left in training
+    mode (expert dropout on) would give other features at each call."""
 
     def __init__(self, model: nn.Module, device: str | torch.device | None, dtype: torch.dtype | None) -> None:
+        self.model = model
         self.device = torch.device(device) if device is not None else model_device(model)
         model.to(self.device)
         self.input_dtype = _param_dtype(model)
@@ -55,10 +57,17 @@ class _Runner:
         self.autocast = dtype != self.input_dtype
         self.dtype = dtype
 
+    @contextlib.contextmanager
     def context(self):
-        if not self.autocast:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        """One batch: in eval mode (dropout, expert dropout off; the caller's mode restored after), under
+        autocast where the evaluation dtype is below the weights'."""
+        training = self.model.training
+        self.model.eval()
+        try:
+            with torch.autocast(self.device.type, dtype=self.dtype) if self.autocast else contextlib.nullcontext():
+                yield
+        finally:
+            self.model.train(training)
 
 
 class _ImageDataset(Dataset):
