@@ -17,7 +17,7 @@ from ..data.world_language import ATTRIBUTE_BY_NAME, SLOT_RE, CaptionPlan
 from ..model.modeling_siglip import Siglip2MoeModel, patchify
 from .classification import classification_metrics, zero_shot_classifier
 from .datasets import load_wds
-from .features import encode_images, encode_texts
+from .features import encode_images, encode_texts, eval_mode
 from .linear_probe import linear_probe_accuracy
 from .mlp_probe import mlp_probe_accuracy
 
@@ -110,9 +110,7 @@ def image_features(model, images, kind: str = "embedding", batch_size: int = 256
     param, out = next(model.parameters()), []
     # CLIP's tower puts a class token before the patches; SigLIP's has none (its pooling head attends to them)
     skip = 1 if getattr(model.vision_model.embeddings, "class_embedding", None) is not None else 0
-    training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for start in range(0, len(images), batch_size):
             pixels = torch.stack([model.image_processor(ref.open()) for ref in images[start : start + batch_size]])
             inputs = {"pixel_values": pixels.to(param.device, param.dtype)}
@@ -121,8 +119,6 @@ def image_features(model, images, kind: str = "embedding", batch_size: int = 256
                 inputs = dict(zip(keys, patchify(inputs["pixel_values"], model.config.vision_config.patch_size)))
             tower = model.vision_model(**inputs)
             out.append(tower.pooler_output if kind == "pooled" else tower.last_hidden_state[:, skip:].mean(1))
-    finally:
-        model.train(training)
     return torch.cat(out).float().cpu()
 
 

@@ -40,6 +40,17 @@ def _param_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """``model`` in eval mode (dropout and expert dropout off) inside, the caller's mode given back after."""
+    training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(training)
+
+
 class _Runner:
     """Where and in which precision the model runs: the model is moved to ``device`` (default: where it
     is); ``dtype`` None computes in the weights' own dtype (fp32 for a model loaded without one), a lower
@@ -61,13 +72,9 @@ class _Runner:
     def context(self):
         """One batch: in eval mode (dropout, expert dropout off; the caller's mode restored after), under
         autocast where the evaluation dtype is below the weights'."""
-        training = self.model.training
-        self.model.eval()
-        try:
-            with torch.autocast(self.device.type, dtype=self.dtype) if self.autocast else contextlib.nullcontext():
-                yield
-        finally:
-            self.model.train(training)
+        autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.autocast else contextlib.nullcontext()
+        with eval_mode(self.model), autocast:
+            yield
 
 
 class _ImageDataset(Dataset):
