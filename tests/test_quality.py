@@ -167,12 +167,8 @@ def test_a_report_marks_rows_some_seeds_lack_and_tables_rows_no_rule_trains():
     over those two, and says so; a run whose baselines do not train (soup, controls) still gets its table."""
     from clipmoe.apps.quality import quality_report
 
-    class Metrics(dict):  # the table's other measures (R@5, R@10, MMVP, ...) read 0
-        def __missing__(self, key):
-            return 0.0
-
     def run(seed, rows):
-        results = {r: {"metrics": Metrics(_metrics(*m))} for r, m in rows.items()}
+        results = {r: {"metrics": _AllMeasures(_metrics(*m))} for r, m in rows.items()}
         return {"recipe": "tuned", "seed": seed, "results": results}
 
     full = {"base": (40, 90, 50), "expert soup": (45, 90, 50), "DMU CLIP-MoE": (50, 90, 50)}
@@ -210,6 +206,18 @@ def test_tiny_quality_run_writes_tables_for_both_budget_rules_and_resumes(tmp_pa
     )
     rows = [line for line in open(path).read().splitlines() if line.startswith("|")]
     assert rows == [line for line in text.splitlines() if line.startswith("|")]
+    # finished runs are reported where they were not made: a copy whose snapshot names a CUDA device (there is
+    # none here) and data that is not on this machine reads the same (it was refused for the device)
+    moved = str(tmp_path / "moved")
+    shutil.copytree(os.path.join(out, "runs"), os.path.join(moved, "runs"))
+    snapshot = os.path.join(moved, "runs", "tuned-seed0", "config.yaml")
+    with open(snapshot) as f:
+        config = yaml.safe_load(f)
+    config["device"], config["data"]["train"], config["data"]["eval"] = "cuda", "/elsewhere/train", "/elsewhere/eval"
+    with open(snapshot, "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    path = run_quality(moved, size="tiny", seeds=(0,), recipes=("tuned",), device="cpu", report_only=True)
+    assert [line for line in open(path).read().splitlines() if line.startswith("|")] == rows
     # a run keeps the rules it was started with: dropping one is refused, naming the key, before any work
     with pytest.raises(ValueError, match=r"changed keys: baselines\.budgets"):
         run_quality(
@@ -357,6 +365,37 @@ def _metrics(retrieval: float, known: float, unseen: float) -> dict:
     m.update({f"cls_color/per_class_recall/{c}": unseen for c in ("orange", "red")})  # orange unseen, red seen
     m["cls_background/per_class_recall/olive"] = unseen
     return m
+
+
+class _AllMeasures(dict):
+    """Metrics in which the table's other measures (R@5, R@10, MMVP, ...) read 0."""
+
+    def __missing__(self, key: str) -> float:
+        return 0.0
+
+
+def test_every_table_under_a_budget_rule_ends_with_the_pre_registered_pick():
+    """Also a report of the paper's rows alone (no router-option variant, no later recipe): it printed the
+    pick only beside the recipes x claims table, so the `large` runs' reports had none."""
+    from clipmoe.apps.quality import quality_report
+
+    rows = {
+        "base": (40, 90, 50),
+        "dense fine-tune (1 epoch)": (60, 80, 50),  # most retrieval, loses 10 points of classification
+        "uniform mixture": (50, 90.5, 50),
+        "DMU CLIP-MoE": (48, 90, 50),
+    }
+    runs = {
+        f"tuned-seed{s}": {
+            "recipe": "tuned",
+            "seed": s,
+            "results": {r: {"metrics": _AllMeasures(_metrics(*m))} for r, m in rows.items()},
+        }
+        for s in range(3)
+    }
+    text = quality_report(runs, "tiny", 0.0)
+    assert "Recipes x claims" not in text
+    assert "Recommended under `epoch` by the pre-registered rule: **uniform mixture**" in text
 
 
 def test_recipes_x_claims_and_the_pre_registered_recommendation():

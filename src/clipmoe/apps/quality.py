@@ -36,7 +36,7 @@ import yaml
 from ..data.world import FINETUNE_BACKGROUNDS, FINETUNE_COLORS, WorldConfig, generate_world
 from ..dmu.baselines import BASELINES
 from ..dmu.budgets import BUDGETS
-from ..dmu.config import config_from_dict
+from ..dmu.config import config_from_dict, load_config
 from ..dmu.pipeline import Pipeline, open_run
 from ..dmu.report import mcl_wall_times
 from ..eval.attributes import HIDDEN_ATTRIBUTES, KNOWN_ATTRIBUTES
@@ -475,23 +475,23 @@ def _run(out: str, name: str, config: dict, report_only: bool, fork_of: str | No
         snapshot = os.path.join(run_dir, "config.yaml")
         if not os.path.exists(snapshot):
             raise ValueError(f"{run_dir} does not exist; run it first")
-        cfg, run_dir = open_run(snapshot, run_dir)
-    else:
-        cfg_path = os.path.join(out, "configs", f"{name}.yaml")
-        os.makedirs(os.path.dirname(cfg_path), exist_ok=True)
-        with atomic_file(cfg_path) as f:
-            yaml.safe_dump(config, f, sort_keys=False)
-        if fork_of and not os.path.exists(run_dir):
-            cfg, run_dir = open_run(cfg_path, fork_of, fork=run_dir)
-        else:
-            cfg, run_dir = open_run(cfg_path, run_dir)
-    pipe = Pipeline(cfg, run_dir, init_distributed(cfg.device))
-    if report_only:
+        # A finished run's results are files: it is read wherever it ran (runs made on a GPU, reported on a
+        # laptop), so neither its device nor its base model nor its data is checked, and nothing is written.
+        pipe = Pipeline(load_config(snapshot, check_paths=False), run_dir, init_distributed("cpu"))
         unfinished = [task for task, done in pipe.status().items() if not done]
         if unfinished:
             raise ValueError(f"{run_dir} is not finished ({', '.join(unfinished)}); run it first")
+        return pipe
+    cfg_path = os.path.join(out, "configs", f"{name}.yaml")
+    os.makedirs(os.path.dirname(cfg_path), exist_ok=True)
+    with atomic_file(cfg_path) as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    if fork_of and not os.path.exists(run_dir):
+        cfg, run_dir = open_run(cfg_path, fork_of, fork=run_dir)
     else:
-        pipe.run()
+        cfg, run_dir = open_run(cfg_path, run_dir)
+    pipe = Pipeline(cfg, run_dir, init_distributed(cfg.device))
+    pipe.run()
     return pipe
 
 
@@ -844,7 +844,9 @@ def quality_report(runs: dict, size: str, elapsed: float) -> str:
             lines += ["", *verdicts(runs, recipe, rule), ""]
             if any(r.startswith(f"{DMU_ROW}, ") or r.startswith("CLIP-UP") for r in rows):
                 lines += [f"Recipes x claims, recipe `{recipe}`, budget rule `{rule}`:", ""]
-                lines += [*recipe_claims(runs, recipe, rule), "", recommend(runs, recipe, rule), ""]
+                lines += [*recipe_claims(runs, recipe, rule), ""]
+            if rule is not None:  # the pre-registered pick, whatever rows ran
+                lines += [recommend(runs, recipe, rule), ""]
         lines += _stage_plan_table(runs, recipe)
         lines += _extraction_table(runs, recipe)
     return "\n".join(lines) + "\n"
