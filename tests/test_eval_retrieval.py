@@ -149,6 +149,25 @@ def test_evaluation_runs_in_eval_mode_and_gives_the_callers_mode_back(tmp_path):
     assert torch.equal(in_training, encode_texts(moe.eval(), texts, batch_size=4))
 
 
+def test_a_moe_that_drops_tokens_at_inference_is_evaluated_with_a_warning(tmp_path):
+    """Its features depend on which inputs share a batch: the results of two batch sizes differ, and the
+    evaluation says so instead of reporting them as the model's."""
+    import warnings
+
+    from clipmoe import sparse_upcycle
+
+    n = 12
+    data = load_wds(write_wds_retrieval(tmp_path / "ret", [noise_image(i) for i in range(n)], _captions(n), shards=1))
+    dropless = sparse_upcycle(make_tiny_clip(), 4, top_k=2, noise=0.05, capacity_factor=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # dropless at inference (the default): no warning
+        evaluate_retrieval(dropless, data, batch_size=5)
+    dropping = sparse_upcycle(make_tiny_clip(), 4, top_k=2, noise=0.05, capacity_factor=0.5, capacity_at_inference=True)
+    with pytest.warns(UserWarning, match=r"drops tokens at inference \(capacity_at_inference, capacity_factor 0.5\)"):
+        small, whole = evaluate_retrieval(dropping, data, batch_size=3), evaluate_retrieval(dropping, data, batch_size=n)
+    assert small != whole
+
+
 def test_chunked_topk_equals_full_topk():
     g = torch.Generator().manual_seed(0)
     queries, keys = torch.randn(37, 8, generator=g), torch.randn(101, 8, generator=g)

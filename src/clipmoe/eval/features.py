@@ -9,6 +9,7 @@ so each dataset is encoded once and every metric reuses them.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -42,7 +43,17 @@ def _param_dtype(model: nn.Module) -> torch.dtype:
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
-    """``model`` in eval mode (dropout and expert dropout off) inside, the caller's mode given back after."""
+    """``model`` in eval mode (dropout and expert dropout off) inside, the caller's mode given back after.
+    A MoE that drops tokens at inference too is evaluated as it is, with a warning: its results hold for the
+    batch size and order they were measured with."""
+    dropping = [m.capacity_factor for m in getattr(model, "moe_layers", list)() if m.capacity_at_inference]
+    if any(f > 0 for f in dropping):
+        warnings.warn(
+            f"this model drops tokens at inference (capacity_at_inference, capacity_factor {max(dropping)}): each "
+            "input's features depend on the other inputs of its batch, so these results hold for this batch size "
+            "and order only",
+            stacklevel=3,
+        )
     training = model.training
     model.eval()
     try:
