@@ -164,7 +164,10 @@ def test_a_moe_that_drops_tokens_at_inference_is_evaluated_with_a_warning(tmp_pa
         evaluate_retrieval(dropless, data, batch_size=5)
     dropping = sparse_upcycle(make_tiny_clip(), 4, top_k=2, noise=0.05, capacity_factor=0.5, capacity_at_inference=True)
     with pytest.warns(UserWarning, match=r"drops tokens at inference \(capacity_at_inference, capacity_factor 0.5\)"):
-        small, whole = evaluate_retrieval(dropping, data, batch_size=3), evaluate_retrieval(dropping, data, batch_size=n)
+        small, whole = (
+            evaluate_retrieval(dropping, data, batch_size=3),
+            evaluate_retrieval(dropping, data, batch_size=n),
+        )
     assert small != whole
 
 
