@@ -62,6 +62,9 @@ def test_base_suppresses_its_rarely_named_attributes_rather_than_lacking_them(tm
     for attribute in ("size", "position", "texture"):
         assert result[attribute]["zero_shot"] > result[attribute]["chance"] + 10, (attribute, result[attribute])
     assert result["color"]["zero_shot"] > 90 and result["background"]["zero_shot"] > 90  # what captions name
+    # shape on held-out colour-shape combinations is unbalanced: a constant answer beats its chance (100 / 6)
+    assert result["shape"]["majority"] > result["shape"]["chance"] + 2, result["shape"]
+    assert abs(result["size"]["majority"] - result["size"]["chance"]) < 3, result["size"]
 
 
 def test_conditional_zero_shot_tells_words_the_text_tower_carries_from_words_it_ignores(heldout_world):
@@ -105,6 +108,26 @@ def test_attribute_state_is_the_bar_the_docs_hold_every_base_to(chance, zero_sho
     assert attribute_state(chance, zero_shot, probe) == state
 
 
+def test_the_attribute_table_names_attributes_a_constant_answer_reads_above_chance():
+    """Shape on held-out colour-shape combinations is unbalanced (docs/pretraining.md): the states keep their
+    fixed bar (chance = 100 / values), and the table says which attributes it understates, beyond sampling
+    noise of the images' own value shares."""
+    from clipmoe.eval.attributes import format_attributes
+
+    def result(images: int) -> dict:
+        rows = {
+            "shape": {"chance": 100 / 6, "majority": 20.3, "zero_shot": 21.3, "linear_probe": 92.7, "state": "x"},
+            "size": {"chance": 100 / 3, "majority": 35.9, "zero_shot": 58.2, "linear_probe": 66.9, "state": "x"},
+        }
+        return {"attributes": rows, "images": images, "world": "w", "zero_shot_standard_error": 1.6,
+                "state_from": "linear_probe"}  # fmt: skip
+
+    table = format_attributes(result(1000))
+    assert "| shape | 16.7 | 20.3 | 21.3 | 92.7 | x |" in table
+    assert "Unbalanced on these images: shape (the best constant answer" in table  # size: within noise
+    assert "Unbalanced" not in format_attributes(result(240))  # 3.6 points is within two standard errors there
+
+
 def test_eval_attributes_reads_what_the_shipped_base_knows_and_lacks(heldout_world, tmp_path, capsys):
     """``clipmoe eval --task attributes`` end to end: every attribute's readings, a state for each, the table."""
     from clipmoe.cli import main
@@ -125,7 +148,8 @@ def test_eval_attributes_reads_what_the_shipped_base_knows_and_lacks(heldout_wor
     assert "conditional" not in rows["color"] and {"embedding_mlp", "patch_mean_mlp"} <= set(rows["size"])
     assert result["images"] == 240 and result["probe_train_size"] == 160
     table = capsys.readouterr().out
-    assert "| attribute | chance | zero-shot |" in table and f"| count | 33.3 | {count['zero_shot']:.1f} |" in table
+    assert "| attribute | chance | constant answer | zero-shot |" in table
+    assert f"| count | 33.3 | {count['majority']:.1f} | {count['zero_shot']:.1f} |" in table
     assert "on 240 evaluation images" in table and "states from the embedding's MLP probe on 160 images" in table
     assert "Too few images for the states' 5-point bar" in table  # 240 images: a standard error of up to 3.2
 

@@ -80,7 +80,9 @@ def attribute_sets(world: str) -> list[tuple[dict, object]]:
 def attribute_probes(model, world: str, batch_size: int = 256) -> dict[str, dict[str, float]]:
     """Per attribute of a generated world, on its held-out evaluation images: zero-shot top-1 (prompt ensemble)
     and a linear probe on the same frozen image features (2-fold cross-fitted on those images, so the probe
-    sees the same distribution it is scored on); ``attribute_state`` names what the two say together."""
+    sees the same distribution it is scored on); ``attribute_state`` names what the two say together.
+    ``chance`` is 100 / values (the states' fixed bar); ``majority`` what the best constant answer scores on
+    these images, above chance where the values are unbalanced (shape on held-out colour-shape combinations)."""
     sets = attribute_sets(world)
     features = encode_images(model, sets[0][1].images, batch_size=batch_size)  # every set: the same images
     out = {}
@@ -90,7 +92,8 @@ def attribute_probes(model, world: str, batch_size: int = 256) -> dict[str, dict
         y, half, k = data.targets, len(data.targets) // 2, len(a["values"])
         folds = [(slice(0, half), slice(half, None)), (slice(half, None), slice(0, half))]
         probe = sum(linear_probe_accuracy(features[tr], y[tr], features[te], y[te], k) for tr, te in folds) / 2
-        out[a["name"]] = {"chance": 100.0 / k, "zero_shot": zero_shot, "linear_probe": probe}
+        majority = 100.0 * torch.bincount(torch.as_tensor(y), minlength=k).max().item() / len(y)
+        out[a["name"]] = {"chance": 100.0 / k, "majority": majority, "zero_shot": zero_shot, "linear_probe": probe}
     return out
 
 
@@ -234,7 +237,8 @@ def read_attributes(
 def format_attributes(result: dict) -> str:
     """``read_attributes``' result as a Markdown table, one row per attribute."""
     rows = result["attributes"]
-    columns = [("chance", "chance"), ("zero_shot", "zero-shot"), ("linear_probe", "linear probe")]
+    columns = [("chance", "chance"), ("majority", "constant answer")]
+    columns += [("zero_shot", "zero-shot"), ("linear_probe", "linear probe")]
     columns += [
         (key, title)
         for key, title in [
@@ -261,6 +265,16 @@ def format_attributes(result: dict) -> str:
         f"\nZero-shot and linear probe on {result['images']} evaluation images of {result['world']} (standard error"
         f" up to {error:.1f} points); states from {probe}."
     )
+
+    def unbalanced_bar(chance: float) -> float:  # half the states' bar, or two standard errors of a value's share
+        return max(ABOVE_CHANCE / 2, 2 * 100 * (chance / 100 * (1 - chance / 100) / result["images"]) ** 0.5)
+
+    unbalanced = [n for n, r in rows.items() if r.get("majority", 0) >= r["chance"] + unbalanced_bar(r["chance"])]
+    if unbalanced:
+        lines.append(
+            f"Unbalanced on these images: {', '.join(unbalanced)} (the best constant answer scores well above "
+            "chance); the states read against chance, as designed: compare the zero-shot with the constant answer."
+        )
     if error > ABOVE_CHANCE / 2:  # the states' 5-point bar is then within two standard errors of chance
         lines.append(
             f"Too few images for the states' {ABOVE_CHANCE:.0f}-point bar: generate the world with a larger --eval-size."
