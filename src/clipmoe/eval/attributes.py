@@ -17,7 +17,7 @@ from ..data.world_language import ATTRIBUTE_BY_NAME, SLOT_RE, CaptionPlan
 from ..model.modeling_siglip import Siglip2MoeModel, patchify
 from .classification import classification_metrics, zero_shot_classifier
 from .datasets import load_wds
-from .features import encode_images, encode_texts, eval_mode
+from .features import encode_images, encode_texts, eval_mode, warn_if_batch_dependent
 from .linear_probe import linear_probe_accuracy
 from .mlp_probe import mlp_probe_accuracy
 
@@ -113,6 +113,7 @@ def image_features(model, images, kind: str = "embedding", batch_size: int = 256
     param, out = next(model.parameters()), []
     # CLIP's tower puts a class token before the patches; SigLIP's has none (its pooling head attends to them)
     skip = 1 if getattr(model.vision_model.embeddings, "class_embedding", None) is not None else 0
+    warn_if_batch_dependent(model)
     with eval_mode(model):
         for start in range(0, len(images), batch_size):
             pixels = torch.stack([model.image_processor(ref.open()) for ref in images[start : start + batch_size]])
@@ -269,7 +270,7 @@ def format_attributes(result: dict) -> str:
     def unbalanced_bar(chance: float) -> float:  # half the states' bar, or two standard errors of a value's share
         return max(ABOVE_CHANCE / 2, 2 * 100 * (chance / 100 * (1 - chance / 100) / result["images"]) ** 0.5)
 
-    unbalanced = [n for n, r in rows.items() if r.get("majority", 0) >= r["chance"] + unbalanced_bar(r["chance"])]
+    unbalanced = [n for n, r in rows.items() if r["majority"] >= r["chance"] + unbalanced_bar(r["chance"])]
     if unbalanced:
         lines.append(
             f"Unbalanced on these images: {', '.join(unbalanced)} (the best constant answer scores well above "

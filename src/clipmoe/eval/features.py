@@ -41,11 +41,9 @@ def _param_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """``model`` in eval mode (dropout and expert dropout off) inside, the caller's mode given back after.
-    A MoE that drops tokens at inference too is evaluated as it is, with a warning: its results hold for the
-    batch size and order they were measured with."""
+def warn_if_batch_dependent(model: nn.Module) -> None:
+    """A MoE that drops tokens at inference too is evaluated as it is, with a warning: its results hold for the
+    batch size and order they were measured with. Called once per encoding, not per batch."""
     dropping = [m.capacity_factor for m in getattr(model, "moe_layers", list)() if m.capacity_at_inference]
     if any(f > 0 for f in dropping):
         warnings.warn(
@@ -54,6 +52,11 @@ def eval_mode(model: nn.Module):
             "and order only",
             stacklevel=3,
         )
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """``model`` in eval mode (dropout and expert dropout off) inside, the caller's mode given back after."""
     training = model.training
     model.eval()
     try:
@@ -70,6 +73,7 @@ class _Runner:
 
     def __init__(self, model: nn.Module, device: str | torch.device | None, dtype: torch.dtype | None) -> None:
         self.model = model
+        warn_if_batch_dependent(model)
         self.device = torch.device(device) if device is not None else model_device(model)
         model.to(self.device)
         self.input_dtype = _param_dtype(model)
