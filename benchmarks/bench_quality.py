@@ -6,6 +6,8 @@ python benchmarks/bench_quality.py --budgets epoch steps samples flops   # + equ
 python benchmarks/bench_quality.py --size large --seeds 0 --recipes tuned --budgets epoch   # the paper's rule alone
 python benchmarks/bench_quality.py --baselines all       # + the later recipes (CLIP-UP, cluster-partition fusion)
 python benchmarks/bench_quality.py --recipes tuned tuned+centroid tuned+distill   # router options vs tuned
+python benchmarks/bench_quality.py --base-model MY_CLIP --out q-mine; python benchmarks/bench_quality.py --out q-mine \
+    --compare quality-run                              # each claim's verdict on the shipped base -> on MY_CLIP
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from clipmoe.apps.quality import (
     SIZES,
     TESTBED_BUDGETS,
     TasksFailed,
+    compare_quality,
     default_jobs,
     run_quality,
 )
@@ -54,6 +57,12 @@ def main() -> None:
         help="write quality.md from finished runs (e.g. run per recipe in parallel)",
     )
     p.add_argument(
+        "--compare",
+        metavar="REFERENCE",
+        help="write OUT/compare.md instead of running: each claim's verdict and the pre-registered pick of the "
+        "finished runs in REFERENCE (another --out) -> those in --out, in bold where they differ",
+    )
+    p.add_argument(
         "--baselines",
         nargs="+",
         default=list(DEFAULT_BASELINES),
@@ -68,7 +77,7 @@ def main() -> None:
         "default: a free core each on a CPU, 1 on a GPU",
     )
     a = p.parse_args()
-    if a.report_only:  # each finished run's own config says what it was trained with
+    if a.report_only or a.compare:  # each finished run's own config says what it was trained with
         ignored = [
             option
             for option, given in (
@@ -81,13 +90,17 @@ def main() -> None:
         ]
         if ignored:
             print(
-                f"quality: error: {', '.join(ignored)}: not used by --report-only, which reads each run's own config",
+                f"quality: error: {', '.join(ignored)}: not used by {'--compare' if a.compare else '--report-only'},"
+                " which reads each run's own config",
                 file=sys.stderr,
             )
             sys.exit(2)
     baselines = "all" if a.baselines == ["all"] else a.baselines
     interrupt.install()  # a Ctrl-C stops the run at its next step even when a finalizer swallows it
     try:
+        if a.compare:
+            compare_quality(a.out, a.compare, a.size, tuple(a.seeds), tuple(a.recipes), tuple(a.budgets))
+            return
         run_quality(
             a.out,
             a.size,

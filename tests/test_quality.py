@@ -20,6 +20,7 @@ from clipmoe.apps.quality import (
     FINETUNE_COLORS,
     SIZES,
     _claim_line,
+    compare_quality,
     decide,
     keeps_classification,
     pipeline_config,
@@ -218,6 +219,11 @@ def test_tiny_quality_run_writes_tables_for_both_budget_rules_and_resumes(tmp_pa
         yaml.safe_dump(config, f, sort_keys=False)
     path = run_quality(moved, size="tiny", seeds=(0,), recipes=("tuned",), device="cpu", report_only=True)
     assert [line for line in open(path).read().splitlines() if line.startswith("|")] == rows
+    # the moved copy's verdicts beside the original's: the same runs, so nothing differs
+    path = compare_quality(moved, out, size="tiny", seeds=(0,), recipes=("tuned",))
+    table = [line for line in open(path).read().splitlines() if line.startswith("| ")]
+    assert table[0] == "| claim | `tuned`, `epoch` | `tuned`, `steps` |" and len(table) > 8
+    assert "**" not in "".join(table) and all(" -> " in line for line in table[2:])
     # a run keeps the rules it was started with: dropping one is refused, naming the key, before any work
     with pytest.raises(ValueError, match=r"changed keys: baselines\.budgets"):
         run_quality(
@@ -439,3 +445,37 @@ def test_recipes_x_claims_and_the_pre_registered_recommendation():
         r["results"]["base"]["metrics"] = _metrics(20.0, 95.0, 98.0)
     text = recommend(runs, "tuned", "epoch")
     assert "no row keeps classification" in text and "**dense fine-tune (1 epoch)**" in text
+
+
+def test_a_comparison_sets_each_verdict_and_pick_beside_the_reference_and_marks_what_changed():
+    """The testbed on another base (``--compare``): claims whose verdict differs, and a pick that differs, are
+    in bold; a claim one side did not measure says so; columns are the recipes and rules both sides hold."""
+    from clipmoe.apps.quality import compare_report
+
+    def runs(dmu: float, dense: float, steps: bool) -> dict:
+        rows = {"base": (40.0, 90.0, 90.0), "dense fine-tune (1 epoch)": (dense, 89.5, 80.0)}
+        if steps:
+            rows["dense fine-tune (equal steps)"] = (60.0, 80.0, 70.0)
+        rows["DMU CLIP-MoE"] = (dmu, 90.0, 88.0)
+        return {
+            f"tuned-seed{s}": {
+                "recipe": "tuned",
+                "seed": s,
+                "results": {k: {"metrics": _metrics(*v)} for k, v in rows.items()},
+            }
+            for s in range(3)
+        }
+
+    text = compare_report(runs(50.0, 45.0, True), runs(50.0, 55.0, False), ("shipped", "other"))
+    assert text.startswith("# The testbed's verdicts: shipped -> other")
+    header = next(line for line in text.splitlines() if line.startswith("| claim |"))
+    assert header == "| claim | `tuned`, `epoch` |"  # `steps` only on the reference's side: not compared
+    line = {row.split(" | ")[0][2:]: row for row in text.splitlines() if row.startswith("| ")}
+    assert "**holds +5.0 -> does not hold -5.0**" in line["DMU beats direct fine-tuning on retrieval"]
+    assert "| holds +0.0 -> holds +0.0 |" in line["DMU keeps classification within 1 point of the base"]
+    assert "not measured -> not measured" in line["DMU beats sparse upcycling on retrieval"]
+    assert "**DMU CLIP-MoE -> dense fine-tune (1 epoch)**" in line["pre-registered pick"]
+    same = compare_report(runs(50.0, 45.0, True), runs(50.0, 45.0, True), ("a", "b"))
+    assert "**" not in same and same.count("`tuned`, `") == 2
+    with pytest.raises(ValueError, match="share no recipe and budget rule"):
+        compare_report(runs(50.0, 45.0, True), {}, ("a", "b"))

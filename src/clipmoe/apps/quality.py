@@ -223,15 +223,7 @@ def run_quality(
     ``budgets`` beyond the testbed's two train in forks of each run (see the module docstring); ``baselines``
     selects the baseline rows (keys of dmu/baselines.py's registry, or "all"); ``jobs`` > 1 trains the runs in
     that many processes at once (``default_jobs``), each seed's recipe with its variants in one."""
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; choose from {sorted(SIZES)}")
-    unknown = sorted(set(recipes) - set(RECIPES))
-    if unknown:
-        raise ValueError(f"unknown recipe(s) {unknown}; choose from {sorted(RECIPES)}")
-    orphans = sorted(r for r in recipes if RECIPES[r].get("variant_of", r) not in recipes)
-    if orphans:
-        raise ValueError(f"recipe(s) {orphans} are forks of {RECIPES[orphans[0]]['variant_of']!r}: run it too")
-    recipes = tuple(sorted(recipes, key=lambda r: "variant_of" in RECIPES[r]))  # a variant after its parent
+    recipes = _checked_recipes(size, recipes)
     run_budgets(budgets)  # refuses a request no run can hold before anything is written
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
@@ -263,6 +255,41 @@ def run_quality(
     path = os.path.join(out, "quality.md")
     write_text(path, quality_report(runs, size, elapsed))
     print(f"quality: report {path}")
+    return path
+
+
+def _checked_recipes(size: str, recipes: tuple[str, ...]) -> tuple[str, ...]:
+    """The recipes of a request, each variant after its parent; an unknown size or recipe, or a variant without
+    its parent, is refused."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose from {sorted(SIZES)}")
+    unknown = sorted(set(recipes) - set(RECIPES))
+    if unknown:
+        raise ValueError(f"unknown recipe(s) {unknown}; choose from {sorted(RECIPES)}")
+    orphans = sorted(r for r in recipes if RECIPES[r].get("variant_of", r) not in recipes)
+    if orphans:
+        raise ValueError(f"recipe(s) {orphans} are forks of {RECIPES[orphans[0]]['variant_of']!r}: run it too")
+    return tuple(sorted(recipes, key=lambda r: "variant_of" in RECIPES[r]))  # a variant after its parent
+
+
+def compare_quality(
+    out: str,
+    reference: str,
+    size: str = "default",
+    seeds: tuple[int, ...] = (0, 1, 2),
+    recipes: tuple[str, ...] = ("paper", "tuned"),
+    budgets: tuple[str, ...] = TESTBED_BUDGETS,
+) -> str:
+    """Set the verdicts of the finished runs in ``out`` beside those in ``reference`` (another testbed output,
+    for example the same testbed on another base; both read as ``report_only``), and write ``out/compare.md``
+    (``compare_report``); returns its path."""
+    recipes = _checked_recipes(size, recipes)
+    run_budgets(budgets)
+    settings = (size, "builtin:tiny-clip", "cpu", budgets, DEFAULT_BASELINES)  # unread: each run's own config is
+    read = [_runs(os.path.abspath(folder), seeds, recipes, settings, report_only=True) for folder in (reference, out)]
+    path = os.path.join(out, "compare.md")
+    write_text(path, compare_report(read[0], read[1], (reference, out)))
+    print(f"quality: comparison {path}")
     return path
 
 
@@ -674,39 +701,47 @@ def _seeds_said(verdict: str, diffs: list[float], of: int) -> str:
     return f"{verdict}, one seed" if len(diffs) == 1 else verdict
 
 
-def verdicts(runs: dict, recipe: str, rule: str) -> list[str]:
+def claims(runs: dict, recipe: str, rule: str) -> list[tuple[str, list[float], str, str]]:
+    """Every claim the testbed decides for ``recipe`` under ``rule``: (claim, per-seed paired differences, verdict,
+    unit). Claims whose rows the runs lack are left out (the later recipes, the controls) or have no differences."""
     rows = _rows(runs, recipe)
     dense = next((r for r in rows if r.startswith("dense fine-tune") and row_rule(r) == rule), None)
     upcycle = next((r for r in rows if r.startswith("sparse upcycling") and row_rule(r) == rule), None)
-    dmu, base, of = "DMU CLIP-MoE", "base", _seed_count(runs, recipe)
-    lines = ["| claim | DMU minus the other (mean, range over seeds) | verdict |", "|---|---|---|"]
+    dmu, base = "DMU CLIP-MoE", "base"
+    out = []
+
+    def add(claim: str, diffs: list[float], verdict, unit: str = "points") -> None:
+        out.append((claim, diffs, verdict(diffs), unit))
+
     for claim, other in (
         ("DMU beats direct fine-tuning on retrieval", dense),
         ("DMU beats sparse upcycling on retrieval", upcycle),
     ):
-        diffs = _paired(runs, recipe, dmu, other, retrieval_r1) if other else []
-        lines.append(_claim_line(claim, diffs, decide(diffs), of))
-    diffs = _paired(runs, recipe, dmu, base, known_zero_shot)
-    claim = "DMU keeps classification within 1 point of the base"
-    lines.append(_claim_line(claim, diffs, keeps_classification(diffs), of))
+        add(claim, _paired(runs, recipe, dmu, other, retrieval_r1) if other else [], decide)
+    add(
+        "DMU keeps classification within 1 point of the base",
+        _paired(runs, recipe, dmu, base, known_zero_shot),
+        keeps_classification,
+    )
     for claim, prefix in (
         ("DMU beats CLIP-UP upcycling on retrieval", "CLIP-UP upcycling"),
         ("DMU beats cluster-partition fusion on retrieval", "cluster-partition fusion"),
     ):
         other = next((r for r in rows if r.startswith(prefix) and row_rule(r) == rule), None)
         if other:
-            diffs = _paired(runs, recipe, dmu, other, retrieval_r1)
-            lines.append(_claim_line(claim, diffs, decide(diffs), of))
+            add(claim, _paired(runs, recipe, dmu, other, retrieval_r1), decide)
     wo_mcl = next((r for r in rows if r.startswith("w/o MCL") and row_rule(r) == rule), None)
-    diffs = _paired(runs, recipe, dmu, wo_mcl, retrieval_r1) if wo_mcl else []
-    lines.append(_claim_line("DMU beats w/o MCL on retrieval (MCL matters)", diffs, decide(diffs), of))
+    add(
+        "DMU beats w/o MCL on retrieval (MCL matters)",
+        _paired(runs, recipe, dmu, wo_mcl, retrieval_r1) if wo_mcl else [],
+        decide,
+    )
     for claim, control in (
         ("DMU beats random routers on retrieval (learned routing matters)", "random routers"),
         ("DMU beats the uniform mixture on retrieval (routing matters)", "uniform mixture"),
     ):
         if control in rows:  # runs made before the controls existed have no such row
-            diffs = _paired(runs, recipe, dmu, control, retrieval_r1)
-            lines.append(_claim_line(claim, diffs, decide(diffs), of))
+            add(claim, _paired(runs, recipe, dmu, control, retrieval_r1), decide)
     mi = []
     for r in runs.values():
         if r["recipe"] == recipe and dmu in r["results"]:
@@ -714,12 +749,15 @@ def verdicts(runs: dict, recipe: str, rule: str) -> list[str]:
             init = routing_mutual_information(r.get("init_routing", {}))
             if trained is not None and init is not None:
                 mi.append(1000 * (trained - init))
-    lines.append(
-        _claim_line(
-            "Experts specialise (routing-attribute MI, trained minus untrained routers)", mi, decide(mi), of, "mnats"
-        )
-    )
-    return lines
+    add("Experts specialise (routing-attribute MI, trained minus untrained routers)", mi, decide, "mnats")
+    return out
+
+
+def verdicts(runs: dict, recipe: str, rule: str) -> list[str]:
+    """The claims table of one recipe and rule (``claims``), as the report prints it."""
+    of = _seed_count(runs, recipe)
+    lines = ["| claim | DMU minus the other (mean, range over seeds) | verdict |", "|---|---|---|"]
+    return lines + [_claim_line(c, diffs, verdict, of, unit) for c, diffs, verdict, unit in claims(runs, recipe, rule)]
 
 
 def _candidates(runs: dict, recipe: str, rule: str) -> list[str]:
@@ -777,10 +815,10 @@ def recipe_claims(runs: dict, recipe: str, rule: str) -> list[str]:
     return lines
 
 
-def recommend(runs: dict, recipe: str, rule: str = "epoch") -> str:
+def pick(runs: dict, recipe: str, rule: str = "epoch") -> tuple[str, str]:
     """The default-recipe rule fixed before running (docs/quality.md): among the rows that keep classification
     within 1 point of the base in every seed, the highest mean retrieval R@1; if none does, the highest mean of
-    retrieval R@1 and known zero-shot."""
+    retrieval R@1 and known zero-shot. Returns the row and why."""
     rows = _candidates(runs, recipe, rule)
     keep = [r for r in rows if keeps_classification(_paired(runs, recipe, r, "base", known_zero_shot)) == "holds"]
 
@@ -789,16 +827,20 @@ def recommend(runs: dict, recipe: str, rule: str = "epoch") -> str:
 
     if keep:
         best = max(keep, key=lambda r: mean(r, retrieval_r1))
-        why = (
+        return best, (
             "keeps classification within 1 point of the base in every seed, and has the highest retrieval R@1 of those"
         )
-    else:
-        best = max(rows, key=lambda r: (mean(r, retrieval_r1) + mean(r, known_zero_shot)) / 2)
-        why = (
-            "no row keeps classification within 1 point of the base in every seed; it has the highest mean of "
-            f"retrieval R@1 and known zero-shot ({mean(best, known_zero_shot) - mean('base', known_zero_shot):+.1f} "
-            "points of known zero-shot against the base)"
-        )
+    best = max(rows, key=lambda r: (mean(r, retrieval_r1) + mean(r, known_zero_shot)) / 2)
+    return best, (
+        "no row keeps classification within 1 point of the base in every seed; it has the highest mean of "
+        f"retrieval R@1 and known zero-shot ({mean(best, known_zero_shot) - mean('base', known_zero_shot):+.1f} "
+        "points of known zero-shot against the base)"
+    )
+
+
+def recommend(runs: dict, recipe: str, rule: str = "epoch") -> str:
+    """The pre-registered pick (``pick``) as the report prints it."""
+    best, why = pick(runs, recipe, rule)
     return f"Recommended under `{rule}` by the pre-registered rule: **{best}**: {why}."
 
 
@@ -849,6 +891,59 @@ def quality_report(runs: dict, size: str, elapsed: float) -> str:
                 lines += [recommend(runs, recipe, rule), ""]
         lines += _stage_plan_table(runs, recipe)
         lines += _extraction_table(runs, recipe)
+    return "\n".join(lines) + "\n"
+
+
+def _rules(runs: dict, recipe: str) -> list[str]:
+    """The budget rules some row of ``recipe`` was trained under, in the registry's order."""
+    rows = _rows(runs, recipe)
+    return [b for b in BUDGETS if any(row_rule(row) == b for row in rows)]
+
+
+def compare_report(reference: dict, runs: dict, names: tuple[str, str]) -> str:
+    """Each claim's verdict and mean difference, and the pre-registered pick, of the ``reference`` runs -> those
+    of ``runs``, per recipe and budget rule both hold; a verdict or pick that differs is in bold."""
+    recipes = [
+        r
+        for r in dict.fromkeys(x["recipe"] for x in reference.values())
+        if any(y["recipe"] == r for y in runs.values())
+    ]
+    columns = [
+        (recipe, rule) for recipe in recipes for rule in _rules(reference, recipe) if rule in _rules(runs, recipe)
+    ]
+    if not columns:
+        raise ValueError(f"{names[0]} and {names[1]} share no recipe and budget rule to compare")
+    decided = [[{c: (v, d, u) for c, d, v, u in claims(side, *col)} for col in columns] for side in (reference, runs)]
+    fullest = max((list(col) for side in decided for col in side), key=len)  # the report's order of claims
+    order = list(dict.fromkeys([*fullest, *(c for side in decided for col in side for c in col)]))
+
+    def said(x: tuple | None) -> str:
+        if x is None or not x[1]:
+            return "not measured"
+        verdict, diffs, unit = x
+        return f"{verdict} {np.mean(diffs):+.{_places(diffs)}f}" + ("" if unit == "points" else f" {unit}")
+
+    def cell(a: str, b: str, differs: bool) -> str:
+        return f"**{a} -> {b}**" if differs else f"{a} -> {b}"
+
+    lines = [
+        f"# The testbed's verdicts: {names[0]} -> {names[1]}",
+        "",
+        "Per recipe and budget rule: each claim's verdict and DMU's mean difference over the seeds (as in each "
+        "report), then the pre-registered pick; in bold where the two differ.",
+        "",
+        "| claim | " + " | ".join(f"`{recipe}`, `{rule}`" for recipe, rule in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    for c in order:
+        cells = []
+        for i in range(len(columns)):
+            a, b = decided[0][i].get(c), decided[1][i].get(c)
+            differs = bool(a and b and a[1] and b[1] and a[0] != b[0])
+            cells.append(cell(said(a), said(b), differs))
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    picks = [(pick(reference, *col)[0], pick(runs, *col)[0]) for col in columns]
+    lines.append("| pre-registered pick | " + " | ".join(cell(a, b, a != b) for a, b in picks) + " |")
     return "\n".join(lines) + "\n"
 
 
