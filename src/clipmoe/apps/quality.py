@@ -285,7 +285,8 @@ def compare_quality(
     (``compare_report``); returns its path."""
     recipes = _checked_recipes(size, recipes)
     run_budgets(budgets)
-    settings = (size, "builtin:tiny-clip", "cpu", budgets, DEFAULT_BASELINES)  # unread: each run's own config is
+    # only the budgets are read: a finished run is read with its own config (base, device, baselines)
+    settings = (size, "builtin:tiny-clip", "cpu", budgets, DEFAULT_BASELINES)
     read = [_runs(os.path.abspath(folder), seeds, recipes, settings, report_only=True) for folder in (reference, out)]
     path = os.path.join(out, "compare.md")
     write_text(path, compare_report(read[0], read[1], (reference, out)))
