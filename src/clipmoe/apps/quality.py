@@ -284,7 +284,6 @@ def compare_quality(
     for example the same testbed on another base; both read as ``report_only``), and write ``out/compare.md``
     (``compare_report``); returns its path."""
     recipes = _checked_recipes(size, recipes)
-    run_budgets(budgets)
     # only the budgets are read: a finished run is read with its own config (base, device, baselines)
     settings = (size, "builtin:tiny-clip", "cpu", budgets, DEFAULT_BASELINES)
     read = [_runs(os.path.abspath(folder), seeds, recipes, settings, report_only=True) for folder in (reference, out)]
@@ -853,6 +852,12 @@ def _rows(runs: dict, recipe: str) -> list[str]:
     return rows
 
 
+def _rules(runs: dict, recipe: str) -> list[str]:
+    """The budget rules some row of ``recipe`` was trained under, in the registry's order."""
+    rows = _rows(runs, recipe)
+    return [b for b in BUDGETS if any(row_rule(row) == b for row in rows)]
+
+
 def quality_report(runs: dict, size: str, elapsed: float) -> str:
 
     seeds = sorted({r["seed"] for r in runs.values()})
@@ -873,7 +878,7 @@ def quality_report(runs: dict, size: str, elapsed: float) -> str:
         rows = _rows(runs, recipe)
         of = _seed_count(runs, recipe)
         # no baseline that trains (only the soup and the controls): one table, under no budget rule
-        for rule in [b for b in BUDGETS if any(row_rule(row) == b for row in rows)] or [None]:
+        for rule in _rules(runs, recipe) or [None]:
             shown = [r for r in rows if row_rule(r) in (None, rule)]
             if rule is None:
                 lines += [f"## Recipe `{recipe}` (no baseline trains, so no budget rule applies)", ""]
@@ -893,12 +898,6 @@ def quality_report(runs: dict, size: str, elapsed: float) -> str:
         lines += _stage_plan_table(runs, recipe)
         lines += _extraction_table(runs, recipe)
     return "\n".join(lines) + "\n"
-
-
-def _rules(runs: dict, recipe: str) -> list[str]:
-    """The budget rules some row of ``recipe`` was trained under, in the registry's order."""
-    rows = _rows(runs, recipe)
-    return [b for b in BUDGETS if any(row_rule(row) == b for row in rows)]
 
 
 def compare_report(reference: dict, runs: dict, names: tuple[str, str]) -> str:
