@@ -135,6 +135,9 @@ def test_report_only_names_the_run_that_was_never_run(tmp_path):
     with pytest.raises(ValueError, match=r"runs/tuned-seed0 does not exist; run it first"):
         run_quality(out, size="tiny", seeds=(0,), recipes=("tuned",), device="cpu", report_only=True)
     assert os.listdir(out) == []  # nothing half-made, and no world generated only to refuse
+    with pytest.raises(ValueError, match=r"elsewhere/runs/tuned-seed0 does not exist; run it first"):
+        compare_quality(out, str(tmp_path / "elsewhere"), size="tiny", seeds=(0,), recipes=("tuned",))
+    assert os.listdir(out) == []  # a comparison of runs that do not exist writes nothing
 
 
 def test_a_request_the_runs_cannot_honour_is_refused_before_anything_is_written(tmp_path):
@@ -160,6 +163,12 @@ def test_a_request_the_runs_cannot_honour_is_refused_before_anything_is_written(
     assert done.returncode == 2 and not out.exists()
     assert done.stderr.strip().splitlines() == [
         "quality: error: --baselines, --jobs: not used by --report-only, which reads each run's own config"
+    ]
+    done = subprocess.run(
+        [*BENCH_QUALITY, "--compare", str(out), "--device", "cuda"], capture_output=True, text=True, env=ENV
+    )
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "quality: error: --device: not used by --compare, which reads each run's own config"
     ]
 
 
