@@ -226,5 +226,8 @@ def test_attributes_refuses_worlds_it_cannot_read_right_before_loading_the_model
         object_dots, WorldConfig.preset("test", train_size=4, eval_size=8, dot_color="object"), verbose=False
     )
     assert "draw their images differently (dot_color contrast vs object)" in _error([*argv, str(object_dots)], capsys)
+    spots = tmp_path / "spots"
+    generate_world(spots, WorldConfig.preset("test", train_size=4, eval_size=8, dot_placement="object"), verbose=False)
+    assert "draw their images differently (dot_placement apart vs object)" in _error([*argv, str(spots)], capsys)
     too_few = _error([*argv, str(small)], capsys)
     assert f"{small}: 8 evaluation images, the probes need 5000 + 1000 (--probe-train-size" in too_few

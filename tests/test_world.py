@@ -37,7 +37,16 @@ from clipmoe.data.world_language import (
     words,
 )
 from clipmoe.data.world_probe import probe_world
-from clipmoe.data.world_render import BACKGROUND_RGB, OBJECT_RGB, QUADRANTS, SIZE_FRACTION, Layout, dot_rgb, render
+from clipmoe.data.world_render import (
+    BACKGROUND_RGB,
+    OBJECT_RGB,
+    QUADRANTS,
+    SIZE_FRACTION,
+    Layout,
+    dot_rgb,
+    render,
+    spot_rgb,
+)
 
 CONFIG = WorldConfig.preset("test")
 
@@ -600,6 +609,58 @@ def test_dot_color_is_a_world_option_recorded_in_the_manifest_and_checked(tmp_pa
     with pytest.raises(SystemExit):
         parser.parse_args([out, "--dot-color", "grey"])
     assert "invalid choice: 'grey'" in capsys.readouterr().err
+
+
+def test_spots_on_the_object_show_the_count_on_it_and_nothing_apart():
+    """``dot_placement="object"``: a row of ``count`` spots inside the object, in the colour that stands out
+    against both object and backdrop; the quadrants apart from the object are bare backdrop."""
+    layout = _plain_layout(jitter=(0.0, 0.0))
+    size, half = 96, 48  # twice the test world's side, so each spot is several pixels across
+    for count, n in (("one", 1), ("two", 2), ("three", 3)):
+        attributes = {
+            "color": "yellow",
+            "background": "white",
+            "shape": "square",
+            "size": "large",
+            "position": "lower right",
+            "texture": "solid",
+            "count": count,
+        }
+        pixels = np.asarray(render(attributes, layout, size, dot_placement="object"))
+        spots = near(pixels, spot_rgb("yellow", "white"), 60)
+        assert spot_rgb("yellow", "white") == (15, 15, 15)  # black stands out on yellow and on white
+        assert not spots[:half].any() and not spots[:, :half].any()  # nothing outside the object's quadrant
+        row = spots[spots.sum(axis=1).argmax()]  # the row through the spots' centres
+        runs = np.count_nonzero(np.diff(row.astype(int)) == 1)
+        assert runs == n, (count, runs)
+        bare = near(pixels[:half, :half], BACKGROUND_RGB["white"], 1)
+        assert bare.all()  # the quadrants the dots used to take are backdrop
+    assert spot_rgb("blue", "navy") == (250, 250, 250)
+    with pytest.raises(ValueError, match=r"dot_placement 'inside' must be one of \('apart', 'object'\)"):
+        render(attributes, layout, size, dot_placement="inside")
+    with pytest.raises(ValueError, match="dot_radius and dot_color apply to dots apart"):
+        render(attributes, layout, size, dot_radius=0.09, dot_placement="object")
+
+
+def test_dot_placement_is_a_world_option_recorded_in_the_manifest_and_checked(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_world_arguments(parser)
+    out = str(tmp_path / "spots")
+    argv = [out, "--preset", "test", "--train-size", "20", "--dot-placement", "object", "--quiet"]
+    assert run_world(parser.parse_args(argv)) == 0
+    with open(os.path.join(out, "world.json")) as f:
+        assert json.load(f)["config"]["dot_placement"] == "object"
+    default = str(tmp_path / "default")
+    generate_world(default, WorldConfig.preset("test", train_size=20), verbose=False)
+    first = sorted(glob.glob(os.path.join(out, "train", "*", "*.png")))[0]
+    assert (np.asarray(Image.open(first)) != np.asarray(Image.open(first.replace(out, default)))).any()
+    with open(first.replace(".png", ".json")) as a, open(first.replace(out, default).replace(".png", ".json")) as b:
+        assert a.read() == b.read()  # same scene, same captions
+    with pytest.raises(ValueError, match=r"WorldConfig.dot_placement='inside' must be one of \('apart', 'object'\)"):
+        WorldConfig(dot_placement="inside")
+    for field in ({"dot_radius": 0.09}, {"dot_color": "object"}):
+        with pytest.raises(ValueError, match=r"WorldConfig.dot_placement='object' draws black or white spots"):
+            WorldConfig(dot_placement="object", **field)
 
 
 def test_dot_radius_out_of_range_is_refused_naming_the_field():

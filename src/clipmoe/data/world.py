@@ -43,7 +43,7 @@ from .world_language import (
     vocabulary,
     web_caption,
 )
-from .world_render import DOT_COLORS, DOT_RADIUS, MAX_DOT_RADIUS, Layout, render
+from .world_render import DOT_COLORS, DOT_PLACEMENTS, DOT_RADIUS, MAX_DOT_RADIUS, Layout, render
 
 FORMAT_VERSION = 2  # 2: web alt-text captions, train/val colour and background subsets
 MANIFEST = "world.json"
@@ -71,6 +71,7 @@ class WorldConfig:
     noise: float = 0.0  # std of Gaussian pixel noise (0-255 scale): a difficulty knob
     dot_radius: float = DOT_RADIUS  # of the image side: how salient the dots (the count attribute) are
     dot_color: str = "contrast"  # black/white against the backdrop, or "object": the object's colour (DOT_COLORS)
+    dot_placement: str = "apart"  # in other quadrants, or "object": spots on the object itself (DOT_PLACEMENTS)
     # A narrower train/val image distribution (the fine-tuning data of the quality testbed): object colours and
     # backgrounds drawn from these values only; empty = all. Evaluation sets always cover every value.
     train_colors: tuple[str, ...] = ()
@@ -99,6 +100,13 @@ class WorldConfig:
                 f"image_size {self.image_size} (smaller dots blur away)",
             ),
             ("dot_color", self.dot_color in DOT_COLORS, f"must be one of {DOT_COLORS}"),
+            ("dot_placement", self.dot_placement in DOT_PLACEMENTS, f"must be one of {DOT_PLACEMENTS}"),
+            (
+                "dot_placement",
+                self.dot_placement == "apart" or (self.dot_radius == DOT_RADIUS and self.dot_color == "contrast"),
+                "draws black or white spots scaled with the object: dot_radius and dot_color must stay at their"
+                f" defaults ({DOT_RADIUS}, 'contrast'); they set only dots apart from it",
+            ),
         ]
         for name, attribute in (("train_colors", "color"), ("train_backgrounds", "background")):
             values, known = getattr(self, name), ATTRIBUTE_BY_NAME[attribute].values
@@ -263,7 +271,15 @@ def _other_value(rng: np.random.Generator, attribute: str, value: str) -> str:
 
 
 def _image(config: WorldConfig, attributes: dict[str, str], layout: Layout) -> Image.Image:
-    return render(attributes, layout, config.image_size, config.noise, config.dot_radius, config.dot_color)
+    return render(
+        attributes,
+        layout,
+        config.image_size,
+        config.noise,
+        config.dot_radius,
+        config.dot_color,
+        config.dot_placement,
+    )
 
 
 def _write_captioned_split(
@@ -559,6 +575,11 @@ def add_world_arguments(parser: argparse.ArgumentParser) -> None:
         "--dot-color",
         choices=DOT_COLORS,
         help="dots black/white against the backdrop (contrast, the default) or in the object's colour (object)",
+    )
+    parser.add_argument(
+        "--dot-placement",
+        choices=DOT_PLACEMENTS,
+        help="dots in quadrants apart from the object (apart, the default) or a row of spots on it (object)",
     )
     parser.add_argument("--workers", type=int, default=1, help="processes writing the train/val splits (default 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -1,4 +1,5 @@
-"""Drawing one scene of the generated world: a shape in one quadrant, small dots in other quadrants.
+"""Drawing one scene of the generated world: a shape in one quadrant, small dots in other quadrants (or, as a
+world option, spots on the object itself).
 
 Geometry is relative to the image size, so the same scene renders at any resolution. Everything is drawn
 at ``SUPERSAMPLE`` times the resolution and box-averaged down: edges are anti-aliased like a real
@@ -52,6 +53,14 @@ MAX_DOT_RADIUS = 0.2  # a dot (at most 0.4 of the side across) must fit its quad
 # the count is a property of marks apart from the object; ``object`` in the object's own colour (and tint), so
 # the count is one of marks that look like the object, which the image embedding weighs with it.
 DOT_COLORS = ("contrast", "object")
+# Where the dots are: ``apart`` (the default) one in each of ``count`` quadrants other than the object's, so the
+# count is a property of marks apart from the object; ``object`` a row of spots on the object itself, scaled with
+# it, so the count is part of the object the class token attends to, as its texture is (black or white, whichever
+# stands out more against both the object and the backdrop).
+DOT_PLACEMENTS = ("apart", "object")
+SPOT_RADIUS = 0.13  # of the object's half-extent: 1.6 px across on a small object at 48 px, 2.9 px on a large one
+SPOT_X = {1: (0.0,), 2: (-0.22, 0.22), 3: (-0.42, 0.0, 0.42)}  # spot centres, in the object's half-extents
+SPOT_Y = 0.1  # just below the centre, where the triangle (apex up) is wide enough for three spots
 MARGIN = 1.0  # pixels kept free between anything drawn and its quadrant's border
 
 
@@ -197,6 +206,22 @@ def _dot_mask(attributes: Mapping[str, str], layout: Layout, size: int, radius: 
     return np.asarray(canvas) > 0
 
 
+def _spot_mask(attributes: Mapping[str, str], layout: Layout, size: int) -> np.ndarray:
+    """A row of ``count`` spots on the object, centred on it (where every shape has room for them)."""
+    extent = SIZE_FRACTION[attributes["size"]] * size
+    cx, cy = _quadrant_centre(QUADRANTS.index(attributes["position"]), size)
+    room = max(0.0, (size / 2 - extent) / 2 - MARGIN)
+    cx, cy = cx + layout.jitter[0] * room, cy + layout.jitter[1] * room
+    s, half = SUPERSAMPLE, extent / 2
+    r, y = SPOT_RADIUS * half, cy + SPOT_Y * half
+    canvas = Image.new("L", (size * s, size * s), 0)
+    draw = ImageDraw.Draw(canvas)
+    for x in SPOT_X[COUNTS[attributes["count"]]]:
+        x = cx + x * half
+        draw.ellipse([(x - r) * s, (y - r) * s, (x + r) * s - 1, (y + r) * s - 1], fill=255)
+    return np.asarray(canvas) > 0
+
+
 def _coverage(mask: np.ndarray, size: int) -> np.ndarray:
     """Supersampled bool mask -> fraction of each output pixel covered, ``[size, size, 1]``. PIL's box
     filter averages each ``SUPERSAMPLE`` x ``SUPERSAMPLE`` block exactly (a few times faster than numpy)."""
@@ -209,6 +234,18 @@ def dot_rgb(background: str) -> tuple[int, int, int]:
     return (15, 15, 15) if sum(BACKGROUND_RGB[background]) > 3 * 160 else (250, 250, 250)
 
 
+def spot_rgb(color: str, background: str) -> tuple[int, int, int]:
+    """Spots on the object are black or white, whichever is farther from the nearer of the object's and the
+    backdrop's colours: visible on the object and, where a hollow or striped object lets it through, on the
+    backdrop."""
+    dark, light = (15, 15, 15), (250, 250, 250)
+
+    def margin(rgb: tuple[int, int, int]) -> float:
+        return min(math.dist(rgb, OBJECT_RGB[color]), math.dist(rgb, BACKGROUND_RGB[background]))
+
+    return dark if margin(dark) >= margin(light) else light
+
+
 def render(
     attributes: Mapping[str, str],
     layout: Layout,
@@ -216,18 +253,31 @@ def render(
     noise: float = 0.0,
     dot_radius: float = DOT_RADIUS,
     dot_color: str = "contrast",
+    dot_placement: str = "apart",
 ) -> Image.Image:
     """The RGB image of a scene: ``size`` x ``size`` pixels; ``dot_radius`` is a fraction of the side,
-    ``dot_color`` one of ``DOT_COLORS``."""
+    ``dot_color`` one of ``DOT_COLORS``, ``dot_placement`` one of ``DOT_PLACEMENTS`` (spots on the object scale
+    with it and take ``spot_rgb``'s colour: ``dot_radius`` and ``dot_color`` are for dots apart)."""
     if dot_color not in DOT_COLORS:
         raise ValueError(f"dot_color {dot_color!r} must be one of {DOT_COLORS}")
+    if dot_placement not in DOT_PLACEMENTS:
+        raise ValueError(f"dot_placement {dot_placement!r} must be one of {DOT_PLACEMENTS}")
+    if dot_placement == "object" and (dot_radius != DOT_RADIUS or dot_color != "contrast"):
+        raise ValueError(
+            "spots on the object scale with it and are black or white: dot_radius and dot_color"
+            " apply to dots apart from it (dot_placement 'apart')"
+        )
     background = np.add(BACKGROUND_RGB[attributes["background"]], layout.background_tint, dtype=np.float32)
     colour = np.add(OBJECT_RGB[attributes["color"]], layout.object_tint, dtype=np.float32)
     image = np.broadcast_to(background, (size, size, 3)).copy()
     alpha = _coverage(_object_mask(attributes, layout, size), size)
     image += alpha * (colour - image)
-    alpha = _coverage(_dot_mask(attributes, layout, size, dot_radius), size)
-    dots = colour if dot_color == "object" else np.asarray(dot_rgb(attributes["background"]), np.float32)
+    if dot_placement == "object":
+        alpha = _coverage(_spot_mask(attributes, layout, size), size)
+        dots = np.asarray(spot_rgb(attributes["color"], attributes["background"]), np.float32)
+    else:
+        alpha = _coverage(_dot_mask(attributes, layout, size, dot_radius), size)
+        dots = colour if dot_color == "object" else np.asarray(dot_rgb(attributes["background"]), np.float32)
     image += alpha * (dots - image)
     if noise > 0:
         image += np.random.default_rng(layout.noise_seed).normal(0.0, noise, image.shape).astype(np.float32)

@@ -42,7 +42,7 @@ def attribute_state(chance: float, zero_shot: float, probe: float) -> str:
 
 
 # What draws a world's images: two worlds probed together must agree on these (sizes and seeds may differ).
-IMAGE_SETTINGS = ("image_size", "dot_radius", "dot_color", "color_jitter", "noise")
+IMAGE_SETTINGS = ("image_size", "dot_radius", "dot_color", "dot_placement", "color_jitter", "noise")
 
 
 def check_worlds(world: str, probe_world: str | None, probe_train_size: int, probe_test_size: int) -> None:
