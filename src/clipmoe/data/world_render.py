@@ -168,12 +168,18 @@ def _texture_mask(texture: str, size: int) -> np.ndarray | None:
     return None
 
 
-def _object_mask(attributes: Mapping[str, str], layout: Layout, size: int) -> np.ndarray:
-    """Object coverage at supersampled resolution, as a bool array."""
+def _object_box(attributes: Mapping[str, str], layout: Layout, size: int) -> tuple[float, float, float]:
+    """The object's centre (x, y) and extent in pixels: its quadrant's centre, moved by the layout's jitter
+    within the room the quadrant leaves."""
     extent = SIZE_FRACTION[attributes["size"]] * size
     cx, cy = _quadrant_centre(QUADRANTS.index(attributes["position"]), size)
     room = max(0.0, (size / 2 - extent) / 2 - MARGIN)
-    cx, cy = cx + layout.jitter[0] * room, cy + layout.jitter[1] * room
+    return cx + layout.jitter[0] * room, cy + layout.jitter[1] * room, extent
+
+
+def _object_mask(attributes: Mapping[str, str], layout: Layout, size: int) -> np.ndarray:
+    """Object coverage at supersampled resolution, as a bool array."""
+    cx, cy, extent = _object_box(attributes, layout, size)
     s, r = SUPERSAMPLE, extent / 2
     canvas = Image.new("L", (size * s, size * s), 0)
     draw = ImageDraw.Draw(canvas)
@@ -208,10 +214,7 @@ def _dot_mask(attributes: Mapping[str, str], layout: Layout, size: int, radius: 
 
 def _spot_mask(attributes: Mapping[str, str], layout: Layout, size: int) -> np.ndarray:
     """A row of ``count`` spots on the object, centred on it (where every shape has room for them)."""
-    extent = SIZE_FRACTION[attributes["size"]] * size
-    cx, cy = _quadrant_centre(QUADRANTS.index(attributes["position"]), size)
-    room = max(0.0, (size / 2 - extent) / 2 - MARGIN)
-    cx, cy = cx + layout.jitter[0] * room, cy + layout.jitter[1] * room
+    cx, cy, extent = _object_box(attributes, layout, size)
     s, half = SUPERSAMPLE, extent / 2
     r, y = SPOT_RADIUS * half, cy + SPOT_Y * half
     canvas = Image.new("L", (size * s, size * s), 0)
