@@ -586,24 +586,27 @@ def test_object_coloured_dots_change_only_the_dots_colour():
         render(attributes, layout, size, dot_color="red")
 
 
-def test_dot_color_is_a_world_option_recorded_in_the_manifest_and_checked(tmp_path, capsys):
+def _world_option_changes_only_the_images(tmp_path, field: str, value: str) -> tuple[argparse.ArgumentParser, str]:
+    """``clipmoe world --FIELD VALUE`` records the value in the manifest and draws the default world's scenes
+    differently, with the same captions. Returns the parser and the world's folder."""
     parser = argparse.ArgumentParser()
     add_world_arguments(parser)
-    out = str(tmp_path / "object-dots")
-    assert (
-        run_world(
-            parser.parse_args([out, "--preset", "test", "--train-size", "20", "--dot-color", "object", "--quiet"])
-        )
-        == 0
-    )
+    out = str(tmp_path / f"{field}-{value}")
+    flag = "--" + field.replace("_", "-")
+    assert run_world(parser.parse_args([out, "--preset", "test", "--train-size", "20", flag, value, "--quiet"])) == 0
     with open(os.path.join(out, "world.json")) as f:
-        assert json.load(f)["config"]["dot_color"] == "object"
+        assert json.load(f)["config"][field] == value
     default = str(tmp_path / "default")
     generate_world(default, WorldConfig.preset("test", train_size=20), verbose=False)
     first = sorted(glob.glob(os.path.join(out, "train", "*", "*.png")))[0]
     assert (np.asarray(Image.open(first)) != np.asarray(Image.open(first.replace(out, default)))).any()
     with open(first.replace(".png", ".json")) as a, open(first.replace(out, default).replace(".png", ".json")) as b:
         assert a.read() == b.read()  # same scene, same captions
+    return parser, out
+
+
+def test_dot_color_is_a_world_option_recorded_in_the_manifest_and_checked(tmp_path, capsys):
+    parser, out = _world_option_changes_only_the_images(tmp_path, "dot_color", "object")
     with pytest.raises(ValueError, match=r"WorldConfig.dot_color='grey' must be one of \('contrast', 'object'\)"):
         WorldConfig(dot_color="grey")
     with pytest.raises(SystemExit):
@@ -643,19 +646,7 @@ def test_spots_on_the_object_show_the_count_on_it_and_nothing_apart():
 
 
 def test_dot_placement_is_a_world_option_recorded_in_the_manifest_and_checked(tmp_path):
-    parser = argparse.ArgumentParser()
-    add_world_arguments(parser)
-    out = str(tmp_path / "spots")
-    argv = [out, "--preset", "test", "--train-size", "20", "--dot-placement", "object", "--quiet"]
-    assert run_world(parser.parse_args(argv)) == 0
-    with open(os.path.join(out, "world.json")) as f:
-        assert json.load(f)["config"]["dot_placement"] == "object"
-    default = str(tmp_path / "default")
-    generate_world(default, WorldConfig.preset("test", train_size=20), verbose=False)
-    first = sorted(glob.glob(os.path.join(out, "train", "*", "*.png")))[0]
-    assert (np.asarray(Image.open(first)) != np.asarray(Image.open(first.replace(out, default)))).any()
-    with open(first.replace(".png", ".json")) as a, open(first.replace(out, default).replace(".png", ".json")) as b:
-        assert a.read() == b.read()  # same scene, same captions
+    _world_option_changes_only_the_images(tmp_path, "dot_placement", "object")
     with pytest.raises(ValueError, match=r"WorldConfig.dot_placement='inside' must be one of \('apart', 'object'\)"):
         WorldConfig(dot_placement="inside")
     for field in ({"dot_radius": 0.09}, {"dot_color": "object"}):

@@ -200,29 +200,33 @@ def _object_mask(attributes: Mapping[str, str], layout: Layout, size: int) -> np
     return mask
 
 
-def _dot_mask(attributes: Mapping[str, str], layout: Layout, size: int, radius: float) -> np.ndarray:
-    s, r = SUPERSAMPLE, radius * size
+def _discs(centres: list[tuple[float, float]], r: float, size: int) -> np.ndarray:
+    """Coverage of discs of radius ``r`` (pixels) at ``centres``, at supersampled resolution, as a bool array."""
+    s = SUPERSAMPLE
     canvas = Image.new("L", (size * s, size * s), 0)
     draw = ImageDraw.Draw(canvas)
-    room = size / 4 - r - MARGIN
-    for q in dot_quadrants(attributes, layout):
-        cx, cy = _quadrant_centre(q, size)
-        cx, cy = cx + layout.dot_jitter[q][0] * room, cy + layout.dot_jitter[q][1] * room
+    for cx, cy in centres:
         draw.ellipse([(cx - r) * s, (cy - r) * s, (cx + r) * s - 1, (cy + r) * s - 1], fill=255)
     return np.asarray(canvas) > 0
+
+
+def _dot_mask(attributes: Mapping[str, str], layout: Layout, size: int, radius: float) -> np.ndarray:
+    """One dot in each of ``dot_quadrants``, moved by the layout's jitter within its quadrant."""
+    r = radius * size
+    room = size / 4 - r - MARGIN
+    centres = []
+    for q in dot_quadrants(attributes, layout):
+        cx, cy = _quadrant_centre(q, size)
+        centres.append((cx + layout.dot_jitter[q][0] * room, cy + layout.dot_jitter[q][1] * room))
+    return _discs(centres, r, size)
 
 
 def _spot_mask(attributes: Mapping[str, str], layout: Layout, size: int) -> np.ndarray:
     """A row of ``count`` spots on the object, centred on it (where every shape has room for them)."""
     cx, cy, extent = _object_box(attributes, layout, size)
-    s, half = SUPERSAMPLE, extent / 2
-    r, y = SPOT_RADIUS * half, cy + SPOT_Y * half
-    canvas = Image.new("L", (size * s, size * s), 0)
-    draw = ImageDraw.Draw(canvas)
-    for x in SPOT_X[COUNTS[attributes["count"]]]:
-        x = cx + x * half
-        draw.ellipse([(x - r) * s, (y - r) * s, (x + r) * s - 1, (y + r) * s - 1], fill=255)
-    return np.asarray(canvas) > 0
+    half = extent / 2
+    centres = [(cx + x * half, cy + SPOT_Y * half) for x in SPOT_X[COUNTS[attributes["count"]]]]
+    return _discs(centres, SPOT_RADIUS * half, size)
 
 
 def _coverage(mask: np.ndarray, size: int) -> np.ndarray:
